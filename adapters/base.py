@@ -1,0 +1,69 @@
+"""The backend interface: the one place that knows what a device kind needs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here; when not, why and the one-line fix."""
+
+    ok: bool
+    reason: str = ""
+    fix: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for on a machine that cannot run it."""
+
+
+class Backend(ABC):
+    """A device kind: availability, devices, dtype, collectives, sync, memory and random generators."""
+
+    name: str
+    device_type: str
+    dist_backend: str
+    default_dtype: torch.dtype
+
+    @abstractmethod
+    def availability(self) -> Availability: ...
+
+    def require(self) -> Backend:
+        """Return self, or raise with the reason and the fix when this backend cannot run here."""
+        status = self.availability()
+        if not status.ok:
+            raise BackendUnavailableError(f"backend {self.name!r} is not available: {status.reason}. Fix: {status.fix}")
+        return self
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device(self.device_type, local_rank)
+
+    def set_device(self, local_rank: int = 0) -> None:
+        """Bind this process to its local device (no-op where there is nothing to bind)."""
+
+    def device_count(self) -> int:
+        return 1
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timings must call this)."""
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes allocated / reserved / peak on the device; empty where the backend does not track them."""
+        return {}
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory window."""
+
+    def generator(self, seed: int, local_rank: int = 0) -> torch.Generator:
+        """A seeded generator on this backend's device, independent of the global RNG."""
+        return torch.Generator(device=self.device(local_rank)).manual_seed(seed)
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__}

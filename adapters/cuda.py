@@ -1,0 +1,51 @@
+"""The CUDA backend (NCCL collectives, bf16 by default)."""
+
+from __future__ import annotations
+
+import torch
+
+from dimoo_npu.adapters.base import Availability, Backend
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    default_dtype = torch.bfloat16
+
+    def availability(self) -> Availability:
+        if torch.version.cuda is None:
+            return Availability(
+                False,
+                "this torch build has no CUDA support",
+                "install a CUDA build of torch==2.13.0 (pip install torch==2.13.0 on Linux x86_64)",
+            )
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            return Availability(
+                False,
+                "no CUDA device is visible",
+                "check nvidia-smi, the driver, and CUDA_VISIBLE_DEVICES",
+            )
+        return Availability(True)
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def set_device(self, local_rank: int = 0) -> None:
+        torch.cuda.set_device(local_rank)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def memory_stats(self) -> dict[str, int]:
+        return {
+            "allocated": torch.cuda.memory_allocated(),
+            "reserved": torch.cuda.memory_reserved(),
+            "peak_allocated": torch.cuda.max_memory_allocated(),
+        }
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}

@@ -1,0 +1,72 @@
+"""The Ascend NPU backend. torch_npu is imported here only, lazily, never at package import.
+
+torch_npu needs CANN (driver, toolkit, ops) at import time; without it the import fails with
+``ImportError: libhccl.so: cannot open shared object file`` (torch_npu installation FAQ).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from dimoo_npu.adapters.base import Availability, Backend
+
+INSTALL_FIX = "pip install 'dimoo_npu[npu]' (torch-npu==2.13.0 beside the CPU build of torch==2.13.0)"
+CANN_FIX = "install CANN 9.x and run: source /usr/local/Ascend/ascend-toolkit/set_env.sh"
+DEVICE_FIX = "check `npu-smi info`, the /dev/davinci* device mounts and ASCEND_RT_VISIBLE_DEVICES"
+
+
+def import_torch_npu():
+    """Import torch_npu (which also makes ``torch.npu`` exist) and return the module."""
+    return importlib.import_module("torch_npu")
+
+
+class NpuBackend(Backend):
+    name = "npu"
+    device_type = "npu"
+    dist_backend = "hccl"
+    default_dtype = torch.bfloat16
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("torch_npu") is None:
+            return Availability(False, "torch_npu is not installed", INSTALL_FIX)
+        try:
+            import_torch_npu()
+        except ImportError as err:  # the CANN shared libraries are missing or not on the library path
+            return Availability(False, f"torch_npu cannot load CANN ({err})", CANN_FIX)
+        except RuntimeError as err:  # e.g. a CUDA build of torch next to torch_npu
+            return Availability(False, f"torch_npu refused to load ({err})", INSTALL_FIX)
+        if os.environ.get("ASCEND_RT_VISIBLE_DEVICES", None) == "":
+            return Availability(False, "ASCEND_RT_VISIBLE_DEVICES is empty, so no NPU is visible", DEVICE_FIX)
+        if not torch.npu.is_available() or torch.npu.device_count() == 0:
+            return Availability(False, "no NPU device is visible", DEVICE_FIX)
+        return Availability(True)
+
+    def device_count(self) -> int:
+        import_torch_npu()
+        return torch.npu.device_count()
+
+    def set_device(self, local_rank: int = 0) -> None:
+        import_torch_npu()
+        torch.npu.set_device(local_rank)
+
+    def synchronize(self) -> None:
+        torch.npu.synchronize()
+
+    def memory_stats(self) -> dict[str, int]:
+        return {
+            "allocated": torch.npu.memory_allocated(),
+            "reserved": torch.npu.memory_reserved(),
+            "peak_allocated": torch.npu.max_memory_allocated(),
+        }
+
+    def reset_peak_memory(self) -> None:
+        torch.npu.reset_peak_memory_stats()
+
+    def versions(self) -> dict[str, str]:
+        torch_npu = import_torch_npu()
+        cann = os.environ.get("ASCEND_TOOLKIT_HOME", "")
+        return {"torch": torch.__version__, "torch_npu": getattr(torch_npu, "__version__", "?"), "cann_home": cann}

@@ -1,0 +1,170 @@
+"""Checkpoint folders (Hugging Face layout) <-> `DiMOOModel`.
+
+Loading builds the model on the meta device, then materialises each weight straight into the target
+device and dtype from a memory-mapped shard (`dimoo_npu.safetensors_io`), so an 8B model never sits
+in host memory twice. Saving writes shards and the index atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import CheckpointError
+from dimoo_npu.model import DiMOOModel
+from dimoo_npu.ops import OpSet, resolve_ops
+from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def find_shards(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: from the index when there is one, checked to exist."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {folder} is missing shard(s) {', '.join(missing)} named in {INDEX_NAME}: "
+                "download the complete checkpoint again"
+            )
+        return shards
+    if (folder / SINGLE_NAME).is_file():
+        return [folder / SINGLE_NAME]
+    found = sorted(folder.glob("*.safetensors"))
+    if not found:
+        hint = " (.bin/.pt pickles are not loaded: convert them to safetensors)" if any(folder.glob("*.bin")) else ""
+        raise CheckpointError(f"no safetensors weights in {folder}{hint}")
+    return found
+
+
+def default_dtype_for(device: torch.device) -> torch.dtype:
+    """fp32 on CPU, the backend's default elsewhere; never the config's ``torch_dtype``."""
+    if device.type == "cpu":
+        return torch.float32
+    from dimoo_npu.adapters import BACKENDS
+
+    return BACKENDS[device.type]().default_dtype
+
+
+def resolve_target(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device) or str(device) in {"cpu", "meta"}:
+        return torch.device(device)
+    from dimoo_npu.adapters import resolve_device
+
+    return resolve_device(device)[1]
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    ops: OpSet | None = None,
+) -> DiMOOModel:
+    """Load a DiMOO checkpoint folder onto ``device`` in ``dtype`` (None: fp32 on CPU, else the backend's)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist: pass the folder that holds config.json")
+    config = DiMOOConfig.from_json(folder)
+    target = resolve_target(device)
+    dtype = dtype or default_dtype_for(target)
+    with torch.device("meta"):
+        model = DiMOOModel(config, ops or resolve_ops(target.type))
+    state = load_state(find_shards(folder), model, target, dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_state(
+    shards: Iterable[Path], model: torch.nn.Module, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Materialise every parameter of ``model`` (built on meta) from ``shards``, checking keys and shapes."""
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    shards = list(shards)
+    entries = {entry.name: entry for shard in shards for entry in read_header(shard)}
+    _check_keys(expected, entries)
+
+    def destination(entry: TensorEntry) -> torch.Tensor:
+        if entry.shape != expected[entry.name]:
+            raise CheckpointError(
+                f"weight {entry.name} has shape {entry.shape} in the checkpoint but the config asks for "
+                f"{expected[entry.name]}: config.json and the weights come from different models"
+            )
+        if not entry.dtype.is_floating_point:
+            raise CheckpointError(f"weight {entry.name} is stored as {entry.dtype}; a float dtype is required")
+        return torch.empty(entry.shape, dtype=dtype, device=device)
+
+    state: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(entries), desc="loading weights", unit="tensor", disable=len(entries) < 64) as bar:
+        for shard in shards:
+            for name, tensor in iter_tensors(shard, destination):
+                state[name] = tensor
+                bar.update()
+    return state
+
+
+def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorEntry]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint lacks {len(missing)} weight(s), e.g. {missing[:3]}: it is incomplete or for another "
+            "model size (compare n_layers/d_model in config.json)"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} weight(s) this model does not, e.g. {unexpected[:3]}: it is not a "
+            "DiMOO/LLaDA checkpoint, or config.json has too few layers"
+        )
+
+
+def save_pretrained(
+    state: dict[str, torch.Tensor], config: DiMOOConfig, folder: str | os.PathLike, max_shard_bytes: int = 4 << 30
+) -> Path:
+    """Write weights (sharded, with index) and config.json in the layout `load_model` reads; atomic per file.
+
+    Shards are written first and the index last, so a folder with an index is a complete checkpoint.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else SINGLE_NAME
+        atomic_save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    _atomic_write_text(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2))
+    return folder
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,201 @@
+"""The DiMOO / LLaDA transformer: a plain nn.Module that calls `dimoo_npu.ops` and nothing vendor-specific.
+
+Bidirectional attention (a key is visible iff it is a real token of the same row), rotary embeddings
+on the full head dim ("rotate half"), RMSNorm, SwiGLU MLP, untied head. Parameter names equal the
+public checkpoint's (``model.transformer.…``). Backends and parallelism are applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import InputError
+from dimoo_npu.ops import OpSet, resolve_ops
+
+
+class KVCacheLike(Protocol):
+    """What a block needs from a cache (see `dimoo_npu.sampling.cache`)."""
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, 1, L, D) in fp32 for integer positions (B, L), as LLaDA computes them."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (B, L, D/2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, L, D)
+    return angles.cos(), angles.sin()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: OpSet):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class DiMOOBlock(nn.Module):
+    """One pre-norm transformer block. Head count is read from the projection's (possibly TP-local) width."""
+
+    def __init__(self, config: DiMOOConfig, ops: OpSet, layer_id: int):
+        super().__init__()
+        d, hidden = config.d_model, config.mlp_hidden_size
+        self.layer_id = layer_id
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.ops = ops
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps, ops)
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps, ops)
+        self.ff_proj = nn.Linear(d, hidden, bias=False)  # gate
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.ff_out = nn.Linear(hidden, d, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.ops.rotary(self._heads(self.q_proj(h)), cos, sin)
+        k = self.ops.rotary(self._heads(self.k_proj(h)), cos, sin)
+        v = self._heads(self.v_proj(h))
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v, positions)  # full-length (B, H, Lk, D)
+        attn = self.ops.attention(q, k, v, key_padding_mask, self.scale)  # (B, H, L, D)
+        x = x + self.attn_out(attn.transpose(1, 2).reshape(batch, length, -1))
+        n = self.ff_norm(x)
+        return x + self.ff_out(self.ops.swiglu(self.ff_proj(n), self.up_proj(n)))
+
+
+class DiMOOTransformer(nn.Module):
+    """Embedding, blocks, final norm and head. Pipeline stages set the parts they do not own to None."""
+
+    def __init__(self, config: DiMOOConfig, ops: OpSet):
+        super().__init__()
+        self.wte = nn.Embedding(config.embedding_size, config.d_model)
+        # A dict keyed by layer index keeps parameter names stable when a pipeline stage drops blocks.
+        self.blocks = nn.ModuleDict({str(i): DiMOOBlock(config, ops, i) for i in range(config.n_layers)})
+        self.ln_f = RMSNorm(config.d_model, config.rms_norm_eps, ops)
+        self.ff_out = nn.Linear(config.d_model, config.embedding_size, bias=False)
+
+
+class DiMOOModel(nn.Module):
+    """``model(input_ids, attention_mask=None) -> logits (B, L, V)``; see `forward` for sampler options."""
+
+    def __init__(self, config: DiMOOConfig, ops: OpSet | None = None):
+        super().__init__()
+        self.config = config
+        self.ops = ops or resolve_ops("cpu")
+        self.model = nn.ModuleDict({"transformer": DiMOOTransformer(config, self.ops)})
+
+    @property
+    def transformer(self) -> DiMOOTransformer:
+        return self.model["transformer"]
+
+    def use_ops(self, ops: OpSet) -> DiMOOModel:
+        """Switch every op to another implementation set (numerical checks compare them on one model)."""
+        self.ops = ops
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, DiMOOBlock)):
+                module.ops = ops
+        return self
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, key_length: int) -> None:
+        """Raise `InputError` naming the problem for ids, masks or lengths the model cannot take."""
+        if input_ids.dim() != 2 or input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.bool):
+            raise InputError(
+                f"input_ids must be an integer tensor of shape (batch, length); got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        limit = self.config.max_sequence_length
+        if key_length > limit:
+            raise InputError(
+                f"sequence of {key_length} tokens is longer than the model's maximum of {limit} "
+                "(max_sequence_length in config.json): shorten the prompt or ask for a smaller image"
+            )
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            vocab = self.config.embedding_size
+            if low < 0 or high >= vocab:
+                raise InputError(
+                    f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab}): the ids were made "
+                    "by another tokenizer or another model's special-token table"
+                )
+        if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], key_length):
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, keys) = "
+                f"({input_ids.shape[0]}, {key_length}), True/1 for real tokens"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        logits_for: torch.Tensor | None = None,
+        vocab_range: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Logits for token ids (B, L).
+
+        attention_mask (B, Lk): True/1 = real key (Lk = L, or the cache's length on a cached step).
+        positions (B, L): rotary positions; default 0.. over each row's real tokens.
+        cache: a K/V cache that blocks write into and read full-length K/V from (ML-Cache).
+        logits_for (B, K): only these positions reach the head; vocab_range (lo, hi): only these ids.
+        A pipeline stage without ``wte`` takes hidden states instead of ids; one without ``ln_f`` returns them.
+        """
+        tr = self.transformer
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        if tr.wte is not None:
+            key_length = input_ids.shape[1] if key_mask is None else key_mask.shape[1]
+            self.check_inputs(input_ids, key_mask, key_length)
+            x = tr.wte(input_ids)
+        else:
+            x = input_ids
+        if positions is None:
+            positions = self._default_positions(x, key_mask)
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        for block in tr.blocks.values():
+            x = block(x, cos, sin, key_mask, cache, positions)
+        if tr.ln_f is None:
+            return x
+        x = tr.ln_f(x)
+        if logits_for is not None:
+            x = x.gather(1, logits_for[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, d)
+        weight = tr.ff_out.weight
+        if vocab_range is not None:
+            weight = weight[vocab_range[0] : vocab_range[1]]
+        return F.linear(x, weight)
+
+    @staticmethod
+    def _default_positions(x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length = x.shape[:2]
+        if key_mask is None or key_mask.shape[1] != length:
+            return torch.arange(length, device=x.device).expand(batch, length)
+        return (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding alike

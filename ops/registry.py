@@ -1,0 +1,79 @@
+"""Name -> implementation registry for the fused ops, resolved once per model.
+
+Implementations: ``reference`` (pure PyTorch, fp32 accumulation), ``torch`` (SDPA etc.),
+``npu`` (torch_npu fused kernels; imported lazily, only when chosen). A backend names its default;
+``DIMOO_OPS`` (see `dimoo_npu.envs`) or an explicit ``overrides`` mapping forces one per op.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+OP_NAMES = ("attention", "rms_norm", "rotary", "swiglu")
+
+_MODULES = {
+    "reference": "dimoo_npu.ops.reference",
+    "torch": "dimoo_npu.ops.torch_impl",
+    "npu": "dimoo_npu.ops.npu",
+}
+
+_DEFAULT_FOR_DEVICE = {"cpu": "torch", "cuda": "torch", "npu": "npu", "meta": "reference"}
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The four op callables a model uses, plus the implementation name each came from."""
+
+    attention: Callable
+    rms_norm: Callable
+    rotary: Callable
+    swiglu: Callable
+    names: Mapping[str, str]
+
+    def describe(self) -> str:
+        return ", ".join(f"{op}={self.names[op]}" for op in OP_NAMES)
+
+
+def available_implementations() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def parse_overrides(spec: str) -> dict[str, str]:
+    """Parse ``"reference"`` (every op) or ``"attention=torch,rms_norm=reference"``."""
+    spec = spec.strip()
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return dict.fromkeys(OP_NAMES, spec)
+    overrides = {}
+    for item in spec.split(","):
+        op, sep, impl = item.partition("=")
+        if not sep:
+            raise ValueError(f"DIMOO_OPS entry {item!r} is not op=implementation, e.g. 'attention=reference'")
+        overrides[op.strip()] = impl.strip()
+    return overrides
+
+
+def _check(overrides: Mapping[str, str]) -> None:
+    for op, impl in overrides.items():
+        if op not in OP_NAMES:
+            raise ValueError(f"unknown op {op!r} in op overrides; known ops: {', '.join(OP_NAMES)}")
+        if impl not in _MODULES:
+            raise ValueError(
+                f"unknown implementation {impl!r} for op {op!r}; choose one of {', '.join(_MODULES)}"
+            )
+
+
+def resolve_ops(device_type: str = "cpu", overrides: Mapping[str, str] | str | None = None) -> OpSet:
+    """Pick each op's implementation: explicit overrides, then ``DIMOO_OPS``, then the device default."""
+    from dimoo_npu import envs
+
+    chosen = dict.fromkeys(OP_NAMES, _DEFAULT_FOR_DEVICE.get(device_type, "reference"))
+    for source in (envs.ops_override(), overrides):
+        parsed = parse_overrides(source) if isinstance(source, str) else dict(source or {})
+        _check(parsed)
+        chosen.update(parsed)
+    fns = {op: getattr(importlib.import_module(_MODULES[impl]), op) for op, impl in chosen.items()}
+    return OpSet(**fns, names=chosen)
