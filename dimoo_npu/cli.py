@@ -1,0 +1,45 @@
+"""The ``dimoo`` command: parses arguments and hands them to one command module.
+
+Each command lives in ``dimoo_npu.commands.<module>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; heavy imports happen inside ``run`` so ``dimoo --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dimoo_npu import envs
+from dimoo_npu.adapters import BackendUnavailableError
+from dimoo_npu.errors import DimooError
+
+# command name -> (module under dimoo_npu.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimoo", description="Lumina-DiMOO on Ascend NPU, CUDA and CPU")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"dimoo_npu.commands.{module_name}")
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command, name)
+        command.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._module.run(args) or 0)
+    except (DimooError, BackendUnavailableError, FileNotFoundError, FileExistsError) as err:
+        logging.getLogger("dimoo").error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

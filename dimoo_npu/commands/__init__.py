@@ -1,0 +1,1 @@
+"""One module per `dimoo` command (see `dimoo_npu.cli`)."""
