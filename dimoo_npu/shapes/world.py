@@ -1,0 +1,214 @@
+"""A synthetic world whose pictures can be checked: coloured shapes on a white 128 x 128 canvas.
+
+The embedded default model is trained and evaluated on it, so every attribute lives in one table
+here (palette, shapes, sizes, grid positions) and the detector and evaluator read the same tables.
+Objects are centred on 16-pixel code boundaries (centres 32, 64, 96) and sized 16 or 32 pixels, so
+with a 16x downsampling VQ a large object fills exactly a 2 x 2 block of codes at every position.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 128
+BACKGROUND = (255, 255, 255)
+# The one colour table: the renderer paints these values and the detector snaps to the nearest.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 50, 180),
+    "orange": (250, 130, 10),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SIZES: dict[str, int] = {"small": 16, "large": 32}  # side of the object's box in pixels
+GRID_CENTRES: tuple[int, ...] = (32, 64, 96)  # pixel centre of grid row/column 0, 1, 2
+ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
+COLUMN_NAMES: tuple[str, ...] = ("left", "middle", "right")
+_SUPERSAMPLE = 4  # draw 4x larger and box-filter down, for smooth (but deterministic) edges
+
+
+def position_name(row: int, col: int) -> str:
+    """'top left', 'middle right', ..., and 'center' for the middle cell."""
+    if (row, col) == (1, 1):
+        return "center"
+    return f"{ROW_NAMES[row]} {COLUMN_NAMES[col]}"
+
+
+POSITIONS: tuple[str, ...] = tuple(position_name(r, c) for r in range(3) for c in range(3))
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: its shape, colour, size and cell of the 3 x 3 grid."""
+
+    shape: str
+    colour: str
+    size: str
+    row: int
+    col: int
+
+    @property
+    def position(self) -> str:
+        return position_name(self.row, self.col)
+
+    def describe(self, with_size: bool = True) -> str:
+        words = [self.size] if with_size else []
+        return " ".join([*words, self.colour, self.shape])
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two objects; a two-object scene carries the relation its caption states."""
+
+    objects: tuple[ShapeObject, ...]
+    relation: str | None = None  # "left of" or "above": objects[0] relative to objects[1]
+
+
+def all_single_objects() -> list[ShapeObject]:
+    """Every single-object combination (3 shapes x 6 colours x 2 sizes x 9 cells = 324)."""
+    return [
+        ShapeObject(shape, colour, size, row, col)
+        for shape, colour, size, (row, col) in itertools.product(
+            SHAPES, PALETTE, SIZES, itertools.product(range(3), range(3))
+        )
+    ]
+
+
+def is_held_out(obj: ShapeObject) -> bool:
+    """About 1 in 7 combinations, never trained on; every (shape, colour, size) keeps >= 7 trained cells."""
+    key = SHAPES.index(obj.shape) * 7 + list(PALETTE).index(obj.colour) * 5 + list(SIZES).index(obj.size) * 3
+    return (key + obj.row * 3 + obj.col) % 7 == 0
+
+
+def split_objects(split: str) -> list[ShapeObject]:
+    """The single-object combinations of ``split`` ('train' or 'heldout')."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+    return [obj for obj in all_single_objects() if is_held_out(obj) == (split == "heldout")]
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as a 128 x 128 RGB image on white."""
+    big = IMAGE_SIZE * _SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        half = SIZES[obj.size] * _SUPERSAMPLE // 2
+        cx, cy = GRID_CENTRES[obj.col] * _SUPERSAMPLE, GRID_CENTRES[obj.row] * _SUPERSAMPLE
+        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+        colour = PALETTE[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        else:  # triangle pointing up, base on the box's bottom edge
+            draw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=colour)
+    return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+
+
+def render_array(scene: Scene) -> np.ndarray:
+    """The scene as uint8 (128, 128, 3)."""
+    return np.asarray(render(scene), dtype=np.uint8)
+
+
+# Several phrasings per caption; {obj} is "large red circle", {pos} a position name.
+SINGLE_TEMPLATES: tuple[str, ...] = (
+    "a {obj} in the {pos}",
+    "there is a {obj} in the {pos}",
+    "in the {pos} there is a {obj}",
+    "an image of a {obj} in the {pos}",
+    "a {obj} placed in the {pos} on a white background",
+    "draw a {obj} in the {pos}",
+)
+RELATION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "left of": ("a {a} to the left of a {b}", "a {a} on the left and a {b} on the right"),
+    "above": ("a {a} above a {b}", "a {a} on top and a {b} below it"),
+}
+# Understanding questions: (attribute, phrasings); {shape} is filled with the object's shape.
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour": ("what colour is the shape?", "what color is the {shape}?"),
+    "shape": ("what shape is it?", "which shape is in the image?"),
+    "position": ("where is the {shape}?", "where is the shape?"),
+    "size": ("how big is the {shape}?", "is the shape small or large?"),
+}
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One plain-English caption of the scene, phrasing chosen by ``rng``."""
+    if scene.relation is None:
+        (obj,) = scene.objects
+        template = rng.choice(SINGLE_TEMPLATES)
+        return template.format(obj=obj.describe(), pos=obj.position)
+    first, second = scene.objects
+    template = rng.choice(RELATION_TEMPLATES[scene.relation])
+    return template.format(a=first.describe(), b=second.describe())
+
+
+def canonical_caption(obj: ShapeObject) -> str:
+    """The first phrasing, used for evaluation prompts: 'a large red circle in the top left'."""
+    return SINGLE_TEMPLATES[0].format(obj=obj.describe(), pos=obj.position)
+
+
+def answer(obj: ShapeObject, attribute: str) -> str:
+    """The expected answer to a question about ``attribute`` of a single-object image."""
+    return {"colour": obj.colour, "shape": obj.shape, "position": obj.position, "size": obj.size}[attribute]
+
+
+def question(obj: ShapeObject, attribute: str, rng: random.Random) -> str:
+    return rng.choice(QUESTIONS[attribute]).format(shape=obj.shape)
+
+
+def two_object_scene(rng: random.Random, relation: str) -> Scene:
+    """Two different-looking objects in the same row ('left of') or column ('above')."""
+    while True:
+        a, b = (
+            ShapeObject(rng.choice(SHAPES), rng.choice(list(PALETTE)), rng.choice(list(SIZES)), 0, 0) for _ in range(2)
+        )
+        if (a.shape, a.colour) != (b.shape, b.colour):
+            break
+    line, (first, second) = rng.randrange(3), sorted(rng.sample(range(3), 2))
+    if relation == "left of":
+        a, b = _moved(a, line, first), _moved(b, line, second)
+    elif relation == "above":
+        a, b = _moved(a, first, line), _moved(b, second, line)
+    else:
+        raise ValueError(f"unknown relation {relation!r}; use one of {sorted(RELATION_TEMPLATES)}")
+    return Scene((a, b), relation)
+
+
+def _moved(obj: ShapeObject, row: int, col: int) -> ShapeObject:
+    return ShapeObject(obj.shape, obj.colour, obj.size, row, col)
+
+
+def sample_scenes(seed: int, count: int, split: str = "train", two_object_share: float = 0.0) -> Iterator[Scene]:
+    """``count`` scenes drawn deterministically from ``seed``; single objects come from ``split`` only."""
+    rng = random.Random(seed)
+    objects = split_objects(split)
+    for _ in range(count):
+        if rng.random() < two_object_share:
+            yield two_object_scene(rng, rng.choice(sorted(RELATION_TEMPLATES)))
+        else:
+            yield Scene((rng.choice(objects),))
+
+
+def vocabulary_words() -> list[str]:
+    """Every word the captions, questions and answers of this world can use, sorted."""
+    texts = [*SINGLE_TEMPLATES, *itertools.chain(*RELATION_TEMPLATES.values()), *itertools.chain(*QUESTIONS.values())]
+    words = {w for text in texts for w in _words(text.replace("{obj}", "").replace("{pos}", ""))}
+    words.update(SHAPES, PALETTE, SIZES, ROW_NAMES, COLUMN_NAMES, ["center"])
+    return sorted(w for w in words if "{" not in w)
+
+
+def _words(text: str) -> list[str]:
+    """Split like the word-level tokenizer: punctuation marks are words of their own."""
+    for mark in ",?.":
+        text = text.replace(mark, f" {mark} ")
+    return text.split()

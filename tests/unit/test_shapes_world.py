@@ -1,0 +1,129 @@
+"""The shapes world: deterministic, one palette, held-out split disjoint, detector exact on ground truth."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from dimoo_npu.shapes import world
+from dimoo_npu.shapes.detect import detect_object, detect_objects, nearest_colour
+from dimoo_npu.shapes.evaluate import (
+    evaluate_t2i,
+    evaluate_understanding,
+    normalise_answer,
+    score_answers,
+    score_images,
+)
+from dimoo_npu.shapes.world import PALETTE, Scene, ShapeObject, render_array
+
+
+def test_generator_is_deterministic_per_seed():
+    first = list(world.sample_scenes(seed=3, count=50, two_object_share=0.3))
+    again = list(world.sample_scenes(seed=3, count=50, two_object_share=0.3))
+    other = list(world.sample_scenes(seed=4, count=50, two_object_share=0.3))
+    assert first == again
+    assert first != other
+    assert np.array_equal(render_array(first[0]), render_array(again[0]))
+
+
+def test_palette_colours_are_painted_exactly_and_far_apart():
+    for name, rgb in PALETTE.items():
+        image = render_array(Scene((ShapeObject("square", name, "large", 1, 1),)))
+        assert tuple(image[64, 64]) == rgb
+        assert tuple(image[2, 2]) == world.BACKGROUND
+        assert nearest_colour(np.array(rgb, dtype=float)) == name
+    for a, b in itertools.combinations(PALETTE.values(), 2):
+        assert np.linalg.norm(np.subtract(a, b)) > 60
+
+
+def test_captions_name_every_attribute_in_several_phrasings():
+    obj = ShapeObject("circle", "red", "large", 0, 0)
+    rng = random.Random(0)
+    captions = {world.caption(Scene((obj,)), rng) for _ in range(60)}
+    assert len(captions) >= 4
+    for text in captions:
+        assert "large red circle" in text and "top left" in text
+    assert world.canonical_caption(obj) == "a large red circle in the top left"
+    pair = world.two_object_scene(random.Random(1), "left of")
+    assert pair.objects[0].col < pair.objects[1].col and pair.objects[0].row == pair.objects[1].row
+    above = world.two_object_scene(random.Random(1), "above")
+    assert above.objects[0].row < above.objects[1].row and above.objects[0].col == above.objects[1].col
+
+
+def test_vocabulary_covers_every_caption_question_and_answer():
+    vocab = set(world.vocabulary_words())
+    rng = random.Random(0)
+    for scene in world.sample_scenes(seed=0, count=200, two_object_share=0.5):
+        assert set(world._words(world.caption(scene, rng))) <= vocab
+    for obj in world.split_objects("heldout"):
+        for name in world.QUESTIONS:
+            assert set(world._words(world.question(obj, name, rng))) <= vocab
+            assert set(world._words(world.answer(obj, name))) <= vocab
+
+
+def test_held_out_split_is_disjoint_and_leaves_every_attribute_pair_trained():
+    train, heldout = world.split_objects("train"), world.split_objects("heldout")
+    assert not set(train) & set(heldout)
+    assert len(train) + len(heldout) == 324 and 30 <= len(heldout) <= 60
+    for scene in world.sample_scenes(seed=0, count=300, split="train"):
+        assert not world.is_held_out(scene.objects[0])
+    for first, second in itertools.combinations(("shape", "colour", "size", "position"), 2):
+        trained_pairs = {(getattr(o, first), getattr(o, second)) for o in train}
+        assert {(getattr(o, first), getattr(o, second)) for o in heldout} <= trained_pairs
+    with pytest.raises(ValueError, match="unknown split"):
+        world.split_objects("test")
+
+
+def test_detector_reads_every_ground_truth_render_exactly():
+    objects = world.all_single_objects()
+    images = [render_array(Scene((obj,))) for obj in objects]
+    score = score_images(objects, images)
+    assert score.overall == 1.0 and set(score.per_attribute.values()) == {1.0}
+    scene = world.two_object_scene(random.Random(5), "above")
+    found = {(d.shape, d.colour, d.position) for d in detect_objects(render_array(scene))}
+    assert found == {(o.shape, o.colour, o.position) for o in scene.objects}
+
+
+def test_detector_sees_nothing_on_blank_and_scores_a_wrong_image_wrong():
+    blank = np.full((128, 128, 3), 255, dtype=np.uint8)
+    assert detect_object(blank) is None
+    want = ShapeObject("circle", "red", "large", 0, 0)
+    wrong = render_array(Scene((ShapeObject("triangle", "red", "small", 2, 2),)))
+    score = score_images([want, want], [wrong, blank])
+    assert score.overall == 0.0
+    assert score.per_attribute == {"shape": 0.0, "colour": 0.5, "size": 0.0, "position": 0.0}
+
+
+def test_evaluator_math_with_known_answers():
+    score = score_answers(
+        ["colour", "colour", "shape", "position"],
+        ["red", "red", "circle", "top left"],
+        ["Red.", "blue", " circle ", "top right"],
+    )
+    assert score.per_attribute == {"colour": 0.5, "shape": 1.0, "position": 0.0}
+    assert score.overall == 0.5 and score.count == 4 and len(score.failures) == 2
+    assert normalise_answer("Colour: RED!") == "colour red"
+
+
+def test_evaluate_runs_callables_in_batches():
+    heldout = world.split_objects("heldout")[:5]
+    seen_batches = []
+
+    def perfect_generator(prompts):
+        seen_batches.append(len(prompts))
+        lookup = {world.canonical_caption(o): o for o in heldout}
+        return [render_array(Scene((lookup[p],))) for p in prompts]
+
+    assert evaluate_t2i(perfect_generator, heldout, batch_size=2).overall == 1.0
+    assert seen_batches == [2, 2, 1]
+
+    def always_red(images, questions):
+        return ["red"] * len(questions)
+
+    score = evaluate_understanding(always_red, heldout)
+    assert score.count == 5 * len(world.QUESTIONS)
+    assert score.per_attribute["colour"] == sum(o.colour == "red" for o in heldout) / 5
+    assert score.per_attribute["shape"] == 0.0
