@@ -76,10 +76,9 @@ def main() -> None:
     sys.stdout.write(f"checkpoint on disk: {disk / 1e9:.3f} GB (bf16, shards of 512 MiB)\n\n")
     sys.stdout.write("| target dtype | weights (GB) | peak RSS growth (GB) | ratio | goal |\n|---|---|---|---|---|\n")
     for row in rows:
-        ratio = row["growth_bytes"] / row["weights_bytes"]
-        sys.stdout.write(
-            f"| {row['dtype']} | {row['weights_bytes'] / 1e9:.3f} | {row['growth_bytes'] / 1e9:.3f} | {ratio:.3f} | <= 1.3 |\n"
-        )
+        weights, growth = row["weights_bytes"], row["growth_bytes"]
+        ratio = growth / weights
+        sys.stdout.write(f"| {row['dtype']} | {weights / 1e9:.3f} | {growth / 1e9:.3f} | {ratio:.3f} | <= 1.3 |\n")
 
 
 if __name__ == "__main__":

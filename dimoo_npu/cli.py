@@ -16,8 +16,7 @@ from dimoo_npu.adapters import BackendUnavailableError
 from dimoo_npu.errors import DimooError
 
 # command name -> (module under dimoo_npu.commands, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-}
+COMMANDS: dict[str, tuple[str, str]] = {}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,8 +46,10 @@ class DiMOOConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_kv_heads != self.n_heads:
-            raise ConfigError(f"n_kv_heads {self.n_kv_heads} != n_heads {self.n_heads}: grouped-query attention "
-                              "is not part of LLaDA/DiMOO; set n_kv_heads to n_heads or null")
+            raise ConfigError(
+                f"n_kv_heads {self.n_kv_heads} != n_heads {self.n_heads}: grouped-query attention "
+                "is not part of LLaDA/DiMOO; set n_kv_heads to n_heads or null"
+            )
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"head dim {self.d_model // self.n_heads} is odd; rotary needs an even head dim")
         if not self.special_tokens:

@@ -77,7 +77,9 @@ def read_header(path: Path) -> list[TensorEntry]:
     return entries
 
 
-def iter_tensors(path: Path, make_destination: Callable[[TensorEntry], torch.Tensor | None]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    path: Path, make_destination: Callable[[TensorEntry], torch.Tensor | None]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Copy every tensor of ``path`` into ``make_destination(entry)`` (None skips it) and yield it.
 
     The destination decides device and dtype; the copy converts. Pages are released slice by slice.

@@ -61,9 +61,7 @@ def _check(overrides: Mapping[str, str]) -> None:
         if op not in OP_NAMES:
             raise ValueError(f"unknown op {op!r} in op overrides; known ops: {', '.join(OP_NAMES)}")
         if impl not in _MODULES:
-            raise ValueError(
-                f"unknown implementation {impl!r} for op {op!r}; choose one of {', '.join(_MODULES)}"
-            )
+            raise ValueError(f"unknown implementation {impl!r} for op {op!r}; choose one of {', '.join(_MODULES)}")
 
 
 def resolve_ops(device_type: str = "cpu", overrides: Mapping[str, str] | str | None = None) -> OpSet:
