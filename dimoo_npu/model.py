@@ -79,7 +79,6 @@ class DiMOOBlock(nn.Module):
         cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.ops.rotary(self._heads(self.q_proj(h)), cos, sin)
         k = self.ops.rotary(self._heads(self.k_proj(h)), cos, sin)
@@ -87,7 +86,8 @@ class DiMOOBlock(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, positions)  # full-length (B, H, Lk, D)
         attn = self.ops.attention(q, k, v, key_padding_mask, self.scale)  # (B, H, L, D)
-        x = x + self.attn_out(attn.transpose(1, 2).reshape(batch, length, -1))
+        # Length from attn, not x: under sequence parallelism x holds only this rank's slice of the sequence.
+        x = x + self.attn_out(attn.transpose(1, 2).flatten(2))  # (B, L, H*D)
         n = self.ff_norm(x)
         return x + self.ff_out(self.ops.swiglu(self.ff_proj(n), self.up_proj(n)))
 
