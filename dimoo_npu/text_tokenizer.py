@@ -1,0 +1,108 @@
+"""The text tokenizer: the checkpoint's own through ``transformers.AutoTokenizer`` (never remote code).
+
+`build_word_tokenizer` makes a small word-level tokenizer for checkpoints that ship none (the tiny test
+fixture, our own small models): every word of the task templates plus the given words, ids that never
+collide with the checkpoint's special-token ids, and ``<uncondition>`` / ``<answer>`` / ``</answer>``
+mapped onto the special ids the model uses for them. It is saved in the layout AutoTokenizer loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.prompts import template_texts
+from dimoo_npu.special_tokens import build_special_tokens
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+UNKNOWN = "<unk>"
+# Text markers of the prompt templates that are single ordinary tokens in the word tokenizer.
+TEMPLATE_MARKERS = ("<system>", "</system>", "<user>", "</user>")
+# Text markers that must encode to the model's own special ids (key in the special-token table).
+SPECIAL_MARKERS = {"<uncondition>": "uncondition", "<answer>": "boa", "</answer>": "eoa", "<|endoftext|>": "eos"}
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_text_tokenizer(folder: str | os.PathLike):
+    """AutoTokenizer from ``folder`` (no remote code), or CheckpointError saying what is missing."""
+    folder = Path(folder)
+    if not has_tokenizer(folder):
+        raise CheckpointError(
+            f"{folder} has no text tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
+            "checkpoint into it, or build a small word-level one with dimoo_npu.text_tokenizer.build_word_tokenizer"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"cannot load the text tokenizer in {folder} without remote code ({err}): provide a tokenizer.json "
+            "(fast tokenizer) next to tokenizer_config.json"
+        ) from None
+
+
+def word_ids(words: Iterable[str], reserved: set[int], limit: int) -> dict[str, int]:
+    """Ids 0, 1, 2... for ``<unk>`` and then each word, skipping reserved ids; all below ``limit``."""
+    vocab: dict[str, int] = {}
+    next_id = 0
+    for word in [UNKNOWN, *TEMPLATE_MARKERS, *words]:
+        if word in vocab:
+            continue
+        while next_id in reserved:
+            next_id += 1
+        vocab[word] = next_id
+        next_id += 1
+    if next_id > limit:
+        raise InputError(f"{len(vocab)} words do not fit below id {limit} beside the special tokens: use fewer words")
+    return vocab
+
+
+def build_word_tokenizer(
+    words: Iterable[str],
+    folder: str | os.PathLike,
+    special_tokens: Mapping[str, int] | None = None,
+    max_length: int | None = None,
+) -> Path:
+    """Write a lower-casing word-level tokenizer into ``folder`` (tokenizer.json + tokenizer_config.json).
+
+    ``special_tokens`` defaults to the table of ``folder/config.json`` (or DiMOO's); word ids stay below
+    the smallest special id so they never collide with it or with image codes.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    table = dict(special_tokens or build_special_tokens(config))
+    reserved = {value for key, value in table.items() if key not in ("codebook_size", "vocab")}
+    all_words = sorted({w.lower() for text in [*template_texts(), *words] for w in re.findall(r"\w+|[^\w\s]", text)})
+    vocab = word_ids(all_words, reserved, limit=min(reserved))
+    vocab.update({marker: table[key] for marker, key in SPECIAL_MARKERS.items()})
+
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_tokens([AddedToken(marker, normalized=False) for marker in TEMPLATE_MARKERS])
+    tokenizer.add_special_tokens([AddedToken(marker, special=True, normalized=False) for marker in SPECIAL_MARKERS])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": UNKNOWN,
+        "eos_token": "<|endoftext|>",
+        "model_max_length": int(max_length or config.get("max_sequence_length") or 4096),
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    logger.info("wrote a %d-word tokenizer to %s", len(vocab), folder)
+    return folder
