@@ -11,8 +11,16 @@ from dimoo_npu.ops import reference
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    mask = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    real = key_padding_mask.bool()
+    has_key = real.any(dim=-1)  # (B,)
+    # A row with no real key would be all -inf for SDPA (zeros on CPU, NaN risk elsewhere): let it see every key,
+    # then give it the reference's answer for that case, uniform attention = the mean of v.
+    visible = (real | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    uniform = v.float().mean(dim=-2, keepdim=True).to(out.dtype)  # (B, H, 1, D)
+    return torch.where(has_key[:, None, None, None], out, uniform)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

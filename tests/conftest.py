@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny-dimoo"
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-dimoo"
 CHECKPOINT = FIXTURES / "checkpoint"
+FAKES = Path(__file__).parent / "fakes"
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +44,34 @@ def tiny_model():
     import dimoo_npu
 
     return dimoo_npu.load_model(CHECKPOINT)
+
+
+def _forget_fake_torch_npu() -> None:
+    """Drop the fake torch_npu from sys.modules and ``torch.npu`` (a real torch_npu, if imported, is left alone)."""
+
+    def is_fake(module) -> bool:
+        return str(getattr(module, "__file__", "") or "").startswith(str(FAKES))
+
+    for name in [n for n in sys.modules if n == "torch_npu" or n.startswith("torch_npu.")]:
+        if is_fake(sys.modules[name]):
+            del sys.modules[name]
+    if is_fake(sys.modules.get("torch.npu")):
+        del sys.modules["torch.npu"]
+    if is_fake(getattr(torch, "npu", None)):
+        del torch.npu
+
+
+@pytest.fixture
+def fake_torch_npu_path(monkeypatch):
+    """tests/fakes first on sys.path (nothing imported yet); set FAKE_TORCH_NPU_MODE before importing torch_npu."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.delenv("FAKE_TORCH_NPU_MODE", raising=False)
+    _forget_fake_torch_npu()
+    yield FAKES
+    _forget_fake_torch_npu()
+
+
+@pytest.fixture
+def fake_torch_npu(fake_torch_npu_path):
+    """The documented fake torch_npu (tests/fakes/torch_npu), imported; ``torch.npu`` is its device module."""
+    return importlib.import_module("torch_npu")

@@ -1,0 +1,76 @@
+"""Ascend kernels: the four ops on torch_npu's fused operators, with their documented contracts.
+
+torch_npu is imported lazily, on the first call, through `dimoo_npu.adapters.npu.import_torch_npu`,
+so importing this module (or choosing ``npu`` on a machine without CANN) never loads vendor code early.
+Contracts (Ascend/op-plugin, docs/zh/custom_APIs/torch_npu/ and op_plugin/config/op_plugin_functions.yaml):
+
+- ``npu_fusion_attention`` returns a 7-tuple; ``[0]`` is the output. ``atten_mask`` True/1 = masked OUT
+  (the opposite of our key_padding_mask), shapes BNSS/B1SS/11SS/SS only; ``scale`` defaults to 1.0.
+- ``npu_rms_norm`` returns ``(y, rstd)``; eps is the ``epsilon`` keyword, inside the square root.
+- ``npu_rotary_mul`` 'half' mode is the rotate-half (NeoX) convention with r1 = cos, r2 = sin.
+- ``npu_swiglu`` gates with the FIRST half: ``silu(x[..., :h]) * x[..., h:]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dimoo_npu.adapters.npu import import_torch_npu
+
+# Layout of the (B, H, L, D) tensors the model hands us: "BNSD" in torch_npu's naming (N = heads).
+ATTENTION_LAYOUT = "BNSD"
+
+
+def attention_mask_for_npu(key_padding_mask: torch.Tensor, query_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch_npu's ``atten_mask`` (B, 1, Lq, Lk) bool, True = masked out, and which rows have a real key (B,).
+
+    A row whose keys are all padding would be an "invalid row" for the kernel (the docs warn of precision
+    loss there, and forbid it outright in varlen mode), so such rows are given a mask that hides nothing;
+    `attention` then replaces their output. B11S is not an accepted shape, hence the expand over Lq.
+    """
+    real = key_padding_mask.bool()  # (B, Lk), True = real key
+    has_key = real.any(dim=-1)  # (B,)
+    hidden = ~real & has_key[:, None]  # (B, Lk), True = masked out
+    batch, keys = hidden.shape
+    return hidden[:, None, None, :].expand(batch, 1, query_length, keys).contiguous(), has_key  # (B, 1, Lq, Lk)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Bidirectional attention on ``npu_fusion_attention`` (BNSD); a row with no real key attends uniformly."""
+    torch_npu = import_torch_npu()
+    heads = q.shape[1]
+    if key_padding_mask is None:
+        # No mask: full bidirectional attention (sparse_mode and the tockens band do not apply).
+        return torch_npu.npu_fusion_attention(q, k, v, heads, ATTENTION_LAYOUT, scale=scale, keep_prob=1.0)[0]
+    atten_mask, has_key = attention_mask_for_npu(key_padding_mask, q.shape[2])
+    out = torch_npu.npu_fusion_attention(
+        q, k, v, heads, ATTENTION_LAYOUT, atten_mask=atten_mask, scale=scale, keep_prob=1.0, sparse_mode=0
+    )[0]  # (B, H, Lq, D)
+    # Same convention as the reference: with every key hidden, softmax is uniform, i.e. the mean of v.
+    uniform = v.float().mean(dim=-2, keepdim=True).to(out.dtype)  # (B, H, 1, D)
+    return torch.where(has_key[:, None, None, None], out, uniform)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Documented (x, gamma) dtype pairs: equal dtypes, or fp16/bf16 x with fp32 gamma; anything else is cast.
+    gamma = weight if weight.dtype in (x.dtype, torch.float32) else weight.to(x.dtype)
+    return import_torch_npu().npu_rms_norm(x, gamma, epsilon=eps)[0]
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D) with cos/sin (B or 1, 1, L, D): the B1SD / 11SD broadcast of a BNSD input.
+
+    LLaDA rotates q and k in fp32 whatever the model dtype (``rope_full_precision``). Handing the kernel a
+    bf16 x with fp32 cos/sin would not keep that: op-plugin's RotaryMulKernelNpuOpApi.cpp casts r1/r2 to
+    x's dtype when they differ, rounding the angles to 8 bits. So the kernel runs on fp32 inputs and only
+    the result is rounded back, as in the reference; the cost is one up- and one down-cast of q and k.
+    """
+    out = import_torch_npu().npu_rotary_mul(x.float(), cos.float(), sin.float(), rotary_mode="half")
+    return out.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    # npu_swiglu splits its input in half along `dim` and applies silu to the first half: [gate, up].
+    return import_torch_npu().npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
