@@ -1,0 +1,71 @@
+"""ML-Cache (max-logit cache) as an explicit object handed to ``model(..., cache=...)``.
+
+Holds, for every row of a padded batch (each CFG branch of each prompt is a row), the K/V of every layer
+at every position and the last image-code logits of every position. A refresh step rebuilds it from a full
+forward; a cached step recomputes only the least confident positions (lowest max logit) and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MLCache:
+    """K/V per layer (B, H, L, D) and image-code logits (B, L, C) of every position of every row."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.logits: torch.Tensor | None = None  # (B, L, C)
+        self.max_logit: torch.Tensor | None = None  # (B, L)
+        self.full_step = True
+
+    def begin_step(self, full: bool) -> None:
+        """Say what the next forward is: a full forward stores every layer's K/V, a cached one scatters rows.
+
+        Needed because the model hands its rotary positions to `update` on full forwards too.
+        """
+        self.full_step = full
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (full step, or positions None) or scatter the new rows at positions (B, K); return full K/V."""
+        if self.full_step or positions is None:
+            self.keys[layer], self.values[layer] = k, v
+            return k, v
+        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H, K, D)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+        return self.keys[layer], self.values[layer]
+
+    def store_logits(self, logits: torch.Tensor) -> None:
+        """Keep a full forward's image-code logits (B, L, C) of every position."""
+        self.logits = logits
+        self.max_logit = logits.max(dim=-1).values  # (B, L)
+
+    def merge_logits(self, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Write a cached step's logits (B, K, C) at positions (B, K); repeated positions carry equal values."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1)
+        self.logits[rows, positions] = logits.to(self.logits.dtype)
+        self.max_logit[rows, positions] = logits.max(dim=-1).values.to(self.max_logit.dtype)
+
+    def logits_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Cached logits (B, K, C) at positions (B, K)."""
+        return self.logits.gather(1, positions[..., None].expand(-1, -1, self.logits.shape[-1]))
+
+    def recompute_positions(self, real: torch.Tensor, compute_ratio: float) -> torch.Tensor:
+        """Positions (B, K) for the next cached step: max logit at or below the row's compute_ratio quantile.
+
+        The quantile (linear, as torch.quantile) is taken per row over its real positions only (padding is
+        NaN to nanquantile). Rows with fewer positions than K repeat their first one, which rewrites identical
+        K/V and logits. Reads K back to the host: the one sync of a cached step.
+        """
+        score = self.max_logit.float().masked_fill(~real, float("nan"))  # (B, L)
+        threshold = torch.nanquantile(score, compute_ratio, dim=1, keepdim=True)  # (B, 1)
+        chosen = real & (score <= threshold)
+        counts = chosen.sum(dim=1)  # (B,)
+        width = int(counts.max())
+        order = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # chosen first
+        filler = order[:, :1].expand_as(order)
+        return torch.where(torch.arange(width, device=order.device) < counts[:, None], order, filler)

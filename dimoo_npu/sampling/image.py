@@ -1,0 +1,218 @@
+"""Image sampling (text-to-image, editing, inpainting): MaskGIT-style steps over one padded batch.
+
+Every prompt and every CFG branch of it is one row of a right-padded batch, so a step is one forward.
+Rows are branch-major: the B conditional rows, then B text-uncond rows (cfg_scale > 0), then B
+image-uncond rows (cfg_img > 0). An uncond row is its prefix followed by the current image part
+``x[code_start-2:]`` of its prompt. Only MASK cells of the output grid are sampled; the head is asked
+for the 8192 image-code logits of the still-masked cells only (all positions on ML-Cache refresh steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from dimoo_npu.errors import InputError
+from dimoo_npu.sampling.batching import (
+    RowsLike,
+    as_rows,
+    check_not_negative,
+    check_positive,
+    code_starts,
+    first_pair_end,
+    matching_rows,
+    pad_rows,
+    row_generators,
+)
+from dimoo_npu.sampling.cache import MLCache
+from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, refresh_steps
+from dimoo_npu.sampling.step import sample_codes, stay_masked
+
+
+@dataclass
+class ImageBatch:
+    """Token state of a batch: every branch row, and the grid cells shared by a prompt's branches."""
+
+    seq: torch.Tensor  # (R, L) ids of every row, R = branches * B
+    real: torch.Tensor  # (R, L) True at real tokens
+    cell_pos: torch.Tensor  # (R, N) position of each grid cell in its row
+    cells: torch.Tensor  # (B, N) current ids of the grid cells
+    branches: int
+
+    def write_cells(self) -> None:
+        """Copy the current grid into every branch row."""
+        self.seq.scatter_(1, self.cell_pos, self.cells.repeat(self.branches, 1))
+
+    def positions(self, slots: torch.Tensor) -> torch.Tensor:
+        """Row positions (R, K) of grid cells slots (B, K), for every branch."""
+        return self.cell_pos.gather(1, slots.repeat(self.branches, 1))
+
+
+def _image_parts(rows: list[torch.Tensor], starts: list[int], tokens) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each row's image part ``BOA BOI rows EOI EOA`` and the offsets (N,) of its grid cells in it."""
+    parts = []
+    for index, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        ends = row[-2:].tolist() if row.numel() >= 2 else []
+        heads = row[start - 2 : start].tolist() if 2 <= start <= row.numel() - 2 else []
+        if heads != [tokens["boa"], tokens["boi"]] or ends != [tokens["eoi"], tokens["eoa"]]:
+            raise InputError(
+                f"prompt row {index} is not laid out as prompt + BOA BOI + rows + EOI EOA with code_start={start} "
+                "at the first cell: build it with dimoo_npu.sequences or pass the right code_start"
+            )
+        parts.append(row[start - 2 :])
+    newline = tokens["newline"]
+    for index, part in enumerate(parts[1:], start=1):
+        if part.numel() != parts[0].numel() or not torch.equal(part == newline, parts[0] == newline):
+            raise InputError(
+                f"prompt rows 0 and {index} ask for different grid sizes: one call samples one image size; "
+                "group prompts by size"
+            )
+    grid = parts[0][2:-2]
+    return parts, (grid != newline).nonzero()[:, 0] + 2
+
+
+def build_image_batch(
+    rows: list[torch.Tensor], starts: list[int], uncond: list[list[torch.Tensor]], tokens, device: torch.device
+) -> ImageBatch:
+    """Rows of every branch: the prompts, then each list of uncond prefixes followed by the image parts."""
+    parts, offsets = _image_parts(rows, starts, tokens)
+    prefixes = [[row[: start - 2] for row, start in zip(rows, starts, strict=True)], *uncond]
+    seq, real = pad_rows(
+        [torch.cat([p, part]) for branch in prefixes for p, part in zip(branch, parts, strict=True)], device
+    )
+    part_start = torch.tensor([p.numel() for branch in prefixes for p in branch], device=device)  # (R,)
+    cell_pos = part_start[:, None] + offsets.to(device)  # (R, N)
+    cells = torch.stack(parts).to(device)[:, offsets.to(device)]  # (B, N)
+    return ImageBatch(seq, real, cell_pos, cells, len(prefixes))
+
+
+def _guidance(cfg_scale: float, cfg_img: float, editing: bool):
+    """Combine branch logits (branches, B, K, C) -> (B, K, C), in the public code's order of operations."""
+
+    def guide(logits: torch.Tensor) -> torch.Tensor:
+        cond = logits[0]
+        if not editing:
+            return cond if cfg_scale == 0 else (1 + cfg_scale) * cond - cfg_scale * logits[1]
+        out, branch = cond, 1
+        if cfg_scale > 0:
+            out, branch = out + cfg_scale * (cond - logits[1]), 2
+        if cfg_img > 0:
+            out = out + cfg_img * (cond - logits[branch])
+        return out
+
+    return guide
+
+
+def _forward(model, batch: ImageBatch, positions, cache: MLCache | None, full: bool, recompute, codes):
+    """Image-code logits (R, K, C) at positions (R, K): directly, or through the ML-Cache."""
+    if cache is None:
+        return model(batch.seq, batch.real, logits_for=positions, vocab_range=codes).float()
+    cache.begin_step(full)
+    if full:  # every position: the next cached step ranks all of them by max logit
+        cache.store_logits(model(batch.seq, batch.real, cache=cache, vocab_range=codes))
+    else:
+        ids = batch.seq.gather(1, recompute)  # (R, Kc)
+        logits = model(ids, batch.real, positions=recompute, cache=cache, vocab_range=codes)
+        cache.merge_logits(recompute, logits)
+    return cache.logits_at(positions).float()
+
+
+def _check_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval) -> None:
+    check_positive(timesteps=timesteps, refresh_interval=refresh_interval)
+    check_not_negative(cfg_scale=cfg_scale, cfg_img=cfg_img, temperature=temperature)
+    for name, value in (("cache_ratio", cache_ratio), ("warmup_ratio", warmup_ratio)):
+        if not 0 <= value <= 1:
+            raise InputError(f"{name}={value} must be within [0, 1]")
+
+
+def _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img) -> list[list[torch.Tensor]]:
+    branches = []
+    if cfg_scale > 0:
+        branches.append(matching_rows(uncond_ids, len(rows), "uncond_ids", "cfg_scale > 0"))
+    if cfg_img > 0:
+        branches.append(matching_rows(uncond_image_ids, len(rows), "uncond_image_ids", "cfg_img > 0"))
+    return branches
+
+
+@torch.inference_mode()
+def sample_image(
+    model,
+    prompt_ids: RowsLike,
+    *,
+    uncond_ids: RowsLike | None = None,
+    uncond_image_ids: RowsLike | None = None,
+    code_start: int | None = None,
+    timesteps: int,
+    temperature: float = 1.0,
+    cfg_scale: float = 0.0,
+    cfg_img: float = 0.0,
+    use_cache: bool = False,
+    cache_ratio: float = 0.9,
+    warmup_ratio: float = 0.3,
+    refresh_interval: int = 5,
+    generator=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample the MASK cells of B image grids; returns every cell (B, N) as absolute ids, end-of-lines removed.
+
+    Guidance: ``(1+g)*cond - g*uncond`` (cfg_scale only), or when ``uncond_image_ids`` is given (editing)
+    ``cond + g*(cond - u_text) + g_img*(cond - u_img)``. ``generator``: None, one torch.Generator, or one per
+    prompt (then a sample does not depend on its batch). ``progress`` shows a tqdm bar over the steps.
+    """
+    _check_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
+    tokens = model.config.special_tokens
+    rows, _ = as_rows(prompt_ids, "prompt_ids")
+    uncond = _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img)
+    find = lambda row: first_pair_end(row, tokens["boa"], tokens["boi"])  # noqa: E731
+    starts = code_starts(rows, code_start, find, "BOA immediately followed by BOI")
+    batch = build_image_batch(rows, starts, uncond, tokens, next(model.parameters()).device)
+    guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
+    schedule = refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval)
+    run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
+    run.steps(timesteps, schedule, MLCache() if use_cache else None, 1 - cache_ratio, progress)
+    return batch.cells.to(rows[0].device)
+
+
+class _Run:
+    """The step loop of one `sample_image` call."""
+
+    def __init__(self, model, batch: ImageBatch, tokens, guide, temperature: float, generators):
+        self.model, self.batch, self.guide = model, batch, guide
+        self.temperature, self.generators = temperature, generators
+        self.mask = tokens["mask"]
+        self.offset = tokens["image_offset"]
+        self.codes = (self.offset, self.offset + tokens["codebook_size"])
+
+    def steps(self, timesteps: int, schedule: list[bool], cache: MLCache | None, compute_ratio: float, progress):
+        masked = (self.batch.cells == self.mask).sum(dim=1).tolist()  # the one host read of the setup
+        if min(masked) == 0:
+            raise InputError(
+                f"prompt row {masked.index(0)} has no MASK cell in its image grid, so there is nothing to sample: "
+                "mask the cells to generate"
+            )
+        keep = keep_masked_table(masked, timesteps)
+        bounds = masked_upper_bounds(masked, keep)
+        device = self.batch.cells.device
+        recompute = None
+        for step in tqdm(range(timesteps), desc="image steps", disable=not progress):
+            if max(bounds[step]) == 0:
+                break
+            self.step(bounds[step], torch.tensor(keep[step], device=device), cache, schedule[step], recompute)
+            if cache is not None and step + 1 < timesteps and not schedule[step + 1]:
+                recompute = cache.recompute_positions(self.batch.real, compute_ratio)
+
+    def step(self, bounds: list[int], keep: torch.Tensor, cache, full: bool, recompute) -> None:
+        """Sample every masked cell, then re-mask the least confident ones (keep[b] stay masked)."""
+        batch, width = self.batch, max(bounds)
+        masked = batch.cells == self.mask  # (B, N)
+        slots = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # masked cells first
+        live = torch.arange(width, device=masked.device) < masked.sum(dim=1, keepdim=True)  # (B, K)
+        batch.write_cells()
+        logits = _forward(self.model, batch, batch.positions(slots), cache, full, recompute, self.codes)
+        guided = self.guide(logits.view(batch.branches, -1, *logits.shape[1:]))  # (B, K, C)
+        sampled, score = sample_codes(guided, self.temperature, self.generators, bounds)
+        stay = stay_masked(score, live, keep)
+        fresh = torch.where(stay, self.mask, sampled + self.offset)
+        batch.cells.scatter_(1, slots, torch.where(live, fresh, batch.cells.gather(1, slots)))

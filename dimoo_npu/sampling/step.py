@@ -1,0 +1,87 @@
+"""One sampling step's token math: draw, sample, score, re-mask (image) and reveal (understanding).
+
+Every function works on a padded batch: row b has its own number of live slots, and random numbers are
+drawn per row from that row's generator with a shape that depends only on that row, so a seeded sample
+does not change with what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Generators = list[torch.Generator | None]
+
+
+def draw_uniform(
+    generators: Generators, counts: list[int], width: int, slots: int, device: torch.device, dtype=torch.float32
+) -> torch.Tensor:
+    """Uniform [0, 1) noise (B, slots, width): row b draws (counts[b], width) from generators[b]; the rest is 0.5."""
+    noise = torch.full((len(counts), slots, width), 0.5, dtype=dtype, device=device)
+    for row, (gen, count) in enumerate(zip(generators, counts, strict=True)):
+        if count:
+            where = gen.device if gen is not None else device
+            noise[row, :count] = torch.rand((count, width), generator=gen, dtype=dtype, device=where).to(device)
+    return noise
+
+
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from uniform draws, with the public code's guards against log(0)."""
+    return -torch.log(-torch.log(u + 1e-20) + 1e-20)
+
+
+def sample_codes(
+    logits: torch.Tensor, temperature: float, generators: Generators, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-max sample over the last dim and its score log(p) + tau * g' (image steps).
+
+    logits (B, K, V) after guidance; counts[b] = slots of row b that get noise. Returns sampled (B, K) indices
+    into V and score (B, K). Temperature 0 is plain argmax with score log(p).
+    """
+    batch, slots, width = logits.shape
+    if temperature == 0:
+        sampled = logits.argmax(dim=-1)
+    else:
+        noise = gumbel(draw_uniform(generators, counts, width, slots, logits.device))
+        sampled = (logits / temperature + noise).argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    score = torch.log(probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-20))  # (B, K)
+    if temperature != 0:
+        score = score + temperature * gumbel(draw_uniform(generators, counts, 1, slots, logits.device)[..., 0])
+    return sampled, score
+
+
+def stay_masked(score: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Which live slots go back to MASK (B, K) bool.
+
+    With M live slots in a row, k = min(keep, M - 1): the slots scoring strictly below the k-th smallest
+    live score (0-based) stay masked, so every step fixes at least one token.
+    """
+    live_count = live.sum(dim=1)  # (B,)
+    k = torch.minimum(keep, live_count - 1).clamp_min(0)
+    ranked = score.masked_fill(~live, float("inf")).sort(dim=1).values  # dead slots sort last
+    cutoff = ranked.gather(1, k[:, None])  # (B, 1)
+    return live & (score < cutoff)
+
+
+def predict_text(logits: torch.Tensor, temperature: float, generators: Generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA prediction and its float64 probability (understanding steps): logits (B, K, V) -> (B, K), (B, K).
+
+    Temperature > 0 perturbs in float64 as LLaDA does: argmax exp(l) / (-log u) ** tau.
+    """
+    batch, slots, width = logits.shape
+    wide = logits.double()
+    if temperature == 0:
+        predicted = logits.argmax(dim=-1)
+    else:
+        noise = draw_uniform(generators, [slots] * batch, width, slots, logits.device, dtype=torch.float64)
+        predicted = (wide.exp() / (-torch.log(noise)) ** temperature).argmax(dim=-1)
+    probs = torch.softmax(wide, dim=-1)
+    return predicted, probs.gather(-1, predicted[..., None]).squeeze(-1)
+
+
+def reveal(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The counts[b] most confident slots of each row (B, K) bool; confidence -inf marks slots never chosen."""
+    order = confidence.argsort(dim=1, descending=True, stable=True)  # (B, K)
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)  # rank[b, slot]: 0 = most confident
+    return (rank < counts[:, None]) & (confidence > float("-inf"))
