@@ -16,7 +16,11 @@ from dimoo_npu.adapters import BackendUnavailableError
 from dimoo_npu.errors import DimooError
 
 # command name -> (module under dimoo_npu.commands, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("check", "compare every layer of a checkpoint across backends (cpu-ref, cpu, npu, cuda, onnxruntime)"),
+    "export-onnx": ("export", "export the transformer and the VQ decoder to ONNX, checked in onnxruntime"),
+    "doctor": ("doctor", "which backends work here and why not, versions, op implementations, one-line fixes"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

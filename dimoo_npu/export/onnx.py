@@ -1,0 +1,202 @@
+"""ONNX export of the DiMOO transformer and of the VQ decoder (torch.onnx dynamo exporter, onnxscript).
+
+The transformer graph is ``(input_ids (B, L) int64, attention_mask (B, L) int64 1=real) -> logits
+(B, L, V)``, plus the output of every block (``block.<i>``, (B, L, d)) when exported with layer
+outputs, so `dimoo check` can find the first layer where onnxruntime and torch part. Batch and length
+are dynamic. It is traced with the reference ops (plain tensor ops, fp32 softmax/norm/rotary), which
+is also what Ascend's ATC converts (see docs/ascend_atc.md). The VQ decoder graph is ``codes (B, h, w)
+int64 -> image (B, 3, H, W)`` in [0, 1], with dynamic batch, h and w.
+Files are written to a temporary name and renamed, and never replace an existing file unless asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dimoo_npu.errors import InputError
+from dimoo_npu.model import DiMOOModel
+from dimoo_npu.numerics.capture import LOGITS, block_name, capture_blocks
+from dimoo_npu.ops import resolve_ops
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18  # >= 17 for LayerNorm-era ops; CANN 7.0 ATC documents opsets 9-18
+INPUT_NAMES = ("input_ids", "attention_mask")
+VQ_INPUT, VQ_OUTPUT = "codes", "image"
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB: larger weights go to <file>.data
+META_PREFIX = "dimoo."
+
+
+class TransformerForExport(nn.Module):
+    """``(input_ids, attention_mask) -> logits[, block.0, ..., block.n-1]`` around a `DiMOOModel`."""
+
+    def __init__(self, model: DiMOOModel, layer_outputs: bool, vocab_range: tuple[int, int] | None):
+        super().__init__()
+        self.model = model
+        self.layer_outputs = layer_outputs
+        self.vocab_range = vocab_range
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with capture_blocks(self.model) as blocks:
+            logits = self.model(input_ids, attention_mask, vocab_range=self.vocab_range)
+        if not self.layer_outputs:
+            return (logits,)
+        return (logits, *(blocks[block_name(i)] for i in range(len(blocks))))
+
+
+class VQDecoderForExport(nn.Module):
+    """``codes (B, h, w) -> image (B, 3, H, W)`` in [0, 1], as the aMUSEd pipeline decodes (codebook lookup)."""
+
+    def __init__(self, vqvae: nn.Module):
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        batch, height, width = codes.shape
+        channels = self.vqvae.config.vq_embed_dim
+        decoded = self.vqvae.decode(
+            codes.reshape(-1), force_not_quantize=True, shape=(batch, height, width, channels)
+        ).sample  # (B, 3, H, W)
+        return decoded.clamp(0, 1)
+
+
+def example_transformer_inputs(config, batch: int = 2, length: int = 16, seed: int = 0):
+    """Token ids below the vocabulary and a mask whose last row is right-padded (the mask must matter)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, config.embedding_size, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.int64)
+    attention_mask[-1, length - max(1, length // 4) :] = 0
+    return input_ids, attention_mask
+
+
+def export_transformer(
+    model: DiMOOModel,
+    path: str | os.PathLike,
+    *,
+    layer_outputs: bool = True,
+    vocab_range: tuple[int, int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``model`` (on CPU) with dynamic batch and length; returns the written .onnx path."""
+    path = _check_destination(path, overwrite)
+    if next(model.parameters()).device.type != "cpu":
+        raise InputError("ONNX export traces the model on CPU: load it with device='cpu'")
+    config = model.config
+    _check_vocab_range(vocab_range, config.embedding_size)
+    wrapper = TransformerForExport(model, layer_outputs, vocab_range).eval()
+    outputs = [LOGITS] + ([block_name(i) for i in range(config.n_layers)] if layer_outputs else [])
+    batch = torch.export.Dim("batch", min=1)
+    length = torch.export.Dim("length", min=2, max=config.max_sequence_length)
+    dims = {name: {0: batch, 1: length} for name in INPUT_NAMES}
+    previous_ops = model.ops
+    model.use_ops(resolve_ops("cpu", "reference"))  # plain tensor ops only in the graph
+    try:
+        program = _export(wrapper, example_transformer_inputs(config), INPUT_NAMES, outputs, dims, opset)
+    finally:
+        model.use_ops(previous_ops)
+    lo, hi = vocab_range or (0, config.embedding_size)
+    program.model.metadata_props.update(
+        {
+            f"{META_PREFIX}{key}": str(value)
+            for key, value in {
+                "kind": "transformer",
+                "d_model": config.d_model,
+                "n_layers": config.n_layers,
+                "n_heads": config.n_heads,
+                "embedding_size": config.embedding_size,
+                "vocab_range": f"{lo},{hi}",
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            }.items()
+        }
+    )
+    return _save(program, path, _parameter_bytes(model))
+
+
+def load_vqvae(folder: str | os.PathLike) -> nn.Module:
+    """The diffusers VQModel of a checkpoint's ``vqvae/`` folder (safetensors only), fp32 CPU, eval mode."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder} has no config.json: pass the checkpoint's vqvae/ folder")
+    from diffusers import VQModel
+
+    return VQModel.from_pretrained(str(folder), use_safetensors=True).eval().requires_grad_(False)
+
+
+def export_vq_decoder(
+    vqvae: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, overwrite: bool = False
+) -> Path:
+    """Export the VQ decoder (codebook lookup + decoder) with dynamic batch, height and width."""
+    path = _check_destination(path, overwrite)
+    wrapper = VQDecoderForExport(vqvae).eval()
+    codes = torch.randint(0, vqvae.config.num_vq_embeddings, (1, 4, 6), generator=torch.Generator().manual_seed(0))
+    dims = {
+        VQ_INPUT: {
+            0: torch.export.Dim("batch", min=1),
+            1: torch.export.Dim("h", min=2),
+            2: torch.export.Dim("w", min=2),
+        }
+    }
+    program = _export(wrapper, (codes,), (VQ_INPUT,), [VQ_OUTPUT], dims, opset)
+    program.model.metadata_props.update(
+        {f"{META_PREFIX}kind": "vq_decoder", f"{META_PREFIX}codebook_size": str(vqvae.config.num_vq_embeddings)}
+    )
+    return _save(program, path, _parameter_bytes(vqvae))
+
+
+def _export(module: nn.Module, args: tuple, inputs, outputs, dims: dict, opset: int):
+    if opset < 17:
+        raise InputError(f"opset {opset} is too old: the exporter needs opset 17 or newer")
+    logger.info("exporting %s to ONNX (opset %d); this takes a while", type(module).__name__, opset)
+    with torch.no_grad():
+        return torch.onnx.export(
+            module,
+            args,
+            None,
+            dynamo=True,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_shapes=dims,
+            opset_version=opset,
+            verbose=False,
+        )
+
+
+def _save(program, path: Path, weight_bytes: int) -> Path:
+    """Save into a temporary folder beside ``path``, then move the .onnx (and its .data) into place."""
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        program.save(staging / path.name, external_data=external)
+        for produced in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):  # .onnx last
+            os.replace(produced, path.parent / produced.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote %s%s", path, " (+ external weights)" if external else "")
+    return path
+
+
+def _check_destination(path: str | os.PathLike, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise InputError(f"output {path} must end in .onnx")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose another --output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _check_vocab_range(vocab_range: tuple[int, int] | None, vocab: int) -> None:
+    if vocab_range is not None and not 0 <= vocab_range[0] < vocab_range[1] <= vocab:
+        raise InputError(f"vocab range {vocab_range} must satisfy 0 <= lo < hi <= {vocab} (the vocabulary size)")
+
+
+def _parameter_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
