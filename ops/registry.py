@@ -73,5 +73,20 @@ def resolve_ops(device_type: str = "cpu", overrides: Mapping[str, str] | str | N
         parsed = parse_overrides(source) if isinstance(source, str) else dict(source or {})
         _check(parsed)
         chosen.update(parsed)
+    if "npu" in chosen.values():
+        _require_torch_npu(chosen)
     fns = {op: getattr(importlib.import_module(_MODULES[impl]), op) for op, impl in chosen.items()}
     return OpSet(**fns, names=chosen)
+
+
+def _require_torch_npu(chosen: Mapping[str, str]) -> None:
+    """Fail at model build, with the reason and the fix, rather than at the first forward."""
+    from dimoo_npu.adapters import BackendUnavailableError, NpuBackend
+
+    status = NpuBackend().availability()
+    if not status:
+        ops = ", ".join(op for op, impl in chosen.items() if impl == "npu")
+        raise BackendUnavailableError(
+            f"op implementation 'npu' (for {ops}) needs torch_npu and a visible NPU: {status.reason}. Fix: "
+            f"{status.fix}; or choose another implementation, e.g. DIMOO_OPS=torch"
+        )
