@@ -20,6 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "compare every layer of a checkpoint across backends (cpu-ref, cpu, npu, cuda, onnxruntime)"),
     "export-onnx": ("export", "export the transformer and the VQ decoder to ONNX, checked in onnxruntime"),
     "doctor": ("doctor", "which backends work here and why not, versions, op implementations, one-line fixes"),
+    "t2i": ("generate", "text-to-image: any size that is a multiple of 16, batched, PNGs with their settings"),
+    "edit": ("generate", "image-to-image: editing, control, dense prediction, subject, style transfer, multi-view"),
+    "inpaint": ("generate", "regenerate a centred box or the white region of a mask image"),
+    "outpaint": ("generate", "regenerate outside a centred box (or the white region of a mask image)"),
+    "understand": ("generate", "answer a question about an image"),
 }
 
 

@@ -42,7 +42,10 @@ def load_text_tokenizer(folder: str | os.PathLike):
             "checkpoint into it, or build a small word-level one with dimoo_npu.text_tokenizer.build_word_tokenizer"
         )
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it warns that config.json's model_type (llada) is not a transformers one
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
@@ -50,6 +53,8 @@ def load_text_tokenizer(folder: str | os.PathLike):
             f"cannot load the text tokenizer in {folder} without remote code ({err}): provide a tokenizer.json "
             "(fast tokenizer) next to tokenizer_config.json"
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def word_ids(words: Iterable[str], reserved: set[int], limit: int) -> dict[str, int]:

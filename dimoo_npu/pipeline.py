@@ -1,0 +1,358 @@
+"""`DiMOOPipeline`: text and images in, images and answers out, for every DiMOO task, batched.
+
+Requests are turned into token ids (`dimoo_npu.sequences`) and checked to fit before the transformer is
+used; the transformer can be loaded lazily so that an 8B model is only read once every request is known
+to be valid. Requests of one call are grouped by output grid and sampled together; each sample gets its
+own seeded generator, so an image does not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dimoo_npu import prompts, sequences
+from dimoo_npu.errors import ConfigError, InputError
+from dimoo_npu.generation_settings import ImageSettings, TextSettings
+from dimoo_npu.image_prep import PIXELS_PER_CELL, box_cell_mask, check_mask_size, fit_image, grid_size, image_cell_mask
+from dimoo_npu.image_tokenizer import ImageTokenizer
+from dimoo_npu.text_tokenizer import load_text_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint used when none is named. No default model is bundled yet: until then, name one."""
+    raise ConfigError(
+        "no checkpoint given and no default model is bundled yet: pass --checkpoint PATH "
+        "(a DiMOO checkpoint folder with config.json, safetensors weights, tokenizer and vqvae/)"
+    )
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Generated sides must be positive multiples of 16 pixels (one image token per 16 x 16)."""
+    for name, value in (("width", width), ("height", height)):
+        if value < PIXELS_PER_CELL or value % PIXELS_PER_CELL:
+            lower = max(PIXELS_PER_CELL, value // PIXELS_PER_CELL * PIXELS_PER_CELL)
+            upper = lower + PIXELS_PER_CELL if value > lower else lower
+            nearest = f"{lower} or {upper}" if upper != lower else f"{lower}"
+            raise InputError(f"{name} {value} is not a multiple of 16 pixels: use {nearest}")
+
+
+class DiMOOPipeline:
+    """A DiMOO model with its text and image tokenizers. ``model`` may be a zero-argument loader (lazy)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Callable[[], torch.nn.Module],
+        text_tokenizer,
+        image_tokenizer: ImageTokenizer,
+        config,
+        device: torch.device,
+    ):
+        self._model = model
+        self.text_tokenizer = text_tokenizer
+        self.image_tokenizer = image_tokenizer
+        self.config = config
+        self.device = torch.device(device)
+        self.tokens = config.special_tokens
+        self.progress = False  # per-step progress bars of the samplers
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        lazy: bool = False,
+    ) -> DiMOOPipeline:
+        """Tokenizers now; the transformer now, or on first use when ``lazy``."""
+        from dimoo_npu.checkpoint import load_model, resolve_target
+        from dimoo_npu.config import DiMOOConfig
+
+        folder = Path(path)
+        config = DiMOOConfig.from_json(folder)
+        target = resolve_target(device)
+        text_tokenizer = load_text_tokenizer(folder)
+        image_tokenizer = ImageTokenizer.from_pretrained(folder, device=target)
+
+        def loader():
+            return load_model(folder, device=target, dtype=dtype).eval()
+
+        return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target)
+
+    @property
+    def model(self):
+        if callable(self._model) and not isinstance(self._model, torch.nn.Module):
+            self._model = self._model()
+        return self._model
+
+    # ---- token ids of each task (no transformer needed) ----
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        return sequences.as_ids(self.text_tokenizer(text)["input_ids"])
+
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """(rows, cols) code indices of an image whose sides are multiples of 16."""
+        return self.image_tokenizer.encode_image(image)
+
+    def prepare_text_to_image(self, prompt: str, width: int, height: int) -> sequences.ImagePrompt:
+        check_image_size(width, height)
+        system = prompts.SYSTEM_TEXTS["image_generation"]
+        grid = (height // PIXELS_PER_CELL, width // PIXELS_PER_CELL)
+        request = sequences.text_to_image(
+            self.encode_text(prompts.chat_text(system, prompt)),
+            self.encode_text(prompts.uncond_text(system)),
+            sequences.masked_cells(grid, self.tokens),
+            self.tokens,
+        )
+        return self._checked(request, f"a {width}x{height} image")
+
+    def prepare_edit(
+        self,
+        image: Image.Image,
+        prompt: str | None,
+        edit_type: str,
+        reference: Image.Image | None = None,
+        image_budget: int | None = 512,
+    ) -> sequences.ImagePrompt:
+        """Image-to-image; style transfer reads ``image`` then ``reference`` and, as the public code, makes
+        an image of the reference's bucket."""
+        texts = prompts.edit_prompt(edit_type, prompt)
+        if texts.needs_reference and reference is None:
+            raise InputError(f"edit type {edit_type} needs a style reference image: pass --ref-image")
+        sources = [fit_image(image, image_budget)]
+        if texts.needs_reference:
+            sources.append(fit_image(reference, image_budget))
+        request = sequences.image_to_image(
+            self.encode_text(prompts.chat_text(texts.system, texts.user)),
+            self.encode_text(prompts.uncond_text(texts.system)),
+            [self.encode_image(source) for source in sources],
+            grid_size(sources[-1]),
+            self.tokens,
+        )
+        return self._checked(request, f"editing a {sources[-1].width}x{sources[-1].height} image")
+
+    def prepare_paint(
+        self,
+        image: Image.Image,
+        prompt: str,
+        *,
+        mask: Image.Image | None = None,
+        box: tuple[float, float] = (0.5, 0.5),
+        outside: bool = False,
+        image_budget: int | None = None,
+    ) -> sequences.ImagePrompt:
+        """Inpainting (inside the centred box) or outpainting (``outside``); a user ``mask`` replaces the box."""
+        if mask is not None:
+            check_mask_size(mask, image)
+            mask = fit_image(mask.convert("L"), image_budget)
+        image = fit_image(image, image_budget)
+        grid = grid_size(image)
+        if mask is not None:
+            cell_mask = image_cell_mask(mask, grid)
+        else:
+            cell_mask = box_cell_mask(image.height, image.width, grid, *box, outside=outside)
+        system = prompts.SYSTEM_TEXTS["image_generation"]
+        request = sequences.text_to_image(
+            self.encode_text(prompts.chat_text(system, prompt)),
+            self.encode_text(prompts.uncond_text(system)),
+            sequences.paint_cells(self.encode_image(image), cell_mask, self.tokens),
+            self.tokens,
+        )
+        return self._checked(request, f"painting a {image.width}x{image.height} image")
+
+    def prepare_understanding(
+        self, image: Image.Image, question: str, gen_length: int, image_budget: int | None = 512
+    ) -> torch.Tensor:
+        """Question + image + BOA, gen_length MASK, EOA."""
+        image = fit_image(image, image_budget)
+        text = self.encode_text(prompts.chat_text(prompts.SYSTEM_TEXTS["understanding"], question))
+        ids, _ = sequences.understanding(text, self.encode_image(image), gen_length, self.tokens)
+        what = f"a question on a {image.width}x{image.height} image with a {gen_length}-token answer"
+        sequences.check_fits([len(ids)], self.config.max_sequence_length, what)
+        return ids
+
+    def _checked(self, request: sequences.ImagePrompt, what: str) -> sequences.ImagePrompt:
+        sequences.check_fits(request.lengths(), self.config.max_sequence_length, what)
+        return request
+
+    # ---- sampling ----
+
+    def generate_images(
+        self,
+        requests: Sequence[sequences.ImagePrompt],
+        settings: ImageSettings,
+        seeds: Sequence[int],
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        """Sample every request (grouped by grid, ``batch_size`` at a time) and decode, in request order."""
+        from dimoo_npu.sampling import sample_image
+
+        settings.check()
+        if len(seeds) != len(requests):
+            raise InputError(f"{len(seeds)} seeds for {len(requests)} requests: give one seed per request")
+        images: list[Image.Image | None] = [None] * len(requests)
+        for chunk in _chunks_by_grid(requests, batch_size):
+            batch = [requests[i] for i in chunk]
+            codes = sample_image(
+                self.model,
+                [r.prompt.to(self.device) for r in batch],
+                uncond_ids=self._prefixes(batch, "uncond", settings.cfg_scale),
+                uncond_image_ids=self._prefixes(batch, "uncond_image", settings.cfg_img),
+                generator=[self._generator(seeds[i]) for i in chunk],
+                progress=self.progress,
+                **settings.sampler_kwargs(),
+            )  # (B, rows*cols) absolute ids
+            grid = batch[0].grid
+            cells = (codes.cpu() - self.tokens["image_offset"]).reshape(len(batch), *grid)  # (B, rows, cols)
+            for index, image in zip(chunk, self.image_tokenizer.decode_images(cells), strict=True):
+                images[index] = image
+        return images  # type: ignore[return-value]
+
+    def _prefixes(self, batch: Sequence[sequences.ImagePrompt], name: str, scale: float) -> list | None:
+        if scale <= 0:
+            return None
+        prefixes = [getattr(r, name) for r in batch]
+        if any(p is None for p in prefixes):
+            raise InputError(f"{name.replace('_', '-')} guidance is set but this task has no such branch: set it to 0")
+        return [p.to(self.device) for p in prefixes]
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def answer(
+        self, requests: Sequence[torch.Tensor], settings: TextSettings, seeds: Sequence[int], batch_size: int = 4
+    ) -> list[str]:
+        """Sample the answers of understanding requests; each cut at its first EOS / end-of-answer / padding."""
+        from dimoo_npu.sampling import sample_text
+
+        settings.check()
+        answers = []
+        for start in range(0, len(requests), batch_size):
+            batch = [ids.to(self.device) for ids in requests[start : start + batch_size]]
+            outputs = sample_text(
+                self.model,
+                batch,
+                generator=[self._generator(s) for s in seeds[start : start + batch_size]],
+                progress=self.progress,
+                **settings.sampler_kwargs(),
+            )
+            answers += [self._decode_answer(ids, out) for ids, out in zip(batch, outputs, strict=True)]
+        return answers
+
+    def _decode_answer(self, prompt: torch.Tensor, output: torch.Tensor) -> str:
+        code_start = int((prompt == self.tokens["boa"]).nonzero()[-1, 0]) + 1
+        ids = sequences.cut_answer(output[code_start:-1].cpu(), self.tokens)
+        text = self.text_tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+        return text.split("</answer>")[0].strip()
+
+    # ---- one-call conveniences ----
+
+    def text_to_image(
+        self,
+        prompts_: str | Sequence[str],
+        *,
+        width: int = 1024,
+        height: int = 1024,
+        settings: ImageSettings | None = None,
+        seed: int = 0,
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        texts = [prompts_] if isinstance(prompts_, str) else list(prompts_)
+        requests = [self.prepare_text_to_image(text, width, height) for text in texts]
+        return self.generate_images(requests, settings or ImageSettings(), _seeds(seed, len(texts)), batch_size)
+
+    def edit(
+        self,
+        images: Sequence[Image.Image],
+        prompts_: Sequence[str | None],
+        edit_type: str = "edit",
+        *,
+        references: Sequence[Image.Image | None] | None = None,
+        image_budget: int | None = 512,
+        settings: ImageSettings | None = None,
+        seed: int = 0,
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        references = references or [None] * len(images)
+        requests = [
+            self.prepare_edit(image, text, edit_type, ref, image_budget)
+            for image, text, ref in zip(images, prompts_, references, strict=True)
+        ]
+        settings = settings or ImageSettings(cfg_scale=2.5, cfg_img=4.0)
+        return self.generate_images(requests, settings, _seeds(seed, len(requests)), batch_size)
+
+    def inpaint(
+        self,
+        images: Sequence[Image.Image],
+        prompts_: Sequence[str],
+        *,
+        masks: Sequence[Image.Image | None] | None = None,
+        mask_h_ratio: float = 0.5,
+        mask_w_ratio: float = 0.5,
+        outside: bool = False,
+        image_budget: int | None = None,
+        settings: ImageSettings | None = None,
+        seed: int = 0,
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        masks = masks or [None] * len(images)
+        requests = [
+            self.prepare_paint(
+                image, text, mask=mask, box=(mask_h_ratio, mask_w_ratio), outside=outside, image_budget=image_budget
+            )
+            for image, text, mask in zip(images, prompts_, masks, strict=True)
+        ]
+        return self.generate_images(requests, settings or ImageSettings(), _seeds(seed, len(requests)), batch_size)
+
+    def outpaint(
+        self,
+        images: Sequence[Image.Image],
+        prompts_: Sequence[str],
+        *,
+        mask_h_ratio: float = 1.0,
+        mask_w_ratio: float = 0.2,
+        **kwargs,
+    ) -> list[Image.Image]:
+        """Outpainting: regenerate outside the centred box (or the white region of a user mask)."""
+        return self.inpaint(
+            images, prompts_, mask_h_ratio=mask_h_ratio, mask_w_ratio=mask_w_ratio, outside=True, **kwargs
+        )
+
+    def understand(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        *,
+        settings: TextSettings | None = None,
+        image_budget: int | None = 512,
+        seed: int = 0,
+        batch_size: int = 4,
+    ) -> list[str]:
+        settings = (settings or TextSettings()).check()
+        requests = [
+            self.prepare_understanding(image, question, settings.gen_length, image_budget)
+            for image, question in zip(images, questions, strict=True)
+        ]
+        return self.answer(requests, settings, _seeds(seed, len(requests)), batch_size)
+
+
+def _seeds(seed: int, count: int) -> list[int]:
+    """Request i gets seed + i, so a request's image does not depend on how the requests are batched."""
+    return [seed + index for index in range(count)]
+
+
+def _chunks_by_grid(requests: Sequence[sequences.ImagePrompt], batch_size: int) -> list[list[int]]:
+    """Indices grouped by output grid (the sampler takes one grid per call), at most ``batch_size`` each."""
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size} must be at least 1")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.grid, []).append(index)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
