@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inpaint": ("generate", "regenerate a centred box or the white region of a mask image"),
     "outpaint": ("generate", "regenerate outside a centred box (or the white region of a mask image)"),
     "understand": ("generate", "answer a question about an image"),
+    "eval": ("eval", "GenEval-style accuracy on the shapes world (text-to-image and understanding, held out)"),
 }
 
 

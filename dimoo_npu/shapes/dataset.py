@@ -1,0 +1,142 @@
+"""Write the shapes world as a training manifest (JSONL) for `dimoo pretokenize`, with its images.
+
+The mix covers what the embedded model must do: text-to-image (single objects and two-object relations),
+inpainting (regenerate one grid cell or one half of the picture, given the caption and the rest) and
+understanding (colour, shape, position and size questions). Only training-split objects are used, so
+the held-out combinations stay unseen. Images are written once per distinct scene.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from dimoo_npu.shapes import world
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataMix:
+    """How many records of each kind the manifest holds."""
+
+    t2i: int = 4000
+    inpaint: int = 1500
+    mmu: int = 3000
+    two_object_share: float = 0.15  # of the text-to-image and inpainting records
+    seed: int = 0
+
+
+def scene_key(scene: world.Scene) -> str:
+    """A file name that says what the picture shows: 'circle-red-large-0-0' (two objects joined by '+')."""
+    return "+".join(f"{o.shape}-{o.colour}-{o.size}-{o.row}-{o.col}" for o in scene.objects)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    image.save(temp, format="PNG")
+    os.replace(temp, path)
+
+
+def mask_images() -> dict[str, Image.Image]:
+    """Regions to regenerate (white): each grid cell's 32 x 32 object box and each half of the picture."""
+    size, masks = world.IMAGE_SIZE, {}
+    for row, col in ((r, c) for r in range(3) for c in range(3)):
+        image = Image.new("L", (size, size), 0)
+        cx, cy = world.GRID_CENTRES[col], world.GRID_CENTRES[row]
+        image.paste(255, (cx - 16, cy - 16, cx + 16, cy + 16))
+        masks[f"cell-{row}-{col}"] = image
+    for name, box in {
+        "left": (0, 0, 64, 128),
+        "right": (64, 0, 128, 128),
+        "top": (0, 0, 128, 64),
+        "bottom": (0, 64, 128, 128),
+    }.items():
+        image = Image.new("L", (size, size), 0)
+        image.paste(255, box)
+        masks[f"half-{name}"] = image
+    return masks
+
+
+class ManifestWriter:
+    """Collects records and writes each distinct image once under ``folder``."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self.masks = {}
+        for name, image in mask_images().items():
+            path = folder / "masks" / f"{name}.png"
+            _save_png(image, path)
+            self.masks[name] = str(path)
+
+    def image(self, scene: world.Scene) -> str:
+        path = self.folder / "images" / f"{scene_key(scene)}.png"
+        if not path.exists():
+            _save_png(world.render(scene), path)
+        return str(path)
+
+    def add(self, task: str, **fields) -> None:
+        self.records.append({"id": f"{task}-{len(self.records):06d}", "task": task, **fields})
+
+    def write(self) -> Path:
+        path = self.folder / "manifest.jsonl"
+        handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=self.folder)
+        with os.fdopen(handle, "w") as out:
+            out.writelines(json.dumps(record) + "\n" for record in self.records)
+        os.replace(temp, path)
+        return path
+
+
+def _scenes(rng: random.Random, count: int, two_object_share: float):
+    seed = rng.randrange(1 << 30)
+    return world.sample_scenes(seed, count, "train", two_object_share)
+
+
+def _inpaint_mask(scene: world.Scene, rng: random.Random) -> str:
+    """Mostly an object's own cell (so the model learns to draw it into a context), else a half."""
+    if rng.random() < 0.7:
+        obj = rng.choice(scene.objects)
+        return f"cell-{obj.row}-{obj.col}"
+    return f"half-{rng.choice(['left', 'right', 'top', 'bottom'])}"
+
+
+def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool = True) -> Path:
+    """Render the mix into ``folder`` (images/, masks/, manifest.jsonl); returns the manifest path."""
+    folder = Path(folder)
+    rng = random.Random(mix.seed)
+    writer = ManifestWriter(folder)
+    total = mix.t2i + mix.inpaint + mix.mmu
+    bar = tqdm(total=total, desc="shapes manifest", disable=not progress)
+    for scene in _scenes(rng, mix.t2i, mix.two_object_share):
+        writer.add("t2i", prompt=world.caption(scene, rng), target_image=writer.image(scene))
+        bar.update()
+    for scene in _scenes(rng, mix.inpaint, mix.two_object_share):
+        mask = writer.masks[_inpaint_mask(scene, rng)]
+        writer.add("inpaint", prompt=world.caption(scene, rng), target_image=writer.image(scene), mask=mask)
+        bar.update()
+    for scene in _scenes(rng, mix.mmu, 0.0):
+        (obj,) = scene.objects
+        attribute = rng.choice(list(world.QUESTIONS))
+        writer.add(
+            "mmu",
+            prompt=world.question(obj, attribute, rng),
+            image=writer.image(scene),
+            answer=world.answer(obj, attribute),
+        )
+        bar.update()
+    bar.close()
+    path = writer.write()
+    logger.info("wrote %d records to %s", len(writer.records), path)
+    return path
