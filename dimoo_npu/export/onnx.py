@@ -15,6 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +35,12 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 VQ_INPUT, VQ_OUTPUT = "codes", "image"
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf files stop at 2 GiB: larger weights go to <file>.data
 META_PREFIX = "dimoo."
+# logger -> level while exporting (the registration logger warns that torchvision ops are skipped)
+_CHATTY_LOGGERS = {
+    "onnx_ir": logging.WARNING,
+    "onnxscript": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,
+}
 
 
 class TransformerForExport(nn.Module):
@@ -127,7 +136,9 @@ def load_vqvae(folder: str | os.PathLike) -> nn.Module:
         raise InputError(f"{folder} has no config.json: pass the checkpoint's vqvae/ folder")
     from diffusers import VQModel
 
-    return VQModel.from_pretrained(str(folder), use_safetensors=True).eval().requires_grad_(False)
+    return (
+        VQModel.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    )
 
 
 def export_vq_decoder(
@@ -155,7 +166,7 @@ def _export(module: nn.Module, args: tuple, inputs, outputs, dims: dict, opset: 
     if opset < 17:
         raise InputError(f"opset {opset} is too old: the exporter needs opset 17 or newer")
     logger.info("exporting %s to ONNX (opset %d); this takes a while", type(module).__name__, opset)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         return torch.onnx.export(
             module,
             args,
@@ -167,6 +178,22 @@ def _export(module: nn.Module, args: tuple, inputs, outputs, dims: dict, opset: 
             opset_version=opset,
             verbose=False,
         )
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's per-pass INFO logs and known-harmless warnings out of the command's output."""
+    levels = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
+    try:
+        for name, level in _CHATTY_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _save(program, path: Path, weight_bytes: int) -> Path:

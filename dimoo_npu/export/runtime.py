@@ -15,8 +15,9 @@ import torch
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.export.onnx import INPUT_NAMES, META_PREFIX, VQ_INPUT, VQDecoderForExport
+from dimoo_npu.export.onnx import INPUT_NAMES, META_PREFIX, VQ_INPUT, VQ_OUTPUT, VQDecoderForExport
 from dimoo_npu.numerics.capture import LOGITS, block_name, run_with_capture
+from dimoo_npu.numerics.compare import DEFAULT_TOLERANCES, LayerDiff, Tolerance, compare_layer
 
 REEXPORT_FIX = "re-export it from this checkpoint: dimoo export-onnx --checkpoint {checkpoint} --output FOLDER"
 
@@ -124,8 +125,17 @@ def run_transformer_onnx(path: str | os.PathLike, input_ids: torch.Tensor, atten
     return OrtSession(path).run(input_ids=input_ids.long(), attention_mask=attention_mask.long())
 
 
-def verify_transformer(model, path: str | os.PathLike, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Max abs difference per output between onnxruntime and the torch model (reference ops) on these inputs."""
+# onnxruntime vs torch: fp32 within 1e-4 absolute; fp16 graphs by the fp16 rule of `dimoo check`.
+EXPORT_TOLERANCES = {
+    "float32": Tolerance(atol=1e-4, rtol=0.0, min_cosine=0.99999),
+    "float16": DEFAULT_TOLERANCES["float16"],
+}
+
+
+def verify_transformer(
+    model, path: str | os.PathLike, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[LayerDiff]:
+    """Every output of onnxruntime vs the torch model (reference ops, same dtype) on these inputs."""
     from dimoo_npu.ops import resolve_ops
 
     previous = model.ops
@@ -135,19 +145,23 @@ def verify_transformer(model, path: str | os.PathLike, input_ids: torch.Tensor, 
     finally:
         model.use_ops(previous)
     got = run_transformer_onnx(path, input_ids, attention_mask)
-    lo, hi = (
-        int(v) for v in read_signature(path).metadata.get("vocab_range", f"0,{expected[LOGITS].shape[-1]}").split(",")
-    )
+    full = f"0,{expected[LOGITS].shape[-1]}"
+    lo, hi = (int(v) for v in read_signature(path).metadata.get("vocab_range", full).split(","))
     expected[LOGITS] = expected[LOGITS][..., lo:hi]
-    return {name: float((got[name] - expected[name]).abs().max()) for name in got}
+    tolerance = _export_tolerance(next(model.parameters()).dtype)
+    return [compare_layer(name, expected[name], got[name], tolerance) for name in got]
 
 
-def verify_vq_decoder(vqvae, path: str | os.PathLike, codes: torch.Tensor) -> float:
-    """Max abs difference between onnxruntime and torch decoding ``codes`` (B, h, w)."""
+def verify_vq_decoder(vqvae, path: str | os.PathLike, codes: torch.Tensor) -> LayerDiff:
+    """onnxruntime vs torch decoding ``codes`` (B, h, w) into images."""
     with torch.no_grad():
         expected = VQDecoderForExport(vqvae)(codes)
-    got = OrtSession(path).run(**{VQ_INPUT: codes.long()})
-    (image,) = got.values()
-    if image.shape != expected.shape:
-        raise CheckpointError(f"ONNX decoder returned shape {tuple(image.shape)}, torch {tuple(expected.shape)}")
-    return float((image - expected).abs().max())
+    (image,) = OrtSession(path).run(**{VQ_INPUT: codes.long()}).values()
+    return compare_layer(VQ_OUTPUT, expected.float(), image, _export_tolerance(next(vqvae.parameters()).dtype))
+
+
+def _export_tolerance(dtype: torch.dtype) -> Tolerance:
+    name = str(dtype).removeprefix("torch.")
+    if name not in EXPORT_TOLERANCES:
+        raise InputError(f"onnxruntime cannot check a {name} graph on CPU; export float32 (or float16)")
+    return EXPORT_TOLERANCES[name]
