@@ -98,18 +98,22 @@ def op_cases(seed: int = 0) -> list[OpCase]:
     return [case for build in builders for case in build(generator)]
 
 
-def cast(case: OpCase, dtype: torch.dtype) -> tuple:
-    """The case's arguments with floating tensors in ``dtype`` (rotary cos/sin stay fp32, masks stay bool)."""
+def cast(case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple:
+    """The case's arguments on ``device``, floating tensors in ``dtype`` (rotary cos/sin stay fp32, masks bool)."""
     keep_fp32 = {1, 2} if case.op == "rotary" else set()
     return tuple(
-        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and i not in keep_fp32 else a
+        (a.to(device, dtype) if a.is_floating_point() and i not in keep_fp32 else a.to(device))
+        if isinstance(a, torch.Tensor)
+        else a
         for i, a in enumerate(case.args)
     )
 
 
-def compare(fn: Callable, case: OpCase, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(implementation output, reference output), both fp32, on the same ``dtype`` inputs."""
-    args = cast(case, dtype)
+def compare(
+    fn: Callable, case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(implementation output, reference output), both fp32 on the CPU, on the same ``dtype`` inputs."""
+    args = cast(case, dtype, device)
     got = fn(*args)
     expected = getattr(reference, case.op)(*args)
     if got.shape != expected.shape or got.dtype != expected.dtype:
@@ -117,19 +121,19 @@ def compare(fn: Callable, case: OpCase, dtype: torch.dtype) -> tuple[torch.Tenso
             f"{case.op} [{case.name}] {dtype}: got {got.dtype} {tuple(got.shape)}, "
             f"expected {expected.dtype} {tuple(expected.shape)}"
         )
-    return got.float(), expected.float()
+    return got.float().cpu(), expected.float().cpu()
 
 
-def max_abs_error(fn: Callable, case: OpCase, dtype: torch.dtype) -> float:
-    got, expected = compare(fn, case, dtype)
+def max_abs_error(fn: Callable, case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu") -> float:
+    got, expected = compare(fn, case, dtype, device)
     return float((got - expected).abs().nan_to_num(float("inf")).max())
 
 
-def parity_failure(fn: Callable, case: OpCase, dtype: torch.dtype) -> str | None:
+def parity_failure(fn: Callable, case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu") -> str | None:
     """None when ``fn`` matches the reference within `TOLERANCES`, else what went wrong (errors included)."""
     atol, rtol = TOLERANCES[dtype]
     try:
-        got, expected = compare(fn, case, dtype)
+        got, expected = compare(fn, case, dtype, device)
     except (AssertionError, RuntimeError, ValueError) as err:
         return f"{case.op} [{case.name}] {dtype}: {type(err).__name__}: {err}"
     excess = (got - expected).abs() - (atol + rtol * expected.abs())
