@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "outpaint": ("generate", "regenerate outside a centred box (or the white region of a mask image)"),
     "understand": ("generate", "answer a question about an image"),
     "eval": ("eval", "GenEval-style accuracy on the shapes world (text-to-image and understanding, held out)"),
+    "pretokenize": ("train", "JSONL manifest -> token shards for training (parallel, resumable, bad records reported)"),
+    "train": ("train", "masked-diffusion fine-tuning from a YAML config (one process or torchrun; tp/pp/dp)"),
+    "export-hf": ("train", "training checkpoint -> Hugging Face safetensors folder that load_model reads"),
 }
 
 

@@ -1,0 +1,268 @@
+"""Training checkpoints: torch.distributed.checkpoint (DCP), sharded, atomic, loadable into any tp/pp/dp layout.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step-00000100/   .metadata + *.distcp (DCP: model and optimizer tensors, keyed by parameter name)
+                     trainer_state.json (step, consumed samples, seed, layout), config.json (the model)
+    latest           text: the name of the newest complete checkpoint (replaced atomically)
+    .tmp-step-.../   a save in progress (or one a killed process left; removed at the next start)
+
+Atomicity: every rank writes into ``.tmp-step-N``; once DCP has finished (its metadata file is written
+last), rank 0 adds the JSON files, renames the folder to ``step-N`` and then rewrites ``latest``. A process
+killed at any point leaves ``latest`` naming the previous complete checkpoint.
+
+Resharding: model and optimizer states are keyed by fully-qualified parameter names (optimizer state
+flattened per parameter, as torchtitan does for pipeline parallelism), and DCP maps saved shards onto
+whatever DTensor layout the loading run has. Only tensors go into DCP files; everything else is JSON, and
+DCP's pickled metadata is read through an allowlist (`dcp_reader`), so loading never runs pickled code.
+The learning rate and every random draw are functions of the step (see `schedule` and `masking`), so
+(step, consumed samples, seed) is the whole scheduler, RNG and data state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import CheckpointError
+from dimoo_npu.train.dcp_reader import SafeFileSystemReader
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@contextlib.contextmanager
+def _dcp_call():
+    """Silence DCP's warning that a run without a process group is a single process: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameter name -> (possibly sharded) tensor, over every model part this rank owns."""
+    state: dict[str, torch.Tensor] = {}
+    for part in parts:
+        state.update(get_model_state_dict(part))
+    return state
+
+
+def _only_part(parts: list[nn.Module]) -> nn.Module:
+    """The rank's one model part (`dimoo_npu.parallel` gives each rank one pipeline stage)."""
+    if len(parts) != 1:
+        raise CheckpointError(f"this rank owns {len(parts)} model parts; optimizer checkpoints take one per rank")
+    return parts[0]
+
+
+def _optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(_only_part(parts), optimizer, options=_FLAT)
+
+
+def _tensors_only(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+class Checkpointer:
+    """Saves and finds the checkpoints of one run folder; every rank calls `save` and `load` together."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2, rank: int = 0):
+        self.root = Path(root)
+        self.keep = keep
+        self.rank = rank
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-step-*"):
+                logger.warning("removing %s, left by a save that did not finish", stale.name)
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None when the run has none yet."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        if not (path / STATE_FILE).is_file() or not (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"{pointer} names {path.name}, which is incomplete or gone: point {LATEST} at "
+                "a complete step-* folder or delete it to start fresh"
+            )
+        return path
+
+    def save(
+        self,
+        step: int,
+        parts: list[nn.Module],
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any],
+        model_config: DiMOOConfig,
+    ) -> Path:
+        final = self.root / step_name(step)
+        tmp = self.root / f".tmp-{final.name}"
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        _barrier()
+        state = {"model": model_state(parts), "optim": _tensors_only(_optimizer_state(parts, optimizer))}
+        with _dcp_call():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        if self.rank == 0:
+            _write_json(tmp / STATE_FILE, trainer_state)
+            _write_json(tmp / CONFIG_FILE, model_config.to_hf_dict())
+            self._commit(tmp, final)
+        _barrier()
+        return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """Rename the finished save into place, then point ``latest`` at it, then prune old ones."""
+        if final.exists():  # a save of this step from before a crash that ``latest`` never named
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        _write_text(self.root / LATEST, final.name)
+        logger.info("saved checkpoint %s", final)
+        if self.keep:
+            for old in sorted(self.root.glob("step-*"))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, parts: list[nn.Module], optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Load ``path`` into the parts (and optimizer) of this run's layout; return its trainer state."""
+        state: dict[str, Any] = {"model": model_state(parts)}
+        optim_full = None
+        if optimizer is not None:
+            optim_full = _optimizer_state(parts, optimizer)  # creates the states to load into
+            state["optim"] = _tensors_only(optim_full)
+        with _dcp_call():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=not dist.is_initialized())
+        for part in parts:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        if optimizer is not None:
+            optim_full.update(state["optim"])
+            set_optimizer_state_dict(_only_part(parts), optimizer, optim_full, options=_FLAT)
+        logger.info("loaded checkpoint %s", path)
+        return json.loads((path / STATE_FILE).read_text())
+
+
+def load_hf_weights(parts: list[nn.Module], folder: str | os.PathLike) -> None:
+    """Fill the parts (any layout; meta-initialised and ``to_empty``-ed) from a Hugging Face safetensors folder.
+
+    Each rank reads only the slices of the shards it owns (DCP's Hugging Face reader); dtypes convert.
+    """
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    state = model_state(parts)
+    with _dcp_call():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    for part in parts:
+        set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, flush to disk, rename: readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+TOKENIZER_ASSETS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def export_hf(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    assets_from: str | os.PathLike | None = None,
+) -> Path:
+    """Write a training checkpoint (any layout it was saved in) as a folder `dimoo_npu.load_model` reads.
+
+    Runs in one process: DCP gathers every shard into whole tensors of ``dtype``. The tokenizer files and
+    ``vqvae/`` are copied from ``assets_from`` (default: the folder the run was initialised from, if any).
+    """
+    from dimoo_npu.checkpoint import save_pretrained
+    from dimoo_npu.model import DiMOOModel
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    if (checkpoint / LATEST).is_file():
+        checkpoint = checkpoint / (checkpoint / LATEST).read_text().strip()
+    if not (checkpoint / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{checkpoint} is not a training checkpoint (no {STATE_FILE}): pass a step-* folder "
+            "or the checkpoints folder of a run"
+        )
+    config = DiMOOConfig.from_json(checkpoint / CONFIG_FILE)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in DiMOOModel(config).state_dict().items()}
+    weights = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
+    with _dcp_call():
+        dcp.load({"model": weights}, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True)
+    save_pretrained(weights, config, output)
+    assets_from = assets_from or json.loads((checkpoint / STATE_FILE).read_text()).get("init_from")
+    if assets_from:
+        _copy_assets(Path(assets_from), output)
+    return output
+
+
+def _copy_assets(source: Path, output: Path) -> None:
+    """Tokenizer files and the VQ model, so the exported folder is a complete DiMOO checkpoint."""
+    if not source.is_dir():
+        logger.warning("not copying tokenizer/vqvae: %s does not exist", source)
+        return
+    for name in TOKENIZER_ASSETS:
+        if (source / name).is_file():
+            shutil.copy2(source / name, output / name)
+    if (source / "vqvae").is_dir():
+        shutil.copytree(source / "vqvae", output / "vqvae", dirs_exist_ok=True)

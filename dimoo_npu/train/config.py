@@ -1,0 +1,261 @@
+"""The run config of `dimoo train`: YAML sections plus ``key=value`` overrides, checked before anything starts.
+
+Sections (``configs/train/*.yaml`` document every key with a comment):
+
+- ``gpt_args``: parallelism, batch, optimizer and schedule, under the snake_case names of MindSpeed-MM's
+  ``gpt_args`` (Megatron's CLI flags), so a MindSpeed-MM user reads them without a glossary.
+- ``model``: where the weights come from (``init_from`` a Hugging Face folder, or a fresh ``config``).
+- ``data``: the pre-tokenized shards and how batches are formed.
+- top level: ``output_dir`` (metrics.jsonl, checkpoints), ``device``, ``resume`` and the rest of our own keys.
+
+An override names a key as ``section.key=value`` or, when the name is unique, ``key=value``
+(``lr=1e-4``, ``train_iters=20``); values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dimoo_npu.errors import ConfigError
+
+RECOMPUTE_CHOICES = ("none", "full", "selective")
+DECAY_STYLES = ("cosine", "linear", "constant")
+PIPELINE_SCHEDULES = ("1F1B", "GPipe")
+RESUME_CHOICES = ("auto", "never")
+
+
+@dataclass
+class GptArgs:
+    """MindSpeed-MM / Megatron names (``--tensor-model-parallel-size`` -> ``tensor_model_parallel_size``)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int = 1  # samples per forward of one rank
+    global_batch_size: int = 1  # samples per optimizer step, all ranks: micro * microbatches * dp
+    sequence_parallel: bool = False
+    recompute_granularity: str | None = None  # None/"none", "full" or "selective"
+    use_distributed_optimizer: bool = True  # True: FSDP2 (sharded params/grads/states), False: DDP
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: float | None = None  # when set, warmup = fraction * lr_decay_iters
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None  # default: train_iters
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    train_iters: int = 1000
+    save_interval: int = 0  # 0: save only at the end
+    log_interval: int = 1  # progress-bar postfix every N steps (metrics.jsonl gets every step)
+    seed: int = 1234
+    bf16: bool = True  # bf16 compute with fp32 master weights and fp32 gradient reduction
+
+
+@dataclass
+class ModelArgs:
+    init_from: str | None = None  # Hugging Face folder (config.json + safetensors) to start from
+    config: dict[str, Any] | None = None  # LLaDA config.json dict for a fresh random model (tests, tiny runs)
+    ops: str | None = None  # op override as DIMOO_OPS takes it, e.g. "reference"
+
+
+@dataclass
+class DataArgs:
+    shards: str = ""  # folder written by `dimoo pretokenize`
+    seq_length: int | None = None  # pad every batch to this length (required with pipeline parallel)
+    cond_drop_prob: float = 0.1  # share of samples whose user text becomes <uncondition> (for CFG)
+
+
+@dataclass
+class TrainConfig:
+    gpt_args: GptArgs = field(default_factory=GptArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    output_dir: str = "runs/dimoo"
+    device: str = "auto"  # auto, cpu, cuda, npu; each rank takes LOCAL_RANK's device
+    resume: str = "auto"  # auto: continue from output_dir's latest checkpoint if any; never: start fresh
+    pipeline_schedule: str = "1F1B"
+    keep_checkpoints: int = 2  # checkpoints kept in output_dir (the newest ones); 0 keeps all
+    peak_tflops: float | None = None  # per-device peak for MFU; None: known accelerators, measured on CPU
+    plot: bool = False  # write loss/throughput curves (curves.png) at the end
+
+    @property
+    def recompute(self) -> str:
+        return self.gpt_args.recompute_granularity or "none"
+
+    def check(self) -> None:
+        """Value checks that need no model and no world size."""
+        g = self.gpt_args
+        _check_choice("gpt_args.recompute_granularity", self.recompute, RECOMPUTE_CHOICES)
+        _check_choice("gpt_args.lr_decay_style", g.lr_decay_style, DECAY_STYLES)
+        _check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        _check_choice("resume", self.resume, RESUME_CHOICES)
+        positive = {
+            "micro_batch_size": g.micro_batch_size,
+            "global_batch_size": g.global_batch_size,
+            "train_iters": g.train_iters,
+            "log_interval": g.log_interval,
+            "tensor_model_parallel_size": g.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": g.pipeline_model_parallel_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"gpt_args.{name} is {value}; it must be at least 1")
+        if g.save_interval < 0 or g.lr_warmup_iters < 0 or self.keep_checkpoints < 0:
+            raise ConfigError("save_interval, lr_warmup_iters and keep_checkpoints must not be negative")
+        if not 0.0 <= self.data.cond_drop_prob <= 1.0:
+            raise ConfigError(f"data.cond_drop_prob {self.data.cond_drop_prob} is not a probability in [0, 1]")
+        if g.min_lr > g.lr:
+            raise ConfigError(f"gpt_args.min_lr {g.min_lr} is above lr {g.lr}: lower min_lr or raise lr")
+        if (self.model.init_from is None) == (self.model.config is None):
+            raise ConfigError(
+                "set exactly one of model.init_from (a Hugging Face folder) and model.config "
+                "(a config.json dict for a fresh model)"
+            )
+        if not self.data.shards:
+            raise ConfigError("data.shards is empty: point it at the folder `dimoo pretokenize` wrote")
+
+    def warmup_iters(self) -> int:
+        g = self.gpt_args
+        if g.lr_warmup_fraction is not None:
+            return int(g.lr_warmup_fraction * self.decay_iters())
+        return g.lr_warmup_iters
+
+    def decay_iters(self) -> int:
+        return self.gpt_args.lr_decay_iters or self.gpt_args.train_iters
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML run config (or start from defaults when ``path`` is None), then apply overrides."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist: pass a YAML file such as configs/train/tiny_cpu.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (gpt_args, model, data, ...)")
+    config = _build(TrainConfig, raw, "")
+    for item in overrides:
+        apply_override(config, item)
+    config.check()
+    return config
+
+
+def apply_override(config: TrainConfig, item: str) -> None:
+    """Apply one ``key=value`` (``section.key=value`` or a unique bare key) to ``config`` in place."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4 or data.seq_length=512)")
+    target, name = _locate(config, key.strip())
+    value = yaml.safe_load(text) if text.strip() else None
+    hint = typing.get_type_hints(type(target))[name]
+    setattr(target, name, _coerce(value, hint, key))
+
+
+def _locate(config: TrainConfig, key: str) -> tuple[Any, str]:
+    sections = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, f.name))
+    }
+    if "." in key:
+        section, _, name = key.partition(".")
+        owner = sections.get(section)
+        if owner is not None and name in _field_names(owner):
+            return owner, name
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, _all_keys(config))}")
+    owners = [owner for owner in sections.values() if key in _field_names(owner)]
+    if key in _field_names(config) and key not in sections:
+        owners.append(config)
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise ConfigError(f"key {key!r} is in several sections: write it as section.{key}")
+    raise ConfigError(f"unknown config key {key!r}{_suggest(key, _all_keys(config))}")
+
+
+def _field_names(obj: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+def _all_keys(config: TrainConfig) -> list[str]:
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{f.name}.{name}" for name in sorted(_field_names(value))] + sorted(_field_names(value))
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _suggest(key: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=1)
+    return f"; did you mean {close[0]!r}?" if close else "; see configs/train/tiny_cpu.yaml for every key"
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """A dataclass from a YAML mapping: unknown keys and wrong types are errors that name the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section {prefix.rstrip('.')!r} must be a mapping of key: value")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        full = [f"{prefix}{name}" for name in sorted(names)]
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}{_suggest(prefix + unknown[0], full)}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's type; YAML's ``1e-4`` (a string in YAML 1.1) becomes a float."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key} may not be null")
+    for kind in allowed:
+        kind = typing.get_origin(kind) or kind
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if kind in (str, dict) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"config key {key} is {value!r}; it must be {names}")

@@ -1,0 +1,40 @@
+"""Loss and throughput curves of a run as one PNG (matplotlib is imported only when a plot is asked for)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dimoo_npu.errors import InputError
+
+
+def plot_curves(metrics: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Read ``metrics.jsonl`` and write loss, lr and tokens/s against step into ``output`` (PNG)."""
+    metrics, output = Path(metrics), Path(output)
+    records = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    )
+    if not records:
+        raise InputError(f"no metrics in {metrics}: train for at least one step first")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plotting needs matplotlib: pip install matplotlib (or dimoo_npu[plot])") from None
+    steps = [r["step"] for r in records]
+    panels = (("loss", "loss"), ("tokens_per_s", "tokens / s"), ("lr", "learning rate"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), constrained_layout=True)
+    for axis, (key, label) in zip(axes, panels, strict=True):
+        axis.plot(steps, [r[key] for r in records], linewidth=1.2)
+        axis.set_xlabel("step")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{metrics.parent.name}: {len(records)} steps")
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    os.replace(tmp, output)
+    return output

@@ -1,0 +1,210 @@
+"""JSONL manifest -> shards of token ids, in parallel processes, resumable, reporting bad records.
+
+The manifest is cut into chunks of ``chunk_size`` lines; chunk k becomes ``shard-k.safetensors``, written
+atomically, with the digest of its lines (and of the encoder settings) in its metadata. A rerun skips
+every chunk whose shard exists with the same digest and redoes the others, so an interrupted run resumes
+where it stopped and no record is ever written twice. A bad record (invalid JSON, unknown task, missing
+or unreadable image, too long) is skipped and reported to ``rejected.jsonl`` (line, id, reason); the run
+goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dimoo_npu.errors import DimooError, InputError
+from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
+from dimoo_npu.train.shards import Sample, read_shard_metadata, shard_name, write_shard
+
+logger = logging.getLogger(__name__)
+
+REJECTED = "rejected.jsonl"
+REJECT_DIR = ".rejects"
+
+EncoderFactory = Callable[[EncoderSettings], RecordEncoder]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    first_line: int  # 1-based line number of lines[0]
+    lines: list[str]
+    digest: str
+
+
+@dataclass
+class Summary:
+    samples: int = 0
+    rejected: int = 0
+    chunks_done: int = 0
+    chunks_skipped: int = 0
+
+
+def pretokenize(
+    manifest: str | os.PathLike,
+    output: str | os.PathLike,
+    settings: EncoderSettings,
+    chunk_size: int = 1000,
+    workers: int = 1,
+    encoder_factory: EncoderFactory = RecordEncoder,
+) -> Summary:
+    """Write the shards of ``manifest`` into ``output`` (resuming what an earlier run left)."""
+    manifest, output = Path(manifest), Path(output)
+    if not manifest.is_file():
+        raise InputError(f"manifest {manifest} does not exist: pass a JSONL file, one record per line")
+    if chunk_size < 1 or workers < 1:
+        raise InputError("chunk_size and workers must be at least 1")
+    (output / REJECT_DIR).mkdir(parents=True, exist_ok=True)
+    fingerprint = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    summary = Summary()
+    with tqdm(total=_count_lines(manifest), desc="pre-tokenizing", unit="record") as bar:
+
+        def pending() -> Iterator[Chunk]:
+            for chunk in _chunks(manifest, chunk_size, fingerprint):
+                if _is_done(output / shard_name(chunk.index), chunk.digest):
+                    summary.chunks_skipped += 1
+                    bar.update(len(chunk.lines))
+                else:
+                    yield chunk
+
+        for samples, rejected, lines in _run(pending(), output, settings, workers, encoder_factory):
+            summary.samples += samples
+            summary.rejected += rejected
+            summary.chunks_done += 1
+            bar.update(lines)
+            bar.set_postfix(rejected=summary.rejected)
+    _remove_stale(output, summary.chunks_done + summary.chunks_skipped)
+    _merge_rejects(output)
+    return summary
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def _chunks(manifest: Path, chunk_size: int, fingerprint: str) -> Iterator[Chunk]:
+    with open(manifest, encoding="utf-8", errors="replace") as handle:
+        lines: list[str] = []
+        index = 0
+        for line in handle:
+            lines.append(line)
+            if len(lines) == chunk_size:
+                yield _chunk(index, chunk_size, lines, fingerprint)
+                index, lines = index + 1, []
+        if lines:
+            yield _chunk(index, chunk_size, lines, fingerprint)
+
+
+def _chunk(index: int, chunk_size: int, lines: list[str], fingerprint: str) -> Chunk:
+    digest = hashlib.sha256(("".join(lines) + fingerprint).encode()).hexdigest()
+    return Chunk(index, index * chunk_size + 1, lines, digest)
+
+
+def _is_done(path: Path, digest: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        same = read_shard_metadata(path).get("digest") == digest
+    except Exception:  # an unreadable shard is redone, never trusted
+        same = False
+    if not same:
+        logger.warning("%s was made from other manifest lines or settings: redoing it", path.name)
+    return same
+
+
+def _run(todo: Iterator[Chunk], output: Path, settings: EncoderSettings, workers: int, factory: EncoderFactory):
+    """Yield (samples, rejected, lines) per finished chunk, in-process or over a pool of workers."""
+    if workers == 1:
+        encoder = None
+        for chunk in todo:
+            encoder = encoder or factory(settings)  # built only when a chunk needs work
+            yield encode_chunk(encoder, chunk, output)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(settings, factory)) as pool:
+        yield from pool.imap_unordered(_worker_chunk, ((chunk, output) for chunk in todo))
+
+
+_WORKER_ENCODER: RecordEncoder | None = None
+
+
+def _init_worker(settings: EncoderSettings, factory: EncoderFactory) -> None:
+    global _WORKER_ENCODER
+    import torch
+
+    torch.set_num_threads(1)  # the pool already uses every core
+    _WORKER_ENCODER = factory(settings)
+
+
+def _worker_chunk(job: tuple[Chunk, Path]) -> tuple[int, int, int]:
+    return encode_chunk(_WORKER_ENCODER, *job)
+
+
+def encode_chunk(encoder: RecordEncoder, chunk: Chunk, output: Path) -> tuple[int, int, int]:
+    """Encode one chunk: its rejects file first, then its shard (the shard marks the chunk done)."""
+    samples: list[Sample] = []
+    ids: list[str] = []
+    rejects: list[dict] = []
+    for offset, line in enumerate(chunk.lines):
+        if not line.strip():
+            continue
+        number = chunk.first_line + offset
+        record, reason = _parse(line)
+        if record is not None:
+            try:
+                samples.append(encoder.encode(record))
+                ids.append(str(record.get("id", number)))
+                continue
+            except DimooError as err:
+                reason = str(err)
+            except (OSError, ValueError, RuntimeError) as err:  # a decoder or the VQ model choked on the file
+                reason = f"unreadable: {type(err).__name__}: {err}"
+        rejects.append({"line": number, "id": record.get("id") if record else None, "reason": reason})
+    reject_path = output / REJECT_DIR / f"chunk-{chunk.index:06d}.jsonl"
+    _atomic_write(reject_path, "".join(json.dumps(r) + "\n" for r in rejects))
+    write_shard(output / shard_name(chunk.index), samples, ids, chunk.digest)
+    return len(samples), len(rejects), len(chunk.lines)
+
+
+def _parse(line: str) -> tuple[dict | None, str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON: {err}"
+    if not isinstance(record, dict):
+        return None, "record is not a JSON object"
+    return record, ""
+
+
+def _remove_stale(output: Path, chunks: int) -> None:
+    """Drop shards of chunks past the manifest's end (left by a longer manifest): they would be duplicates."""
+    for path in [*output.glob("shard-*.safetensors"), *(output / REJECT_DIR).glob("chunk-*.jsonl")]:
+        if int(path.name.split("-")[1].split(".")[0]) >= chunks:
+            logger.warning("removing %s: the manifest has only %d chunk(s) now", path.name, chunks)
+            path.unlink()
+
+
+def _merge_rejects(output: Path) -> None:
+    """One ``rejected.jsonl`` in manifest order from the per-chunk files."""
+    parts = sorted((output / REJECT_DIR).glob("chunk-*.jsonl"))
+    text = "".join(part.read_text() for part in parts)
+    _atomic_write(output / REJECTED, text)
+    if text:
+        logger.warning("%d record(s) rejected: see %s", text.count("\n"), output / REJECTED)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

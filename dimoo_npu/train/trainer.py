@@ -1,0 +1,224 @@
+"""The training loop: masked-diffusion fine-tuning over a (pp, dp, tp) mesh, with DCP checkpoints.
+
+One process or many (torchrun): rank, world size and the local device come from the environment
+torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); the collective backend from the device's adapter
+(gloo on CPU, nccl on CUDA, hccl on Ascend). Parameters are fp32 master weights; with ``bf16`` the
+compute runs in bf16 (FSDP2's mixed-precision policy, or autocast in a single process), gradients are
+reduced in fp32, and AdamW updates fp32 weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from dimoo_npu.adapters import resolve_device
+from dimoo_npu.model import DiMOOModel
+from dimoo_npu.ops import resolve_ops
+from dimoo_npu.parallel import ParallelModel, build_mesh, parallelize
+from dimoo_npu.train.checkpoint import Checkpointer, load_hf_weights
+from dimoo_npu.train.config import TrainConfig
+from dimoo_npu.train.data import BatchSource
+from dimoo_npu.train.layout import model_config_of, plan_layout
+from dimoo_npu.train.masking import Objective
+from dimoo_npu.train.metrics import MetricsLog, flops_per_token, measure_peak_flops
+from dimoo_npu.train.schedule import learning_rate
+from dimoo_npu.train.shards import ShardDataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> DistEnv:
+        read = os.environ.get
+        return cls(int(read("RANK", 0)), int(read("WORLD_SIZE", 1)), int(read("LOCAL_RANK", 0)))
+
+
+def build_optimizer(parts: list[torch.nn.Module], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over fp32 parameters; no weight decay on vectors (norm weights), as Megatron does."""
+    params = [p for part in parts for p in part.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.gpt_args.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    g = config.gpt_args
+    return torch.optim.AdamW(groups, lr=g.lr, betas=(g.adam_beta1, g.adam_beta2), eps=g.adam_eps)
+
+
+class Trainer:
+    """Builds everything a run needs from its config (checks first), then `train` runs the steps."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv | None = None):
+        self.config = config
+        self.env = env or DistEnv.from_environment()
+        self.model_config = model_config_of(config)
+        self.dims, self.options = plan_layout(config, self.model_config, self.env.world_size)
+        self.dataset = ShardDataset(config.data.shards)
+        backend, _ = resolve_device(config.device)
+        self.backend, self.device = backend, backend.device(self.env.local_rank)
+        self._init_distributed()
+        self.output = Path(config.output_dir)
+        self.checkpointer = Checkpointer(self.output / "checkpoints", config.keep_checkpoints, self.env.rank)
+        resume_from = self.checkpointer.latest() if config.resume == "auto" else None
+        self.model = self._build_model(load_weights=resume_from is None)
+        self.optimizer = build_optimizer(self.model.parts, config)
+        self.step, self.consumed = 0, 0
+        if resume_from is not None:
+            self._restore(resume_from)
+        special = self.model_config.special_tokens
+        objective = Objective.from_special_tokens(special, config.data.cond_drop_prob)
+        self.batches = BatchSource(
+            self.dataset, objective, config.gpt_args.seed, special["eos"], config.data.seq_length
+        )
+        self.metrics = MetricsLog(self.output / "metrics.jsonl", self.env.rank == 0, self.step)
+        self.peak_flops = self._peak_flops()
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.model.mesh is None else self.model.mesh.get_local_rank("dp")
+
+    def _init_distributed(self) -> None:
+        if self.env.world_size == 1 or dist.is_initialized():
+            return
+        self.backend.set_device(self.env.local_rank)
+        dist.init_process_group(self.backend.dist_backend)
+
+    def _build_model(self, load_weights: bool) -> ParallelModel:
+        """A fresh model (seeded, built whole on every rank) or ``init_from``'s weights (built on meta)."""
+        ops = resolve_ops(self.device.type, self.config.model.ops)
+        mesh = build_mesh(self.dims, self.device.type)
+        if self.config.model.init_from is None:
+            torch.manual_seed(self.config.gpt_args.seed)
+            model = parallelize(DiMOOModel(self.model_config, ops), self.dims, mesh, self.options, self.device)
+        else:
+            with torch.device("meta"):
+                model = DiMOOModel(self.model_config, ops)
+            model = parallelize(model, self.dims, mesh, self.options, self.device)
+            for part in model.parts:
+                part.to_empty(device=self.device)
+            if load_weights:
+                load_hf_weights(model.parts, self.config.model.init_from)
+        return model.train()
+
+    def _restore(self, path: Path) -> None:
+        state = self.checkpointer.load(path, self.model.parts, self.optimizer)
+        self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
+        if state.get("seed") != self.config.gpt_args.seed:
+            logger.warning(
+                "resuming with seed %s, the checkpoint was trained with %s: the data order and masks "
+                "of the remaining steps change",
+                self.config.gpt_args.seed,
+                state.get("seed"),
+            )
+        logger.info("resumed at step %d from %s", self.step, path)
+
+    def _peak_flops(self) -> float:
+        if self.config.peak_tflops:
+            return self.config.peak_tflops * 1e12
+        dtype = torch.bfloat16 if self.config.gpt_args.bf16 else torch.float32
+        return measure_peak_flops(self.device, dtype, self.backend.synchronize)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed,
+            "seed": self.config.gpt_args.seed,
+            "layout": {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp},
+            "init_from": self.config.model.init_from,
+            "run_config": self.config.to_dict(),
+        }
+
+    def save(self) -> Path:
+        return self.checkpointer.save(
+            self.step, self.model.parts, self.optimizer, self.trainer_state(), self.model_config
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics line."""
+        g = self.config.gpt_args
+        start = time.perf_counter()
+        batch = self.batches.batch(self.consumed, g.global_batch_size, self.dp_rank, self.dims.dp)
+        lr = learning_rate(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.model.forward_backward(batch.input_ids, batch.labels, batch.attention_mask)
+        grad_norm = self.model.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        real, computed = self._global_tokens(batch.real_tokens, batch.input_ids.numel())
+        self.backend.synchronize()
+        seconds = time.perf_counter() - start
+        self.step += 1
+        self.consumed += g.global_batch_size
+        achieved = flops_per_token(self.model_config, batch.input_ids.shape[1]) * computed / seconds
+        return {
+            "step": self.step,
+            "loss": float(loss),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": real,
+            "tokens_per_s": real / seconds,
+            "mfu": achieved / (self.peak_flops * self.env.world_size),
+            "step_time_s": seconds,
+        }
+
+    def _global_tokens(self, real: int, computed: int) -> tuple[int, int]:
+        """(real, padded) tokens of the global batch: summed over ranks, each dp group counted once."""
+        if self.env.world_size == 1:
+            return real, computed
+        counts = torch.tensor([real, computed], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts)
+        replicas = self.dims.tp * self.dims.pp
+        return int(counts[0]) // replicas, int(counts[1]) // replicas
+
+    def train(self) -> list[float]:
+        """Run the remaining steps up to ``train_iters``; return this call's losses."""
+        g = self.config.gpt_args
+        losses = []
+        bar = tqdm(total=g.train_iters, initial=self.step, desc="training", unit="step", disable=self.env.rank != 0)
+        while self.step < g.train_iters:
+            record = self.train_step()
+            losses.append(record["loss"])
+            self.metrics.write(record)
+            bar.update()
+            if self.step % g.log_interval == 0:
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
+            if (g.save_interval and self.step % g.save_interval == 0) or self.step == g.train_iters:
+                self.save()
+        bar.close()
+        self.metrics.close()
+        if self.config.plot and self.env.rank == 0:
+            from dimoo_npu.train.plots import plot_curves
+
+            plot_curves(self.output / "metrics.jsonl", self.output / "curves.png")
+        return losses
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_training(config: TrainConfig) -> list[float]:
+    """Train as configured (one process, or one rank of a torchrun job) and return the losses."""
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,72 @@
+"""Shared pieces of the training tests: the tiny CPU run config and synthetic pre-tokenized shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dimoo_npu.train.config import TrainConfig, load_config
+from dimoo_npu.train.shards import Sample, write_shard
+
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny_cpu.yaml"
+
+
+def tiny_special_tokens() -> dict[str, int]:
+    return dict(load_config(TINY_CONFIG).model.config["special_tokens"])
+
+
+def synthetic_sample(generator: torch.Generator, task: str, special: dict[str, int]) -> Sample:
+    """A plausible sequence of the tiny vocabulary: prompt text, then an image (rows + end-of-line) or text answer."""
+    prompt_length = int(torch.randint(6, 12, (), generator=generator))
+    prompt = torch.randint(0, special["newline"], (prompt_length,), generator=generator)
+    if task == "mmu":
+        answer = torch.randint(
+            0, special["newline"], (int(torch.randint(3, 8, (), generator=generator)),), generator=generator
+        )
+        pad = torch.full((10 - len(answer),), special["answer_pad"])
+        body = torch.cat([torch.tensor([special["boa"]]), answer, pad, torch.tensor([special["eoa"]])])
+        marked = torch.zeros(len(body), dtype=torch.bool)
+        marked[1:-1] = True
+        drop = (0, 0)
+    else:
+        rows, cols = 3, int(torch.randint(2, 5, (), generator=generator))
+        codes = torch.randint(0, special["codebook_size"], (rows, cols), generator=generator) + special["image_offset"]
+        grid = torch.cat([codes, torch.full((rows, 1), special["newline"])], dim=1).reshape(-1)
+        body = torch.cat(
+            [torch.tensor([special["boa"], special["boi"]]), grid, torch.tensor([special["eoi"], special["eoa"]])]
+        )
+        marked = torch.zeros(len(body), dtype=torch.bool)
+        marked[2:-2] = torch.cat(
+            [torch.ones(rows, cols, dtype=torch.bool), torch.zeros(rows, 1, dtype=torch.bool)], dim=1
+        ).reshape(-1)
+        drop = (2, prompt_length - 1)
+    loss_mask = torch.cat([torch.zeros(prompt_length, dtype=torch.bool), marked])
+    return Sample(torch.cat([prompt, body]), loss_mask, drop, task)
+
+
+def write_synthetic_shards(folder: Path, count: int = 24, per_shard: int = 10, seed: int = 0) -> Path:
+    """``count`` samples of all four tasks in shards of ``per_shard``."""
+    special = tiny_special_tokens()
+    generator = torch.Generator().manual_seed(seed)
+    tasks = ("t2i", "edit", "inpaint", "mmu")
+    samples = [synthetic_sample(generator, tasks[i % 4], special) for i in range(count)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, start in enumerate(range(0, count, per_shard)):
+        chunk = samples[start : start + per_shard]
+        write_shard(
+            folder / f"shard-{index:06d}.safetensors",
+            chunk,
+            [f"s{start + i}" for i in range(len(chunk))],
+            digest="synthetic",
+        )
+    return folder
+
+
+def tiny_run_config(tmp: Path, *overrides: str) -> TrainConfig:
+    """The tiny CPU config with its shards and output under ``tmp`` (shards written once)."""
+    shards = tmp / "shards"
+    if not shards.is_dir():
+        write_synthetic_shards(shards)
+    base = [f"data.shards={shards}", f"output_dir={tmp / 'run'}", "peak_tflops=1.0"]
+    return load_config(TINY_CONFIG, [*base, *overrides])
