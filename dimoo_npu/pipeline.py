@@ -44,6 +44,14 @@ def check_image_size(width: int, height: int) -> None:
             raise InputError(f"{name} {value} is not a multiple of 16 pixels: use {nearest}")
 
 
+def largest_square(prefix_tokens: int, max_length: int) -> int:
+    """Side in pixels of the largest square image that fits after a prompt of ``prefix_tokens`` (0: none)."""
+    cells = 0
+    while prefix_tokens + 4 + (cells + 1) * (cells + 2) <= max_length:  # BOA BOI rows-with-newline EOI EOA
+        cells += 1
+    return cells * PIXELS_PER_CELL
+
+
 class DiMOOPipeline:
     """A DiMOO model with its text and image tokenizers. ``model`` may be a zero-argument loader (lazy)."""
 
@@ -111,7 +119,10 @@ class DiMOOPipeline:
             sequences.masked_cells(grid, self.tokens),
             self.tokens,
         )
-        return self._checked(request, f"a {width}x{height} image")
+        prefix = max(request.code_start - 2, len(request.uncond))
+        side = largest_square(prefix, self.config.max_sequence_length)
+        hint = f" (the largest square that fits this prompt is {side}x{side})" if side else ""
+        return self._checked(request, f"a {width}x{height} image{hint}")
 
     def prepare_edit(
         self,

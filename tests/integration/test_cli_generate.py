@@ -1,0 +1,309 @@
+"""The generation commands end to end on the tiny fixture checkpoint (random weights: images are noise,
+so shapes, files, metadata and determinism are what is checked), plus one clear error per bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dimoo_npu.cli import main
+from dimoo_npu.outputs import read_png_text
+from dimoo_npu.text_tokenizer import build_word_tokenizer
+
+FAST = ["--device", "cpu", "--timesteps", "2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, checkpoint_dir):
+    """A copy of the fixture checkpoint with a small word-level text tokenizer (the fixture ships none)."""
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-dimoo"
+    shutil.copytree(checkpoint_dir, folder)
+    build_word_tokenizer(["a red cat on a mat", "what is in the picture ?"], folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source(fixture_dir):
+    return str(fixture_dir / "image_96x64.png")
+
+
+@pytest.fixture
+def cli(checkpoint, caplog):
+    """Run ``dimoo`` in-process; returns (exit code, logged text)."""
+
+    def run(*argv: str, with_checkpoint: bool = True) -> tuple[int, str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dimoo"):
+            code = main([*argv, *(["--checkpoint", str(checkpoint)] if with_checkpoint else [])])
+        return code, caplog.text
+
+    return run
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_t2i_batch_metadata_and_determinism(cli, tmp_path):
+    batch = write_jsonl(
+        tmp_path / "batch.jsonl",
+        [
+            {"prompt": "a red cat", "output": "cat.png", "seed": 3},
+            {"prompt": "a mat", "width": 32, "height": 16, "output": "mat.png"},
+            {"prompt": "a red mat", "output": "red_mat.png"},
+        ],
+    )
+    out = tmp_path / "out"
+    code, _ = cli(
+        "t2i",
+        *FAST,
+        "--batch-file",
+        batch,
+        "--output-dir",
+        str(out),
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--seed",
+        "10",
+        "--batch-size",
+        "3",
+        "--cfg-scale",
+        "2.0",
+    )
+    assert code == 0
+    assert Image.open(out / "cat.png").size == (48, 32) and Image.open(out / "mat.png").size == (32, 16)
+    meta = read_png_text(out / "red_mat.png")
+    settings = json.loads(meta["settings"])
+    assert meta["prompt"] == "a red mat" and meta["seed"] == "12" and meta["task"] == "t2i"
+    assert (settings["width"], settings["height"], settings["timesteps"], settings["cfg_scale"]) == (48, 32, 2, 2.0)
+    # the same request alone, with its seed, gives the same image as inside the batch of three
+    code, _ = cli(
+        "t2i",
+        *FAST,
+        "--prompt",
+        "a red mat",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--seed",
+        "12",
+        "--cfg-scale",
+        "2.0",
+        "--output",
+        str(tmp_path / "alone.png"),
+    )
+    assert code == 0 and np.array_equal(pixels(tmp_path / "alone.png"), pixels(out / "red_mat.png"))
+    assert not np.array_equal(pixels(out / "cat.png")[:, :32], pixels(tmp_path / "alone.png")[:, :32])
+
+
+def test_t2i_with_cache(cli, tmp_path):
+    code, _ = cli(
+        "t2i",
+        "--device",
+        "cpu",
+        "--timesteps",
+        "6",
+        "--use-cache",
+        "--refresh-interval",
+        "2",
+        "--prompt",
+        "a cat",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--output",
+        str(tmp_path / "c.png"),
+    )
+    assert code == 0 and json.loads(read_png_text(tmp_path / "c.png")["settings"])["use_cache"] is True
+
+
+def test_edit_every_family(cli, tmp_path, source):
+    types = ["edit_add", "canny_control", "depth_pred", "subject_driven", "image_ref_transfer", "multi_view_left"]
+    rows = [{"edit_type": name, "output": f"{name}.png"} for name in types]
+    rows[-2]["ref_image"] = source
+    batch = write_jsonl(tmp_path / "edits.jsonl", rows)
+    code, _ = cli(
+        "edit",
+        *FAST,
+        "--batch-file",
+        batch,
+        "--image",
+        source,
+        "--prompt",
+        "a red cat",
+        "--image-budget",
+        "64",
+        "--output-dir",
+        str(tmp_path),
+    )
+    assert code == 0
+    for name in types:
+        meta = read_png_text(tmp_path / f"{name}.png")
+        assert Image.open(tmp_path / f"{name}.png").size == (64, 32)  # 96x64 -> closest 64-budget bucket
+        assert json.loads(meta["settings"])["edit_type"] == name and json.loads(meta["settings"])["cfg_img"] == 4.0
+
+
+def test_inpaint_box_and_mask_and_outpaint(cli, tmp_path, source):
+    mask = Image.new("L", (96, 64))
+    mask.paste(255, (0, 0, 32, 32))
+    mask.save(tmp_path / "mask.png")
+    for task, extra in [("inpaint", []), ("inpaint", ["--mask", str(tmp_path / "mask.png")]), ("outpaint", [])]:
+        target = tmp_path / f"{task}{len(extra)}.png"
+        code, _ = cli(task, *FAST, "--image", source, "--prompt", "a cat", "--output", str(target), *extra)
+        assert code == 0 and Image.open(target).size == (96, 64)
+    settings = json.loads(read_png_text(tmp_path / "outpaint0.png")["settings"])
+    assert (settings["mask_h_ratio"], settings["mask_w_ratio"]) == (1.0, 0.2)
+    assert "mask" in json.loads(read_png_text(tmp_path / "inpaint2.png")["settings"])
+
+
+def test_understand(cli, tmp_path, source, capsys):
+    args = ["--device", "cpu", "--gen-length", "8", "--block-length", "4", "--steps", "4", "--image-budget", "64"]
+    batch = write_jsonl(tmp_path / "q.jsonl", [{"question": "what is in the picture ?"}, {"question": "a cat ?"}])
+    answers = tmp_path / "answers.jsonl"
+    code, _ = cli("understand", *args, "--batch-file", batch, "--image", source, "--output", str(answers))
+    assert code == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1] and all(isinstance(row["answer"], str) for row in rows)
+    capsys.readouterr()
+    code, _ = cli("understand", *args, "--image", source, "--question", "what is in the picture ?")
+    assert code == 0 and capsys.readouterr().out == rows[0]["answer"] + "\n"
+
+
+def test_two_ranks_share_the_batch(checkpoint, tmp_path):
+    """Two processes as torchrun starts them (RANK / WORLD_SIZE set, no process group): every request once."""
+    batch = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"cat {i}", "output": f"{i}.png"} for i in range(3)])
+    command = [
+        sys.executable,
+        "-m",
+        "dimoo_npu.cli",
+        "t2i",
+        *FAST,
+        "--checkpoint",
+        str(checkpoint),
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--batch-file",
+        batch,
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    ranks = [
+        subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    logs = [process.communicate(timeout=120)[1] for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], logs
+    assert "2 on rank 0 of 2" in logs[0] and "1 on rank 1 of 2" in logs[1]
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert written == ["0.png", "1.png", "2.png"]
+    assert [read_png_text(tmp_path / "out" / name)["seed"] for name in written] == ["0", "1", "2"]
+
+
+@pytest.fixture(scope="module")
+def broken_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bad") / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return str(path)
+
+
+BAD_INPUTS = {
+    "size not a multiple of 16": (
+        ["t2i", "--prompt", "a cat", "--width", "1000"],
+        "width 1000 is not a multiple of 16 pixels: use 992 or 1008",
+    ),
+    "prompt does not fit": (
+        ["t2i", "--prompt", "cat " * 5000, "--width", "16", "--height", "16"],
+        "but the model takes at most 4096",
+    ),
+    "image does not fit": (
+        ["t2i", "--prompt", "a cat", "--width", "1024", "--height", "1024"],
+        "a 1024x1024 image (the largest square that fits this prompt is 1008x1008) needs",
+    ),
+    "missing image": (["edit", "--image", "nowhere.png", "--prompt", "x"], "image nowhere.png does not exist"),
+    "unreadable image": (["edit", "--image", "{broken}", "--prompt", "x"], "cannot read image"),
+    "mask of the wrong size": (
+        ["inpaint", "--image", "{source}", "--prompt", "x", "--mask", "{small}"],
+        "mask is 32x32 but the image is 96x64",
+    ),
+    "unknown edit type": (
+        ["edit", "--image", "{source}", "--prompt", "x", "--edit-type", "sketch"],
+        "unknown edit type 'sketch'",
+    ),
+    "style transfer without reference": (
+        ["edit", "--image", "{source}", "--edit-type", "image_ref_transfer"],
+        "needs a style reference image",
+    ),
+    "negative guidance": (["t2i", "--prompt", "a cat", "--cfg-scale", "-1"], "guidance scales cannot be negative"),
+    "negative image guidance": (
+        ["edit", "--image", "{source}", "--prompt", "x", "--cfg-img", "-0.5"],
+        "cannot be negative",
+    ),
+    "zero steps": (["t2i", "--prompt", "a cat", "--timesteps", "0"], "at least 1 step"),
+    "zero understanding steps": (
+        ["understand", "--image", "{source}", "--question", "q", "--steps", "0"],
+        "at least 1 step",
+    ),
+    "output exists": (["t2i", "--prompt", "a cat", "--output", "{existing}"], "already exists: pass --overwrite"),
+    "unknown batch field": (["t2i", "--batch-file", "{bad_batch}"], "unknown field(s) colour"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_clear_error(case, cli, tmp_path, source, broken_image, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, it lands here
+    argv, message = BAD_INPUTS[case]
+    Image.new("L", (32, 32)).save(tmp_path / "small.png")
+    (tmp_path / "existing.png").write_bytes(b"keep me")
+    bad_batch = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a cat", "colour": "red"}])
+    names = {
+        "source": source,
+        "broken": broken_image,
+        "small": str(tmp_path / "small.png"),
+        "existing": str(tmp_path / "existing.png"),
+        "bad_batch": bad_batch,
+    }
+    code, log = cli(*[arg.format(**names) for arg in argv], "--device", "cpu")
+    assert code == 2 and message in log, log
+    assert log.count("ERROR") == 1 and "Traceback" not in log
+    assert (tmp_path / "existing.png").read_bytes() == b"keep me"
+
+
+def test_overwrite_replaces_an_existing_output(cli, tmp_path):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"old")
+    code, _ = cli(
+        "t2i", *FAST, "--prompt", "a cat", "--width", "16", "--height", "16", "--output", str(target), "--overwrite"
+    )
+    assert code == 0 and read_png_text(target)["prompt"] == "a cat"
+
+
+def test_unknown_task_and_missing_checkpoint(cli, capsys, checkpoint_dir, source):
+    with pytest.raises(SystemExit):
+        main(["paint", "--prompt", "x"])
+    assert "invalid choice: 'paint'" in capsys.readouterr().err
+    code, log = cli("t2i", "--prompt", "a cat", "--device", "cpu", with_checkpoint=False)
+    assert code == 2 and "no default model is bundled yet: pass --checkpoint PATH" in log
+    code, log = cli(
+        "t2i", "--prompt", "a cat", "--device", "cpu", "--checkpoint", str(checkpoint_dir), with_checkpoint=False
+    )
+    assert code == 2 and "has no text tokenizer" in log
