@@ -131,6 +131,30 @@ def test_gqa_shares_kv_heads_and_causal_mode_reads_the_compressed_mask(fake_torc
         fake_torch_npu.npu_fusion_attention(q, q, q, 4, "BNSD", atten_mask=~compressed, sparse_mode=2)
 
 
+_ROWS, _COLS = torch.arange(5)[:, None], torch.arange(7)[None]  # Sq = 5, Skv = 7: right-down origin shifts by 2
+
+
+@pytest.mark.parametrize(
+    ("sparse_mode", "tockens", "hidden"),
+    [
+        (0, (1, 2), (_COLS - _ROWS > 2) | (_ROWS - _COLS > 1)),  # band around the top-left diagonal
+        (2, (0, 0), _COLS > _ROWS),  # leftUpCausal
+        (3, (0, 0), _COLS > _ROWS + 2),  # rightDownCausal
+        (4, (1, 0), (_COLS - _ROWS - 2 > 0) | (_ROWS + 2 - _COLS > 1)),  # band from the right-down corner
+    ],
+)
+def test_sparse_modes_compute_the_documented_region(fake_torch_npu, sparse_mode, tockens, hidden):
+    q, k, v = _qkv(b=1, n=2, s=5, skv=7)
+    compressed = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+    mask = torch.zeros(5, 7, dtype=torch.bool) if sparse_mode == 0 else compressed
+    pre, nxt = tockens
+    out = fake_torch_npu.npu_fusion_attention(
+        q, k, v, 2, "BNSD", atten_mask=mask, sparse_mode=sparse_mode, pre_tockens=pre, next_tockens=nxt
+    )[0]
+    explicit = fake_torch_npu.npu_fusion_attention(q, k, v, 2, "BNSD", atten_mask=hidden, sparse_mode=1)[0]
+    torch.testing.assert_close(out, explicit)
+
+
 def test_fully_masked_rows_are_nan_unless_invalid_row_computation(fake_torch_npu):
     q, k, v = _qkv()
     mask = torch.zeros(2, 1, 6, 6, dtype=torch.bool)
