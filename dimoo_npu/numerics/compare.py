@@ -25,12 +25,14 @@ class Tolerance:
     min_cosine: float
 
 
-# Judgement calls, set from the unit round-off of each dtype (fp32 2^-24, fp16 2^-11, bf16 2^-8)
-# times the error growth of a few dozen layers; change them per run with --atol/--rtol/--min-cosine.
+# Judgement calls, about 16-20 units of round-off of each dtype relative to the layer's scale (fp32 2^-24,
+# fp16 2^-11, bf16 2^-8). Measured on tiny-dimoo (2 layers), cpu vs cpu-ref, lengths 16-256: fp32 max_rel
+# 2e-6; fp16 up to 3.5e-3 (cosine 0.999999); bf16 up to 2.8e-2 (cosine 0.99992) at the logits. Deeper models
+# accumulate more: calibrate on the real checkpoint and change them per run with --atol/--rtol/--min-cosine.
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
-    "float16": Tolerance(atol=1e-3, rtol=5e-3, min_cosine=0.9995),
-    "bfloat16": Tolerance(atol=1e-2, rtol=2e-2, min_cosine=0.999),
+    "float16": Tolerance(atol=1e-3, rtol=1e-2, min_cosine=0.9999),
+    "bfloat16": Tolerance(atol=1e-2, rtol=6e-2, min_cosine=0.999),
 }
 
 
