@@ -195,23 +195,23 @@ class DiMOOPipeline:
 
     # ---- sampling ----
 
-    def generate_images(
+    def sample_codes(
         self,
         requests: Sequence[sequences.ImagePrompt],
         settings: ImageSettings,
         seeds: Sequence[int],
         batch_size: int = 4,
-    ) -> list[Image.Image]:
-        """Sample every request (grouped by grid, ``batch_size`` at a time) and decode, in request order."""
+    ) -> list[torch.Tensor]:
+        """Sample every request (grouped by grid, ``batch_size`` at a time): (rows, cols) code grids, in order."""
         from dimoo_npu.sampling import sample_image
 
         settings.check()
         if len(seeds) != len(requests):
             raise InputError(f"{len(seeds)} seeds for {len(requests)} requests: give one seed per request")
-        images: list[Image.Image | None] = [None] * len(requests)
+        grids: list[torch.Tensor | None] = [None] * len(requests)
         for chunk in _chunks_by_grid(requests, batch_size):
             batch = [requests[i] for i in chunk]
-            codes = sample_image(
+            ids = sample_image(
                 self.model,
                 [r.prompt.to(self.device) for r in batch],
                 uncond_ids=self._prefixes(batch, "uncond", settings.cfg_scale),
@@ -220,18 +220,31 @@ class DiMOOPipeline:
                 progress=self.progress,
                 **settings.sampler_kwargs(),
             )  # (B, rows*cols) absolute ids
-            grid = batch[0].grid
-            cells = (codes.cpu() - self.tokens["image_offset"]).reshape(len(batch), *grid)  # (B, rows, cols)
-            for index, image in zip(chunk, self.image_tokenizer.decode_images(cells), strict=True):
-                images[index] = image
-        return images  # type: ignore[return-value]
+            codes = (ids.cpu() - self.tokens["image_offset"]).reshape(len(batch), *batch[0].grid)  # (B, rows, cols)
+            for index, grid in zip(chunk, codes, strict=True):
+                grids[index] = grid
+        return grids  # type: ignore[return-value]
+
+    def generate_images(
+        self,
+        requests: Sequence[sequences.ImagePrompt],
+        settings: ImageSettings,
+        seeds: Sequence[int],
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        """`sample_codes`, decoded to images."""
+        codes = self.sample_codes(requests, settings, seeds, batch_size)
+        return [self.image_tokenizer.decode_images(grid[None])[0] for grid in codes]
 
     def _prefixes(self, batch: Sequence[sequences.ImagePrompt], name: str, scale: float) -> list | None:
-        if scale <= 0:
-            return None
+        """The requests' uncond prefixes of one branch; passed even at scale 0 (editing keeps the public
+        code's guidance formula when only one scale is set), refused when a set scale has no branch."""
         prefixes = [getattr(r, name) for r in batch]
         if any(p is None for p in prefixes):
-            raise InputError(f"{name.replace('_', '-')} guidance is set but this task has no such branch: set it to 0")
+            if scale > 0:
+                flag = "--cfg-img" if name == "uncond_image" else "--cfg-scale"
+                raise InputError(f"{flag} is set but this task has no such guidance branch: set it to 0")
+            return None
         return [p.to(self.device) for p in prefixes]
 
     def _generator(self, seed: int) -> torch.Generator:

@@ -123,7 +123,7 @@ def understanding(prompt: Ids, codes: torch.Tensor, gen_length: int, tokens: Map
 
 def cut_answer(ids: Ids, tokens: Mapping[str, int]) -> Ids:
     """Generated answer ids up to (not including) the first EOS, end-of-answer or answer padding."""
-    stops = torch.isin(ids, as_ids([tokens["eos"], tokens["eoa"], tokens.get("answer_pad", tokens["eos"])]))
+    stops = torch.isin(ids, as_ids([tokens["eos"], tokens["eoa"], tokens["answer_pad"]]))
     hits = stops.nonzero()
     return ids[: int(hits[0, 0])] if len(hits) else ids
 

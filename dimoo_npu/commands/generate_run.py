@@ -34,6 +34,8 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     backend, device = resolve_device(name)
     if ":" not in name and device.type != "cpu":
         device = backend.device(local_rank)
+    if device.type != "cpu":
+        backend.set_device(device.index or 0)
     return device
 
 
