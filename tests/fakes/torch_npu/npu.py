@@ -46,7 +46,10 @@ def _parse_visible_devices() -> list[int]:
 
 
 def device_count() -> int:
-    """Visible devices: the list must be strictly ascending (else 0) and is cut at the first id the driver lacks."""
+    """Visible devices: the list must be strictly ascending (else 0) and is cut at the first id the driver lacks.
+
+    Source: Ascend/pytorch torch_npu/npu/__init__.py ``_device_count_ascend_hal`` / ``device_count``.
+    """
     visible = _parse_visible_devices()
     if not visible:
         return 0
@@ -62,11 +65,15 @@ def device_count() -> int:
 
 
 def is_available() -> bool:
+    """Source: Ascend/pytorch torch_npu/npu/__init__.py ``is_available`` (device_count() > 0)."""
     return device_count() > 0
 
 
 def _index(device) -> int:
-    """int, "npu:1", or an object with ``.type``/``.index`` -> index; like ``_get_device_index(optional=True)``."""
+    """int, "npu:1", or an object with ``.type``/``.index`` -> index.
+
+    Source: Ascend/pytorch torch_npu/npu/utils.py ``_get_device_index(device, optional=True)``.
+    """
     if isinstance(device, int):
         return device
     if isinstance(device, str):
@@ -87,7 +94,7 @@ def _require_devices() -> int:
 
 
 def set_device(device) -> None:
-    """No-op for negative indices, as in torch_npu; an index past the visible devices fails."""
+    """No-op for negative indices; an index past the visible devices fails (torch_npu/npu/utils.py set_device)."""
     global _current_device
     index = _index(device)
     if index < 0:
