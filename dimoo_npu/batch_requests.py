@@ -25,6 +25,8 @@ TASK_FIELDS: dict[str, tuple[set[str], set[str]]] = {
     "understand": ({"question", "image", "seed"}, {"question", "image"}),
 }
 PATH_FIELDS = ("image", "ref_image", "mask")
+NUMBER_FIELDS = {"width": int, "height": int, "seed": int, "mask_h_ratio": float, "mask_w_ratio": float}
+ALIASES = {"understand": {"prompt": "question"}}
 
 
 @dataclass
@@ -54,12 +56,14 @@ def read_batch_file(path: str | os.PathLike, task: str) -> list[dict[str, Any]]:
             raise InputError(f"{path}:{number} is not valid JSON ({err.msg}): one JSON object per line") from None
         if not isinstance(item, dict):
             raise InputError(f'{path}:{number} is not a JSON object: write e.g. {{"prompt": "a red cat"}}')
+        item = {ALIASES.get(task, {}).get(key, key): value for key, value in item.items()}
         unknown = sorted(set(item) - allowed)
         if unknown:
             raise InputError(
                 f"{path}:{number} has unknown field(s) {', '.join(unknown)} for {task}: "
                 f"use {', '.join(sorted(allowed))}"
             )
+        check_field_types(item, f"{path}:{number}")
         for key in PATH_FIELDS:
             if item.get(key):
                 item[key] = str(path.parent / item[key])
@@ -67,6 +71,16 @@ def read_batch_file(path: str | os.PathLike, task: str) -> list[dict[str, Any]]:
     if not lines:
         raise InputError(f"batch file {path} has no requests: write one JSON object per line")
     return lines
+
+
+def check_field_types(item: dict[str, Any], where: str) -> None:
+    """Numbers must be JSON numbers (integers where a count is meant); everything else a string."""
+    for key, value in item.items():
+        kind = NUMBER_FIELDS.get(key, str)
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if not ok or isinstance(value, bool):
+            expected = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise InputError(f"{where}: {key} must be {expected}, not {value!r}")
 
 
 def build_requests(task: str, flags: dict[str, Any], batch_file: str | None) -> list[Request]:
@@ -129,5 +143,3 @@ def assign_seeds(requests: list[Request], base_seed: int) -> None:
     for request in requests:
         if request["seed"] is None:
             request.fields["seed"] = base_seed + request.index
-        elif not isinstance(request["seed"], int) or isinstance(request["seed"], bool):
-            raise InputError(f"seed {request['seed']!r} of request {request.index + 1} must be an integer")

@@ -175,7 +175,7 @@ def test_inpaint_box_and_mask_and_outpaint(cli, tmp_path, source):
 
 def test_understand(cli, tmp_path, source, capsys):
     args = ["--device", "cpu", "--gen-length", "8", "--block-length", "4", "--steps", "4", "--image-budget", "64"]
-    batch = write_jsonl(tmp_path / "q.jsonl", [{"question": "what is in the picture ?"}, {"question": "a cat ?"}])
+    batch = write_jsonl(tmp_path / "q.jsonl", [{"question": "what is in the picture ?"}, {"prompt": "a cat ?"}])
     answers = tmp_path / "answers.jsonl"
     code, _ = cli("understand", *args, "--batch-file", batch, "--image", source, "--output", str(answers))
     assert code == 0
@@ -265,6 +265,7 @@ BAD_INPUTS = {
     ),
     "output exists": (["t2i", "--prompt", "a cat", "--output", "{existing}"], "already exists: pass --overwrite"),
     "unknown batch field": (["t2i", "--batch-file", "{bad_batch}"], "unknown field(s) colour"),
+    "batch field of the wrong type": (["t2i", "--batch-file", "{typed_batch}"], "width must be an integer, not 'wide'"),
 }
 
 
@@ -275,12 +276,14 @@ def test_bad_input_gets_one_clear_error(case, cli, tmp_path, source, broken_imag
     Image.new("L", (32, 32)).save(tmp_path / "small.png")
     (tmp_path / "existing.png").write_bytes(b"keep me")
     bad_batch = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a cat", "colour": "red"}])
+    typed_batch = write_jsonl(tmp_path / "typed.jsonl", [{"prompt": "a cat", "width": "wide"}])
     names = {
         "source": source,
         "broken": broken_image,
         "small": str(tmp_path / "small.png"),
         "existing": str(tmp_path / "existing.png"),
         "bad_batch": bad_batch,
+        "typed_batch": typed_batch,
     }
     code, log = cli(*[arg.format(**names) for arg in argv], "--device", "cpu")
     assert code == 2 and message in log, log
