@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -124,11 +125,17 @@ def _is_done(path: Path, digest: str) -> bool:
 
 
 def _run(todo: Iterator[Chunk], output: Path, settings: EncoderSettings, workers: int, factory: EncoderFactory):
-    """Yield (samples, rejected, lines) per finished chunk, in-process or over a pool of workers."""
+    """Yield (samples, rejected, lines) per finished chunk, in-process or over a pool of workers.
+
+    The encoder (or the pool) is only built once a chunk needs work, so a finished run resumes instantly.
+    """
+    first = next(todo, None)
+    if first is None:
+        return
+    todo = itertools.chain([first], todo)
     if workers == 1:
-        encoder = None
+        encoder = factory(settings)
         for chunk in todo:
-            encoder = encoder or factory(settings)  # built only when a chunk needs work
             yield encode_chunk(encoder, chunk, output)
         return
     context = multiprocessing.get_context("spawn")

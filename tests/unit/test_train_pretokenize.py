@@ -1,0 +1,130 @@
+"""Pre-tokenizer: every task's layout, bad records reported and skipped, worker processes, resume without duplicates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.text_tokenizer import build_word_tokenizer, load_text_tokenizer
+from dimoo_npu.train.encode import EncoderSettings
+from dimoo_npu.train.pretokenize import REJECTED, pretokenize
+from dimoo_npu.train.shards import ShardDataset
+from tests.conftest import CHECKPOINT
+
+WORDS = ["a red square on grass", "make it blue", "what color is the square", "it is red", "fill the hole"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A checkpoint folder (fixture config + VQ, a word tokenizer), images and a manifest with bad records."""
+    root = tmp_path_factory.mktemp("pretok")
+    checkpoint = root / "checkpoint"
+    checkpoint.mkdir()
+    shutil.copy(CHECKPOINT / "config.json", checkpoint / "config.json")
+    (checkpoint / "vqvae").symlink_to(CHECKPOINT / "vqvae")
+    build_word_tokenizer(WORDS, checkpoint)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"{name}.png")
+    (root / "broken.png").write_bytes(b"\x89PNG but not really")
+    img = lambda name: str(root / name)  # noqa: E731
+    records = [
+        {"id": "t2i", "task": "t2i", "prompt": WORDS[0], "target_image": img("a.png")},
+        {"id": "edit", "task": "edit", "prompt": WORDS[1], "image": img("a.png"), "target_image": img("b.png")},
+        {"id": "inpaint", "task": "inpaint", "prompt": WORDS[4], "target_image": img("b.png"), "mask_h_ratio": 0.5},
+        {"id": "mmu", "task": "mmu", "prompt": WORDS[2], "image": img("a.png"), "answer": WORDS[3]},
+        {"id": "missing", "task": "t2i", "prompt": WORDS[0], "target_image": img("nowhere.png")},
+        {"id": "broken", "task": "edit", "prompt": WORDS[1], "image": img("broken.png"), "target_image": img("a.png")},
+        {"id": "long", "task": "mmu", "prompt": WORDS[2], "image": img("a.png"), "answer": " ".join(WORDS * 3)},
+        {"id": "odd", "task": "video", "prompt": WORDS[0]},
+    ]
+    lines = [json.dumps(r) for r in records] + ["{this is not json"]
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def settings(workspace) -> EncoderSettings:
+    return EncoderSettings(str(workspace / "checkpoint"), max_length=400, image_budget=None, answer_length=12)
+
+
+@pytest.fixture(scope="module")
+def shards(workspace, settings) -> Path:
+    """Written by two worker processes (spawned: each loads its own tokenizer and VQ model)."""
+    output = workspace / "shards"
+    summary = pretokenize(workspace / "manifest.jsonl", output, settings, chunk_size=3, workers=2)
+    assert (summary.samples, summary.rejected, summary.chunks_done) == (4, 5, 3)
+    return output
+
+
+@pytest.fixture(scope="module")
+def tokenizer(settings):
+    return load_text_tokenizer(settings.checkpoint)
+
+
+def by_id(folder: Path) -> dict:
+    dataset = ShardDataset(folder)
+    ids = [i for shard in dataset.shards for i in shard.ids]
+    assert len(ids) == len(set(ids)), "no record is written twice"
+    return {record_id: dataset[index] for index, record_id in enumerate(ids)}
+
+
+def test_bad_records_are_reported_with_their_reason_and_skipped(shards):
+    rejected = [json.loads(line) for line in (shards / REJECTED).read_text().splitlines()]
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    assert [r["line"] for r in rejected] == [5, 6, 7, 8, 9]
+    assert "missing image" in reasons["missing"] and "cannot read image" in reasons["broken"]
+    assert "too long" in reasons["long"] and "not one of t2i, edit, inpaint, mmu" in reasons["odd"]
+    assert reasons[None].startswith("invalid JSON")
+    assert sorted(by_id(shards)) == ["edit", "inpaint", "mmu", "t2i"]
+
+
+def test_each_task_has_its_layout_answer_mask_and_drop_span(shards, tokenizer):
+    samples, tokens = by_id(shards), DiMOOConfig.from_json(CHECKPOINT).special_tokens
+    decode = lambda ids: tokenizer.decode(ids.tolist())  # noqa: E731
+    grid = 3 * 4  # 48 x 64 pixels
+    t2i = samples["t2i"]
+    assert decode(t2i.tokens[slice(*t2i.drop_span)]) == WORDS[0]
+    assert int(t2i.loss_mask.sum()) == grid and bool((t2i.tokens[t2i.loss_mask] >= tokens["image_offset"]).all())
+    assert t2i.tokens[-1] == tokens["eoa"] and t2i.tokens[t2i.answer_span[0] - 2] == tokens["boa"]
+    edit = samples["edit"]
+    assert int((edit.tokens == tokens["boi"]).sum()) == 2 and int(edit.loss_mask.sum()) == grid
+    assert decode(edit.tokens[slice(*edit.drop_span)]) == WORDS[1]
+    inpaint = samples["inpaint"]
+    assert 0 < int(inpaint.loss_mask.sum()) < grid, "only the centred box is predicted"
+    assert not bool((inpaint.tokens == tokens["mask"]).any()), "shards hold answers in clear; masking is per step"
+    mmu = samples["mmu"]
+    answer = mmu.tokens[mmu.loss_mask]
+    assert mmu.drop_span == (0, 0) and len(answer) == 12
+    assert decode(answer[: len(WORDS[3].split())]) == WORDS[3]
+    assert answer[len(WORDS[3].split())] == tokens["eoa"] and answer[-1] == tokens["answer_pad"]
+
+
+def test_a_rerun_resumes_without_duplicates_and_redoes_changed_chunks(workspace, settings, shards):
+    resumed = workspace / "resumed"
+    shutil.copytree(shards, resumed)
+    (resumed / "shard-000001.safetensors").unlink()  # interrupted before chunk 1 was written
+    (resumed / ".shard-000001.safetensors.tmp-1").write_bytes(b"partial")  # and mid-write of it
+    kept = (resumed / "shard-000000.safetensors").stat().st_mtime_ns
+    summary = pretokenize(workspace / "manifest.jsonl", resumed, settings, chunk_size=3)  # in this process
+    assert (summary.chunks_skipped, summary.chunks_done, summary.samples) == (2, 1, 1)
+    assert (resumed / "shard-000000.safetensors").stat().st_mtime_ns == kept
+    first = by_id(shards)
+    again = by_id(resumed)
+    assert sorted(again) == sorted(first)
+    assert all(torch.equal(again[key].tokens, first[key].tokens) for key in first), "same shards in and out of a pool"
+    assert (resumed / REJECTED).read_text() == (shards / REJECTED).read_text()
+
+    manifest = workspace / "manifest-edited.jsonl"
+    lines = (workspace / "manifest.jsonl").read_text().splitlines()
+    manifest.write_text("\n".join(lines[:-3]) + "\n")  # last chunk dropped, the rest unchanged
+    summary = pretokenize(manifest, resumed, settings, chunk_size=3)
+    assert (summary.chunks_skipped, summary.chunks_done) == (2, 0)
+    assert not (resumed / "shard-000002.safetensors").exists(), "a chunk past the manifest's end is removed"
