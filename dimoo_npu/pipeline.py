@@ -135,6 +135,10 @@ class DiMOOPipeline:
         """Image-to-image; style transfer reads ``image`` then ``reference`` and, as the public code, makes
         an image of the reference's bucket."""
         texts = prompts.edit_prompt(edit_type, prompt)
+        if prompt and texts.user != prompt:
+            logger.warning(
+                "edit type %s uses its fixed instruction %r; the given prompt is not used", edit_type, texts.user
+            )
         if texts.needs_reference and reference is None:
             raise InputError(f"edit type {edit_type} needs a style reference image: pass --ref-image")
         sources = [fit_image(image, image_budget)]
@@ -282,8 +286,8 @@ class DiMOOPipeline:
         self,
         prompts_: str | Sequence[str],
         *,
-        width: int = 1024,
-        height: int = 1024,
+        width: int = 512,
+        height: int = 512,
         settings: ImageSettings | None = None,
         seed: int = 0,
         batch_size: int = 4,

@@ -134,5 +134,6 @@ def check_fits(lengths: Sequence[int], max_length: int, what: str) -> None:
     if longest > max_length:
         raise InputError(
             f"{what} needs {longest} tokens but the model takes at most {max_length} "
-            "(max_sequence_length in config.json): shorten the prompt or use a smaller image / answer length"
+            "(max_sequence_length in config.json): shorten the prompt or use a smaller image / answer length, "
+            "or raise max_sequence_length if the checkpoint was trained on longer sequences"
         )

@@ -54,8 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     _add_image_sampling_arguments(parser, name)
     task = parser.add_argument_group(f"{name} options")
     if name == "t2i":
-        task.add_argument("--width", type=int, default=1024, help="multiple of 16 pixels")
-        task.add_argument("--height", type=int, default=1024, help="multiple of 16 pixels")
+        task.add_argument("--width", type=int, default=512, help="multiple of 16 pixels (default 512)")
+        task.add_argument(
+            "--height",
+            type=int,
+            default=512,
+            help="multiple of 16 pixels; width x height / 256 image "
+            "tokens plus the prompt must fit the model's max_sequence_length",
+        )
     if name == "edit":
         task.add_argument("--edit-type", default="edit", help=f"{', '.join(EDIT_TYPES)} or multi_view_<view>")
         task.add_argument("--ref-image", help="style reference image (image_ref_transfer)")
