@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -52,11 +53,11 @@ class ParallelDims:
         widths = {"n_heads": config.n_heads, "d_model": config.d_model, "mlp_hidden_size": config.mlp_hidden_size}
         for name, width in widths.items():
             if width % self.tp:
-                divisors = [d for d in range(1, config.n_heads + 1) if config.n_heads % d == 0]
+                common = math.gcd(*widths.values())
+                divisors = [d for d in range(1, common + 1) if common % d == 0]
                 raise ConfigError(
                     f"tensor_model_parallel_size {self.tp} does not divide the model's {name} ({width}): "
-                    f"tensor parallelism splits heads and MLP columns evenly; choose tp among {divisors} "
-                    "that also divides d_model and mlp_hidden_size"
+                    f"tensor parallelism splits heads and MLP columns evenly; choose tp among {divisors}"
                 )
 
 
