@@ -310,3 +310,11 @@ def test_unknown_task_and_missing_checkpoint(cli, capsys, checkpoint_dir, source
         "t2i", "--prompt", "a cat", "--device", "cpu", "--checkpoint", str(checkpoint_dir), with_checkpoint=False
     )
     assert code == 2 and "has no text tokenizer" in log
+
+
+def test_answers_file_per_rank():
+    from dimoo_npu.commands.generate import answers_path
+
+    assert answers_path("out/answers.jsonl", 0, 1).name == "answers.jsonl"
+    assert answers_path("out/answers.jsonl", 1, 2).name == "answers.rank1-of-2.jsonl"
+    assert answers_path(None, 0, 2) is None
