@@ -63,10 +63,11 @@ def write_synthetic_shards(folder: Path, count: int = 24, per_shard: int = 10, s
     return folder
 
 
-def tiny_run_config(tmp: Path, *overrides: str) -> TrainConfig:
-    """The tiny CPU config with its shards and output under ``tmp`` (shards written once)."""
-    shards = tmp / "shards"
-    if not shards.is_dir():
-        write_synthetic_shards(shards)
+def tiny_run_config(tmp: Path, *overrides: str, shards: Path | None = None) -> TrainConfig:
+    """The tiny CPU config with its output under ``tmp``; shards from ``shards`` or written once to tmp/shards."""
+    if shards is None:
+        shards = tmp / "shards"
+        if not shards.is_dir():
+            write_synthetic_shards(shards)
     base = [f"data.shards={shards}", f"output_dir={tmp / 'run'}", "peak_tflops=1.0"]
     return load_config(TINY_CONFIG, [*base, *overrides])
