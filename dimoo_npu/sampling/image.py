@@ -105,12 +105,19 @@ def _guidance(cfg_scale: float, cfg_img: float, editing: bool):
     return guide
 
 
-def _forward(model, batch: ImageBatch, positions, cache: MLCache | None, full: bool, recompute, codes):
+def _step_modes(schedule: list[bool]) -> list[str]:
+    """Per step: "cached" (ML-Cache step), "store" (full step that fills the cache for the cached step after it)
+    or "plain" (full step, nothing to keep: only the masked cells' logits are needed)."""
+    after = [*schedule[1:], True]
+    return ["cached" if not now else "plain" if later else "store" for now, later in zip(schedule, after, strict=True)]
+
+
+def _forward(model, batch: ImageBatch, positions, cache: MLCache, mode: str, recompute, codes):
     """Image-code logits (R, K, C) at positions (R, K): directly, or through the ML-Cache."""
-    if cache is None:
+    if mode == "plain":
         return model(batch.seq, batch.real, logits_for=positions, vocab_range=codes).float()
-    cache.begin_step(full)
-    if full:  # every position: the next cached step ranks all of them by max logit
+    cache.begin_step(full=mode == "store")
+    if mode == "store":  # every position: the next cached step ranks all of them by max logit
         cache.store_logits(model(batch.seq, batch.real, cache=cache, vocab_range=codes))
     else:
         ids = batch.seq.gather(1, recompute)  # (R, Kc)
@@ -169,9 +176,9 @@ def sample_image(
     starts = code_starts(rows, code_start, find, "BOA immediately followed by BOI")
     batch = build_image_batch(rows, starts, uncond, tokens, next(model.parameters()).device)
     guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
-    schedule = refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval)
+    modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
     run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
-    run.steps(timesteps, schedule, MLCache() if use_cache else None, 1 - cache_ratio, progress)
+    run.steps(modes, MLCache(), 1 - cache_ratio, progress)
     return batch.cells.to(rows[0].device)
 
 
@@ -185,32 +192,32 @@ class _Run:
         self.offset = tokens["image_offset"]
         self.codes = (self.offset, self.offset + tokens["codebook_size"])
 
-    def steps(self, timesteps: int, schedule: list[bool], cache: MLCache | None, compute_ratio: float, progress):
+    def steps(self, modes: list[str], cache: MLCache, compute_ratio: float, progress: bool) -> None:
         masked = (self.batch.cells == self.mask).sum(dim=1).tolist()  # the one host read of the setup
         if min(masked) == 0:
             raise InputError(
                 f"prompt row {masked.index(0)} has no MASK cell in its image grid, so there is nothing to sample: "
                 "mask the cells to generate"
             )
-        keep = keep_masked_table(masked, timesteps)
+        keep = keep_masked_table(masked, len(modes))
         bounds = masked_upper_bounds(masked, keep)
         device = self.batch.cells.device
         recompute = None
-        for step in tqdm(range(timesteps), desc="image steps", disable=not progress):
+        for step in tqdm(range(len(modes)), desc="image steps", disable=not progress):
             if max(bounds[step]) == 0:
                 break
-            self.step(bounds[step], torch.tensor(keep[step], device=device), cache, schedule[step], recompute)
-            if cache is not None and step + 1 < timesteps and not schedule[step + 1]:
+            self.step(bounds[step], torch.tensor(keep[step], device=device), cache, modes[step], recompute)
+            if step + 1 < len(modes) and modes[step + 1] == "cached":
                 recompute = cache.recompute_positions(self.batch.real, compute_ratio)
 
-    def step(self, bounds: list[int], keep: torch.Tensor, cache, full: bool, recompute) -> None:
+    def step(self, bounds: list[int], keep: torch.Tensor, cache: MLCache, mode: str, recompute) -> None:
         """Sample every masked cell, then re-mask the least confident ones (keep[b] stay masked)."""
         batch, width = self.batch, max(bounds)
         masked = batch.cells == self.mask  # (B, N)
         slots = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # masked cells first
         live = torch.arange(width, device=masked.device) < masked.sum(dim=1, keepdim=True)  # (B, K)
         batch.write_cells()
-        logits = _forward(self.model, batch, batch.positions(slots), cache, full, recompute, self.codes)
+        logits = _forward(self.model, batch, batch.positions(slots), cache, mode, recompute, self.codes)
         guided = self.guide(logits.view(batch.branches, -1, *logits.shape[1:]))  # (B, K, C)
         sampled, score = sample_codes(guided, self.temperature, self.generators, bounds)
         stay = stay_masked(score, live, keep)

@@ -16,17 +16,22 @@ def draw_uniform(
     generators: Generators, counts: list[int], width: int, slots: int, device: torch.device, dtype=torch.float32
 ) -> torch.Tensor:
     """Uniform [0, 1) noise (B, slots, width): row b draws (counts[b], width) from generators[b]; the rest is 0.5."""
-    noise = torch.full((len(counts), slots, width), 0.5, dtype=dtype, device=device)
+    noise = torch.empty((len(counts), slots, width), dtype=dtype, device=device)
     for row, (gen, count) in enumerate(zip(generators, counts, strict=True)):
-        if count:
-            where = gen.device if gen is not None else device
-            noise[row, :count] = torch.rand((count, width), generator=gen, dtype=dtype, device=where).to(device)
+        noise[row, count:].fill_(0.5)
+        if not count:
+            continue
+        if gen is None or gen.device == noise.device:
+            noise[row, :count].uniform_(generator=gen)  # the numbers torch.rand((count, width)) would draw
+        else:  # a CPU generator for a device batch
+            noise[row, :count] = torch.rand((count, width), generator=gen, dtype=dtype, device=gen.device)
     return noise
 
 
-def gumbel(u: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from uniform draws, with the public code's guards against log(0)."""
-    return -torch.log(-torch.log(u + 1e-20) + 1e-20)
+def gumbel_(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from uniform draws, in place, with the public code's guards against log(0):
+    -log(-log(u + 1e-20) + 1e-20)."""
+    return u.add_(1e-20).log_().neg_().add_(1e-20).log_().neg_()
 
 
 def sample_codes(
@@ -41,12 +46,12 @@ def sample_codes(
     if temperature == 0:
         sampled = logits.argmax(dim=-1)
     else:
-        noise = gumbel(draw_uniform(generators, counts, width, slots, logits.device))
-        sampled = (logits / temperature + noise).argmax(dim=-1)
+        noise = gumbel_(draw_uniform(generators, counts, width, slots, logits.device))
+        sampled = noise.add_(logits / temperature).argmax(dim=-1)  # argmax(logits / tau + g)
     probs = torch.softmax(logits, dim=-1)
     score = torch.log(probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-20))  # (B, K)
     if temperature != 0:
-        score = score + temperature * gumbel(draw_uniform(generators, counts, 1, slots, logits.device)[..., 0])
+        score = score + temperature * gumbel_(draw_uniform(generators, counts, 1, slots, logits.device)[..., 0])
     return sampled, score
 
 

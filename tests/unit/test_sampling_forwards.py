@@ -54,15 +54,18 @@ def test_cached_steps_run_only_the_recompute_positions(spy, golden):
         cfg_scale=4.0,
         use_cache=True,
     )
-    schedule = refresh_steps(10, True, 0.3, 5)
+    schedule = refresh_steps(10, True, 0.3, 5)  # full steps 0-3 and 8
     assert len(spy.calls) == 10
-    for full, call in zip(schedule, spy.calls, strict=True):
+    for step, (full, call) in enumerate(zip(schedule, spy.calls, strict=True)):
         assert call["vocab_range"][1] - call["vocab_range"][0] == 8192
-        if full:  # every position: the next recompute set ranks the whole sequence
-            assert call["ids"] == (2, 56) and call["out"] == (2, 56, 8192) and call.get("positions") is None
+        if full and step + 1 < 10 and not schedule[step + 1]:  # fills the cache: logits of every position
+            assert call["ids"] == (2, 56) and call["out"] == (2, 56, 8192) and call.get("logits_for") is None
+        elif full:  # nothing to cache: the masked cells only
+            assert call["ids"] == (2, 56) and call["out"][1] == call["logits_for"].shape[1] <= 28
         else:  # about 10% of 56 positions, at their true rotary positions
             assert call["ids"][0] == 2 and 4 <= call["ids"][1] <= 8
             assert tuple(call["positions"].shape) == call["ids"]
+    assert sum(call["ids"][1] < 56 for call in spy.calls) == schedule.count(False) == 5
 
 
 def test_understanding_asks_for_the_block_only(spy, golden):
