@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -27,6 +28,7 @@ from dimoo_npu.ops import resolve_ops
 from dimoo_npu.sampling import cosine_keep_masked, sample_image
 
 VOCAB = 134548
+write = sys.stdout.write
 
 
 def build_model(args, device: torch.device) -> DiMOOModel:
@@ -43,7 +45,7 @@ def build_model(args, device: torch.device) -> DiMOOModel:
     return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
 
 
-def t2i_prompts(tokens, batch: int, grid: int, prompt_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def t2i_prompts(tokens, batch: int, grid: int, prompt_len: int, device) -> tuple[list, list]:
     """Prompts of mixed lengths (prompt_len - 3*i text tokens) and uncond prefixes of mixed lengths."""
     gen = torch.Generator().manual_seed(1)
     rows = torch.full((grid, grid + 1), tokens["mask"])
@@ -52,8 +54,8 @@ def t2i_prompts(tokens, batch: int, grid: int, prompt_len: int) -> tuple[list[to
     prompts, uncond = [], []
     for i in range(batch):
         text = torch.randint(0, 120000, (prompt_len - 3 * i,), generator=gen).tolist()
-        prompts.append(torch.tensor(text + image))
-        uncond.append(torch.randint(0, 120000, (10 + i,), generator=gen))
+        prompts.append(torch.tensor(text + image, device=device))
+        uncond.append(torch.randint(0, 120000, (10 + i,), generator=gen).to(device))
     return prompts, uncond
 
 
@@ -100,77 +102,65 @@ def timed(backend, fn, repeats: int):
     return statistics.median(times), result
 
 
+def naive_batch(model, prompts, uncond, timesteps: int, cfg_scale: float) -> torch.Tensor:
+    return torch.stack([naive_sample(model, p, u, timesteps, cfg_scale) for p, u in zip(prompts, uncond, strict=True)])
+
+
+def ours(model, prompts, uncond, timesteps: int, cfg_scale: float, temperature: float, use_cache: bool):
+    generators = [torch.Generator(prompts[0].device).manual_seed(i) for i in range(len(prompts))]
+    return sample_image(
+        model,
+        prompts,
+        uncond_ids=uncond,
+        timesteps=timesteps,
+        temperature=temperature,
+        cfg_scale=cfg_scale,
+        use_cache=use_cache,
+        generator=generators,
+    )
+
+
 def batching_table(args, model, backend, device) -> bool:
-    tokens = model.config.special_tokens
-    sys.stdout.write(f"\n## naive vs batched: {args.grid}x{args.grid} grid, {args.timesteps} steps, cfg {args.cfg}\n")
-    sys.stdout.write("| batch | sampler | seconds | images/s | vs naive | greedy output |\n|---|---|---|---|---|---|\n")
+    """Naive vs ours (cache off and on), greedy; returns whether ours without cache equals naive everywhere."""
+    write(
+        f"\n## naive vs batched: {args.grid}x{args.grid} grid, {args.timesteps} steps, cfg {args.cfg}, greedy\n"
+        "| batch | sampler | seconds | images/s | vs naive | greedy output |\n|---|---|---|---|---|---|\n"
+    )
     identical = True
     for batch in args.batches:
-        prompts, uncond = t2i_prompts(tokens, batch, args.grid, args.prompt_len)
-        prompts, uncond = [p.to(device) for p in prompts], [u.to(device) for u in uncond]
-        naive_s, naive_out = timed(
-            backend,
-            lambda: torch.stack(
-                [naive_sample(model, p, u, args.timesteps, args.cfg) for p, u in zip(prompts, uncond, strict=True)]
-            ),
-            1,
+        prompts, uncond = t2i_prompts(model.config.special_tokens, batch, args.grid, args.prompt_len, device)
+        naive_s, naive_out = timed(backend, partial(naive_batch, model, prompts, uncond, args.timesteps, args.cfg), 1)
+        write(
+            f"| {batch} | naive (per prompt, cond+uncond, full vocab) | {naive_s:.2f} | {batch / naive_s:.3f} "
+            "| 1.00x | reference |\n"
         )
-        rows = [("naive (per prompt, cond+uncond, full vocab)", naive_s, "reference")]
         for cache in (False, True):
-            seconds, out = timed(
-                backend,
-                lambda c=cache: sample_image(
-                    model,
-                    prompts,
-                    uncond_ids=uncond,
-                    timesteps=args.timesteps,
-                    temperature=0.0,
-                    cfg_scale=args.cfg,
-                    use_cache=c,
-                ),
-                args.repeats,
-            )
+            run = partial(ours, model, prompts, uncond, args.timesteps, args.cfg, 0.0, cache)
+            seconds, out = timed(backend, run, args.repeats)
             same = torch.equal(out, naive_out)
             identical &= same or cache
-            agree = f"{(out == naive_out).float().mean().item():.1%} of tokens agree (approximation)"
-            rows.append((f"ours, cache {'on' if cache else 'off'}", seconds, "identical" if same else agree))
-        for name, seconds, check in rows:
-            sys.stdout.write(
-                f"| {batch} | {name} | {seconds:.2f} | {batch / seconds:.3f} | {naive_s / seconds:.2f}x | {check} |\n"
+            check = "identical" if same else f"{(out == naive_out).float().mean().item():.1%} of tokens agree"
+            write(
+                f"| {batch} | ours, cache {'on' if cache else 'off'} | {seconds:.2f} | {batch / seconds:.3f} | "
+                f"{naive_s / seconds:.2f}x | {check} |\n"
             )
     return identical
 
 
 def cache_table(args, model, backend, device) -> None:
-    tokens = model.config.special_tokens
     grid, steps = args.cache_grid, args.cache_timesteps
-    sys.stdout.write(
+    write(
         f"\n## ML-Cache: {grid}x{grid} grid ({grid * grid} image tokens), {steps} steps, cfg {args.cfg}, "
-        f"cache_ratio 0.9 warmup 0.3 refresh 5\n"
-    )
-    sys.stdout.write(
+        f"temperature {args.cache_temperature}, cache_ratio 0.9 warmup 0.3 refresh 5\n"
         "| batch | cache off s | cache on s | images/s off | images/s on | speedup |\n|---|---|---|---|---|---|\n"
     )
     for batch in args.cache_batches:
-        prompts, uncond = t2i_prompts(tokens, batch, grid, args.prompt_len)
-        prompts, uncond = [p.to(device) for p in prompts], [u.to(device) for u in uncond]
+        prompts, uncond = t2i_prompts(model.config.special_tokens, batch, grid, args.prompt_len, device)
         seconds = {}
         for cache in (False, True):
-            seconds[cache], _ = timed(
-                backend,
-                lambda c=cache: sample_image(
-                    model,
-                    prompts,
-                    uncond_ids=uncond,
-                    timesteps=steps,
-                    temperature=1.0,
-                    cfg_scale=args.cfg,
-                    use_cache=c,
-                    generator=[torch.Generator(device).manual_seed(i) for i in range(batch)],
-                ),
-                args.repeats,
-            )
-        sys.stdout.write(
+            run = partial(ours, model, prompts, uncond, steps, args.cfg, args.cache_temperature, cache)
+            seconds[cache], _ = timed(backend, run, args.repeats)
+        write(
             f"| {batch} | {seconds[False]:.2f} | {seconds[True]:.2f} | {batch / seconds[False]:.3f} | "
             f"{batch / seconds[True]:.3f} | {seconds[False] / seconds[True]:.2f}x |\n"
         )
@@ -192,6 +182,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache-grid", type=int, default=32, help="grid side of the ML-Cache table (0: skip)")
     parser.add_argument("--cache-timesteps", type=int, default=64)
     parser.add_argument("--cache-batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--cache-temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of our sampler per cell (median)")
     return parser.parse_args(argv)
 
@@ -200,7 +191,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     backend, device = resolve_device(args.device)
     model = build_model(args, device)
-    sys.stdout.write(
+    write(
         f"device {device}, {torch.get_num_threads()} threads, {args.dtype}; model d_model {args.d_model}, "
         f"{args.layers} layers, {args.heads} heads, mlp {model.config.mlp_hidden_size}, vocab {VOCAB}\n"
     )
@@ -208,7 +199,7 @@ def main(argv=None) -> int:
         identical = batching_table(args, model, backend, device)
         if args.cache_grid:
             cache_table(args, model, backend, device)
-    sys.stdout.write(f"\ngreedy output of ours (cache off) identical to naive: {identical}\n")
+    write(f"\ngreedy output of ours (cache off) identical to naive: {identical}\n")
     return 0 if identical else 1
 
 
