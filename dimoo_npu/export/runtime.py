@@ -62,12 +62,12 @@ def read_signature(path: str | os.PathLike) -> TransformerSignature:
 def validate_transformer_onnx(
     path: str | os.PathLike, config: DiMOOConfig, checkpoint: str | os.PathLike = "CHECKPOINT"
 ) -> TransformerSignature:
-    """Raise `CheckpointError` naming the first way the ONNX graph does not fit the checkpoint's config."""
+    """Raise `CheckpointError` naming every way the ONNX graph does not fit the checkpoint's config."""
     signature = read_signature(path)
     fix = REEXPORT_FIX.format(checkpoint=checkpoint)
     problems = _signature_problems(signature, config)
     if problems:
-        raise CheckpointError(f"ONNX file {path} does not match checkpoint {checkpoint}: {problems[0]}; {fix}")
+        raise CheckpointError(f"ONNX file {path} does not match checkpoint {checkpoint}: {'; '.join(problems)}; {fix}")
     return signature
 
 

@@ -111,7 +111,6 @@ class ModelSlot:
 def run_target(
     target: Target,
     slot: ModelSlot,
-    config: DiMOOConfig,
     inputs: tuple[torch.Tensor, torch.Tensor],
     dtype: torch.dtype,
     onnx_file: Path | None = None,
@@ -119,25 +118,39 @@ def run_target(
     """Every block output and the logits of ``target`` on ``inputs`` (fp32 CPU), and a note on how it ran."""
     input_ids, attention_mask = inputs
     if target.runtime == "onnxruntime":
-        return _run_onnxruntime(slot, config, inputs, dtype, onnx_file)
+        return _run_onnxruntime(slot, inputs, onnx_file)
     model = slot.get(target.device, dtype, target.ops)
     device = next(model.parameters()).device
     outputs = run_with_capture(model, input_ids.to(device), attention_mask.to(device))
     return outputs, f"{device.type}, {model.ops.describe()}"
 
 
-def _run_onnxruntime(slot, config, inputs, dtype, onnx_file):
-    from dimoo_npu.export.onnx import export_transformer
-    from dimoo_npu.export.runtime import run_transformer_onnx, validate_transformer_onnx
-
+def check_onnx_plan(
+    targets: list[Target], config: DiMOOConfig, checkpoint: Path, dtype: torch.dtype, onnx_file: Path | None
+) -> None:
+    """Refuse, before anything runs, an onnxruntime plan that cannot work (dtype, a file for another model)."""
+    uses_ort = any(target.runtime == "onnxruntime" for target in targets)
+    if onnx_file is not None and not uses_ort:
+        raise InputError("--onnx is for the onnxruntime backend: add onnxruntime to --backends")
+    if not uses_ort:
+        return
     if dtype != torch.float32:
         raise InputError(f"the onnxruntime backend runs the fp32 graph only; use --dtype float32 (got {dtype})")
     if onnx_file is not None:
-        signature = validate_transformer_onnx(onnx_file, config, slot.checkpoint)
+        from dimoo_npu.export.runtime import validate_transformer_onnx
+
+        signature = validate_transformer_onnx(onnx_file, config, checkpoint)
         if signature.outputs[LOGITS][-1] != config.embedding_size:
             raise InputError(f"{onnx_file} returns part of the vocabulary; `dimoo check` needs full-vocabulary logits")
-        note = f"{onnx_file}" + ("" if signature.block_outputs else " (no per-layer outputs: logits only)")
-        return run_transformer_onnx(onnx_file, *inputs), note
+
+
+def _run_onnxruntime(slot: ModelSlot, inputs, onnx_file: Path | None):
+    from dimoo_npu.export.onnx import export_transformer
+    from dimoo_npu.export.runtime import read_signature, run_transformer_onnx
+
+    if onnx_file is not None:  # validated by check_onnx_plan
+        blocks = read_signature(onnx_file).block_outputs
+        return run_transformer_onnx(onnx_file, *inputs), str(onnx_file) + ("" if blocks else " (logits only)")
     with tempfile.TemporaryDirectory(prefix="dimoo-check-") as folder:
         path = export_transformer(slot.get("cpu", torch.float32, "reference"), Path(folder) / "model.onnx")
         slot.release()  # the session loads its own copy of the weights

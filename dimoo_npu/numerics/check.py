@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import InputError
-from dimoo_npu.numerics.backends import ModelSlot, Target, require_available, run_target
+from dimoo_npu.numerics.backends import ModelSlot, Target, check_onnx_plan, require_available, run_target
 from dimoo_npu.numerics.capture import layer_names
 from dimoo_npu.numerics.compare import (
     DEFAULT_TOLERANCES,
@@ -129,15 +129,16 @@ def run_check(
     config = DiMOOConfig.from_json(folder)
     dtype = dtype_name(dtype)
     require_available(targets)
+    onnx_path = Path(onnx_file) if onnx_file else None
+    check_onnx_plan(targets, config, folder, DTYPES[dtype], onnx_path)
     tolerance = tolerance or DEFAULT_TOLERANCES[dtype]
     inputs = make_check_inputs(config, batch, length, seed)
     names = layer_names(config.n_layers)
-    onnx_path = Path(onnx_file) if onnx_file else None
     slot = ModelSlot(folder)
     report = None
     try:
         for target in tqdm(targets, desc="backends", unit="backend", disable=len(targets) < 3):
-            outputs, note = run_target(target, slot, config, inputs, DTYPES[dtype], onnx_path)
+            outputs, note = run_target(target, slot, inputs, DTYPES[dtype], onnx_path)
             outputs = real_positions(outputs, inputs[1])
             if report is None:
                 reference = outputs
