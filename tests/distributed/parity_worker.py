@@ -48,6 +48,7 @@ SCENARIOS: dict[str, tuple[ParallelDims, ParallelOptions]] = {
     ),
     "dp2_fsdp": (ParallelDims(dp=2), ParallelOptions(microbatches=2)),
     "dp2_ddp": (ParallelDims(dp=2), ParallelOptions(data_parallel="ddp", microbatches=2)),
+    "tp2_sp_bf16": (ParallelDims(tp=2), ParallelOptions(sequence_parallel=True, param_dtype=torch.bfloat16)),
     # four processes
     "tp2_pp2": (ParallelDims(pp=2, tp=2), ParallelOptions(microbatches=2)),
     "tp2_pp2_sp_gpipe": (
@@ -96,7 +97,7 @@ def reference_run() -> dict[str, list[float]]:
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)))
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {"losses": losses, "norms": norms}
 
 
@@ -112,7 +113,8 @@ def parallel_run(dims: ParallelDims, options: ParallelOptions) -> dict[str, list
         norms.append(float(pm.clip_grad_norm(MAX_NORM)))
         optimizer.step()
         optimizer.zero_grad()
-    return {"losses": losses, "norms": norms}
+    dtypes = sorted({str(p.dtype) for part in pm.parts for p in part.parameters()})
+    return {"losses": losses, "norms": norms, "master_dtypes": dtypes}
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Every parallel layout reproduces the plain single-process training loop (gloo, CPU, fp32, tiny model).
 
 Two launches cover all layouts (processes are the slow part): 2 ranks run tp=2 (with and without sequence
-parallel and recompute), pp=2 (1F1B, GPipe, uneven split with selective recompute) and dp=2 (FSDP, DDP);
+parallel and recompute, and bf16 mixed precision), pp=2 (1F1B, GPipe, uneven split with selective recompute)
+and dp=2 (FSDP, DDP);
 4 ranks run tp=2 x pp=2, dp=2 x tp=2 and pp=2 x dp=2. Each layout trains 5 AdamW steps with gradient
 clipping on the same global batches; the loss and the gradient norm of every step must match the reference
 (``masked_diffusion_loss`` on the whole global batch in one process) within 1e-5 relative, on every rank.
@@ -27,6 +28,7 @@ TWO_PROCESS = (
     "pp2_selective_split13",
     "dp2_fsdp",
     "dp2_ddp",
+    "tp2_sp_bf16",
 )
 FOUR_PROCESS = ("tp2_pp2", "tp2_pp2_sp_gpipe", "dp2_tp2", "pp2_dp2")
 RTOL = 1e-5
@@ -48,17 +50,19 @@ def _assert_close(actual: list[float], expected: list[float], what: str, rtol: f
         assert abs(a - e) <= rtol * abs(e), f"{what}, step {step}: {a} vs {e} (rel {abs(a - e) / abs(e):.2e})"
 
 
-def _check_layout(results: list[dict], name: str) -> None:
+def _check_layout(results: list[dict], name: str, rtol: float = RTOL) -> None:
     reference = results[0]["reference"]
     for rank, ranked in enumerate(results):
         for key in ("losses", "norms"):
-            _assert_close(ranked[name][key], reference[key], f"{name} rank {rank} {key}")
+            _assert_close(ranked[name][key], reference[key], f"{name} rank {rank} {key}", rtol)
         assert ranked[name] == results[0][name], f"{name}: rank {rank} reports other values than rank 0"
+        assert ranked[name]["master_dtypes"] == ["torch.float32"], "master weights must stay fp32"
 
 
 @pytest.mark.parametrize("name", TWO_PROCESS)
 def test_two_rank_layout_matches_single_process(two_process, name):
-    _check_layout(two_process, name)
+    # bf16 compute (FSDP mixed precision) vs the fp32 reference: measured 3e-4 (losses), 2.3e-3 (grad norms).
+    _check_layout(two_process, name, rtol=1e-2 if name.endswith("bf16") else RTOL)
 
 
 @pytest.mark.parametrize("name", FOUR_PROCESS)

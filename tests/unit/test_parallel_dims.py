@@ -122,3 +122,17 @@ def test_batch_that_does_not_split_into_microbatches_is_refused():
     wrapped = parallelize(DiMOOModel(_config()), ParallelDims(), None, ParallelOptions(microbatches=3), "cpu")
     with pytest.raises(InputError, match="micro-batches"):
         wrapped.forward_backward(*_batch(rows=4))
+
+
+def test_single_process_bf16_computes_in_bf16_and_keeps_fp32_master_weights():
+    torch.manual_seed(0)
+    model = DiMOOModel(_config())
+    ids, labels = _batch()
+    expected = float(masked_diffusion_loss(model(ids), labels).detach())
+    seen = []
+    model.transformer.blocks["0"].q_proj.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    options = ParallelOptions(param_dtype=torch.bfloat16)
+    loss = float(parallelize(model, ParallelDims(), None, options, torch.device("cpu")).forward_backward(ids, labels))
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert loss != expected and abs(loss - expected) < 1e-2 * expected
