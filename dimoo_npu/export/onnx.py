@@ -46,15 +46,14 @@ _CHATTY_LOGGERS = {
 class TransformerForExport(nn.Module):
     """``(input_ids, attention_mask) -> logits[, block.0, ..., block.n-1]`` around a `DiMOOModel`."""
 
-    def __init__(self, model: DiMOOModel, layer_outputs: bool, vocab_range: tuple[int, int] | None):
+    def __init__(self, model: DiMOOModel, layer_outputs: bool):
         super().__init__()
         self.model = model
         self.layer_outputs = layer_outputs
-        self.vocab_range = vocab_range
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with capture_blocks(self.model) as blocks:
-            logits = self.model(input_ids, attention_mask, vocab_range=self.vocab_range)
+            logits = self.model(input_ids, attention_mask)
         if not self.layer_outputs:
             return (logits,)
         return (logits, *(blocks[block_name(i)] for i in range(len(blocks))))
@@ -100,17 +99,13 @@ def export_transformer(
         raise InputError("ONNX export traces the model on CPU: load it with device='cpu'")
     config = model.config
     _check_vocab_range(vocab_range, config.embedding_size)
-    wrapper = TransformerForExport(model, layer_outputs, vocab_range).eval()
+    wrapper = TransformerForExport(model, layer_outputs).eval()
     outputs = [LOGITS] + ([block_name(i) for i in range(config.n_layers)] if layer_outputs else [])
     batch = torch.export.Dim("batch", min=1)
     length = torch.export.Dim("length", min=2, max=config.max_sequence_length)
     dims = {name: {0: batch, 1: length} for name in INPUT_NAMES}
-    previous_ops = model.ops
-    model.use_ops(resolve_ops("cpu", "reference"))  # plain tensor ops only in the graph
-    try:
+    with _traceable(model, vocab_range):
         program = _export(wrapper, example_transformer_inputs(config), INPUT_NAMES, outputs, dims, opset)
-    finally:
-        model.use_ops(previous_ops)
     lo, hi = vocab_range or (0, config.embedding_size)
     program.model.metadata_props.update(
         {
@@ -139,6 +134,25 @@ def load_vqvae(folder: str | os.PathLike) -> nn.Module:
     return (
         VQModel.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False).eval().requires_grad_(False)
     )
+
+
+@contextmanager
+def _traceable(model: DiMOOModel, vocab_range: tuple[int, int] | None) -> Iterator[None]:
+    """Reference ops (plain tensor ops) and, for a vocab range, only those head rows; restored afterwards.
+
+    Slicing the head here rather than in the graph keeps the other rows out of the file (an 8B head is
+    4096 x 134548: the image codes are 6% of it).
+    """
+    head, previous_ops = model.transformer.ff_out, model.ops
+    full_weight = head.weight
+    model.use_ops(resolve_ops("cpu", "reference"))
+    if vocab_range is not None:
+        head.weight = nn.Parameter(full_weight[vocab_range[0] : vocab_range[1]].clone(), requires_grad=False)
+    try:
+        yield
+    finally:
+        head.weight = full_weight
+        model.use_ops(previous_ops)
 
 
 def export_vq_decoder(

@@ -85,11 +85,13 @@ def test_vq_decoder_matches_torch_within_1e4(exported, shape):
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
 
 
-def test_image_vocab_range_export_returns_only_the_code_logits(tmp_path, tiny_model):
+def test_image_vocab_range_export_returns_only_the_code_logits(tmp_path, tiny_model, exported):
     tokens = tiny_model.config.special_tokens
     lo, hi = tokens["image_offset"], tokens["image_offset"] + tokens["codebook_size"]
     path = export_transformer(tiny_model, tmp_path / "image.onnx", layer_outputs=False, vocab_range=(lo, hi))
     assert read_signature(path).outputs == {"logits": ["batch", "length", hi - lo]}
+    assert path.stat().st_size < 0.6 * exported["transformer"].stat().st_size  # other head rows left out
+    assert tiny_model.transformer.ff_out.weight.shape[0] == tiny_model.config.embedding_size  # head restored
     ids, mask = example_transformer_inputs(tiny_model.config, batch=1, length=7)
     (diff,) = verify_transformer(tiny_model, path, ids, mask)
     assert diff.passed and diff.max_abs <= 1e-4
