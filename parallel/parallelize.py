@@ -67,7 +67,10 @@ class ParallelOptions:
         if self.sequence_parallel and dims.tp == 1:
             raise ConfigError("sequence_parallel needs tensor_model_parallel_size > 1; set it to false for tp=1")
         if self.data_parallel == "ddp" and dims.tp > 1:
-            raise ConfigError("data_parallel 'ddp' does not take tensor-parallel DTensors; use 'fsdp' with tp > 1")
+            raise ConfigError(
+                "data_parallel 'ddp' (use_distributed_optimizer: false) does not take tensor-parallel DTensors; "
+                "use 'fsdp' (use_distributed_optimizer: true) with tp > 1"
+            )
 
 
 def parallelize(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import ConfigError, InputError
@@ -11,6 +14,7 @@ from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.parallel import ParallelDims, ParallelOptions, build_mesh, parallelize
 from dimoo_npu.parallel.pipeline_parallel import split_stage, stage_layer_counts
+from dimoo_npu.parallel.recompute import apply_recompute
 
 
 def _config(**overrides) -> DiMOOConfig:
@@ -81,7 +85,7 @@ def test_split_stage_keeps_only_its_modules():
         (ParallelOptions(microbatches=0), ParallelDims(), "microbatches=0"),
         (ParallelOptions(microbatches=2), ParallelDims(pp=4), "at least as many micro-batches"),
         (ParallelOptions(sequence_parallel=True), ParallelDims(), "needs tensor_model_parallel_size > 1"),
-        (ParallelOptions(data_parallel="ddp"), ParallelDims(dp=2, tp=2), "use 'fsdp' with tp > 1"),
+        (ParallelOptions(data_parallel="ddp"), ParallelDims(dp=2, tp=2), "does not take tensor-parallel DTensors"),
     ],
 )
 def test_invalid_options_are_refused(options, dims, message):
@@ -136,3 +140,32 @@ def test_single_process_bf16_computes_in_bf16_and_keeps_fp32_master_weights():
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert loss != expected and abs(loss - expected) < 1e-2 * expected
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name().split("::")[-1].split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(recompute: str) -> Counter[str]:
+    torch.manual_seed(0)
+    model = apply_recompute(DiMOOModel(_config()), recompute)
+    ids, labels = _batch()
+    loss = masked_diffusion_loss(model(ids), labels)
+    with _OpCounter() as counter:
+        loss.backward()
+    return counter.counts
+
+
+def test_selective_recompute_repeats_elementwise_ops_but_no_matmul_or_attention():
+    plain, full, selective = (_backward_ops(mode) for mode in ("none", "full", "selective"))
+    attention = "_scaled_dot_product_flash_attention_for_cpu"
+    assert plain["silu"] == 0 and plain[attention] == 0
+    assert full["mm"] > plain["mm"] and full[attention] == full["silu"] == 4  # whole blocks again
+    assert selective["mm"] == plain["mm"] and selective[attention] == 0  # matmuls and attention kept
+    assert selective["silu"] == 4  # elementwise work recomputed
