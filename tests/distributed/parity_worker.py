@@ -24,10 +24,11 @@ from dimoo_npu.parallel import ParallelDims, ParallelOptions, build_mesh, parall
 STEPS = 5
 GLOBAL_BATCH, LENGTH = 8, 16
 LR, MAX_NORM = 1e-2, 0.5
-# A special-token table that fits a 512-token vocabulary: text 0..239, specials 240..248, image codes 256..511.
+# A special-token table that fits a 509-token vocabulary: text 0..239, specials 240..248, image codes 253..508.
+# 509 is prime, so the vocabulary-parallel embedding and head are sharded unevenly (as DiMOO's 134548 at tp=8).
 SPECIAL_TOKENS = {
     "newline": 240, "boa": 241, "eoa": 242, "boi": 243, "eoi": 244, "uncondition": 245, "eos": 246,
-    "answer_pad": 247, "mask": 248, "image_offset": 256, "codebook_size": 256, "vocab": 512,
+    "answer_pad": 247, "mask": 248, "image_offset": 253, "codebook_size": 256, "vocab": 509,
 }  # fmt: skip
 MASK_ID = SPECIAL_TOKENS["mask"]
 
@@ -62,7 +63,7 @@ SCENARIOS: dict[str, tuple[ParallelDims, ParallelOptions]] = {
 
 def tiny_config() -> DiMOOConfig:
     return DiMOOConfig(
-        d_model=32, n_layers=4, n_heads=4, mlp_hidden_size=64, embedding_size=512,
+        d_model=32, n_layers=4, n_heads=4, mlp_hidden_size=64, embedding_size=SPECIAL_TOKENS["vocab"],
         rope_theta=10000.0, max_sequence_length=64, special_tokens=SPECIAL_TOKENS,
     )  # fmt: skip
 
