@@ -80,7 +80,7 @@ class TrainConfig:
     data: DataArgs = field(default_factory=DataArgs)
     output_dir: str = "runs/dimoo"
     device: str = "auto"  # auto, cpu, cuda, npu; each rank takes LOCAL_RANK's device
-    resume: str = "auto"  # auto: continue from output_dir's latest checkpoint if any; never: start fresh
+    resume: str = "auto"  # auto: continue from output_dir's latest checkpoint; never: refuse a folder that has one
     pipeline_schedule: str = "1F1B"
     keep_checkpoints: int = 2  # checkpoints kept in output_dir (the newest ones); 0 keeps all
     peak_tflops: float | None = None  # per-device peak for MFU; None: known accelerators, measured on CPU

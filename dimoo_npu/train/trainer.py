@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dimoo_npu.adapters import resolve_device
+from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelModel, build_mesh, parallelize
@@ -60,6 +61,20 @@ def build_optimizer(parts: list[torch.nn.Module], config: TrainConfig) -> torch.
     return torch.optim.AdamW(groups, lr=g.lr, betas=(g.adam_beta1, g.adam_beta2), eps=g.adam_eps)
 
 
+def check_fits(longest: int, seq_length: int | None, model_limit: int) -> None:
+    """Refuse, before training, samples that no batch or the model could take."""
+    if seq_length is not None and longest > seq_length:
+        raise ConfigError(
+            f"the longest pre-tokenized sample has {longest} tokens > data.seq_length {seq_length}: "
+            f"raise seq_length to at least {longest}, or pre-tokenize with --max-length {seq_length}"
+        )
+    if max(longest, seq_length or 0) > model_limit:
+        raise ConfigError(
+            f"sequences of {max(longest, seq_length or 0)} tokens exceed the model's "
+            f"max_sequence_length {model_limit}: pre-tokenize with --max-length {model_limit}"
+        )
+
+
 class Trainer:
     """Builds everything a run needs from its config (checks first), then `train` runs the steps."""
 
@@ -69,12 +84,18 @@ class Trainer:
         self.model_config = model_config_of(config)
         self.dims, self.options = plan_layout(config, self.model_config, self.env.world_size)
         self.dataset = ShardDataset(config.data.shards)
+        check_fits(self.dataset.max_length(), config.data.seq_length, self.model_config.max_sequence_length)
         backend, _ = resolve_device(config.device)
         self.backend, self.device = backend, backend.device(self.env.local_rank)
         self._init_distributed()
         self.output = Path(config.output_dir)
         self.checkpointer = Checkpointer(self.output / "checkpoints", config.keep_checkpoints, self.env.rank)
-        resume_from = self.checkpointer.latest() if config.resume == "auto" else None
+        resume_from = self.checkpointer.latest()
+        if resume_from is not None and config.resume == "never":
+            raise ConfigError(
+                f"{self.output} already holds checkpoints ({resume_from.name}) and resume is 'never': "
+                "choose a new output_dir, or resume=auto to continue that run"
+            )
         self.model = self._build_model(load_weights=resume_from is None)
         self.optimizer = build_optimizer(self.model.parts, config)
         self.step, self.consumed = 0, 0
