@@ -66,6 +66,12 @@ class ParallelOptions:
             )
         if self.sequence_parallel and dims.tp == 1:
             raise ConfigError("sequence_parallel needs tensor_model_parallel_size > 1; set it to false for tp=1")
+        if self.data_parallel == "ddp" and dims.pp > 1 and dims.dp > 1:
+            # Measured with torch 2.13: the pipeline's first-step shape inference breaks DDP's gradient buckets.
+            raise ConfigError(
+                "data_parallel 'ddp' (use_distributed_optimizer: false) is not supported with pipeline parallelism; "
+                "use 'fsdp' (use_distributed_optimizer: true) with pp > 1"
+            )
         if self.data_parallel == "ddp" and dims.tp > 1:
             raise ConfigError(
                 "data_parallel 'ddp' (use_distributed_optimizer: false) does not take tensor-parallel DTensors; "

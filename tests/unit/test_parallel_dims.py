@@ -86,6 +86,7 @@ def test_split_stage_keeps_only_its_modules():
         (ParallelOptions(microbatches=2), ParallelDims(pp=4), "at least as many micro-batches"),
         (ParallelOptions(sequence_parallel=True), ParallelDims(), "needs tensor_model_parallel_size > 1"),
         (ParallelOptions(data_parallel="ddp"), ParallelDims(dp=2, tp=2), "does not take tensor-parallel DTensors"),
+        (ParallelOptions(data_parallel="ddp", microbatches=2), ParallelDims(pp=2, dp=2), "not supported with pipeline"),
     ],
 )
 def test_invalid_options_are_refused(options, dims, message):
