@@ -34,9 +34,12 @@ def exported(tmp_path_factory, tiny_model, checkpoint_dir):
     """Transformer (with block outputs) and VQ decoder exported once per session from the fixture checkpoint."""
     folder = tmp_path_factory.mktemp("onnx")
     vqvae = load_vqvae(checkpoint_dir / "vqvae")
+    with pytest.MonkeyPatch.context() as patch:  # the decoder goes through the > 1 GiB path: weights in a .data file
+        patch.setattr("dimoo_npu.export.onnx.EXTERNAL_DATA_BYTES", 0)
+        vq_decoder = export_vq_decoder(vqvae, folder / "vq_decoder.onnx")
     return {
         "transformer": export_transformer(tiny_model, folder / "transformer.onnx"),
-        "vq_decoder": export_vq_decoder(vqvae, folder / "vq_decoder.onnx"),
+        "vq_decoder": vq_decoder,
         "vqvae": vqvae,
     }
 
@@ -74,6 +77,10 @@ def test_attention_mask_is_part_of_the_graph(exported, tiny_model):
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 4, 4)])
 def test_vq_decoder_matches_torch_within_1e4(exported, shape):
     vqvae = exported["vqvae"]
+    assert sorted(p.name for p in exported["vq_decoder"].parent.glob("vq_decoder*")) == [
+        "vq_decoder.onnx",
+        "vq_decoder.onnx.data",
+    ]  # run below from the external-data layout
     codes = torch.randint(0, vqvae.config.num_vq_embeddings, shape, generator=torch.Generator().manual_seed(3))
     diff = verify_vq_decoder(vqvae, exported["vq_decoder"], codes)
     assert diff.passed and diff.max_abs <= 1e-4, diff
