@@ -34,6 +34,11 @@ class TransformerSignature:
     def block_outputs(self) -> list[str]:
         return [name for name in self.outputs if name.startswith("block.")]
 
+    def vocab_range(self, vocab: int) -> tuple[int, int]:
+        """The head rows the logits cover (all ``vocab`` unless exported with a vocab range)."""
+        lo, hi = self.metadata.get("vocab_range", f"0,{vocab}").split(",")
+        return int(lo), int(hi)
+
 
 def read_signature(path: str | os.PathLike) -> TransformerSignature:
     """Inputs, outputs (name -> dims, symbolic dims as names) and dimoo metadata of an ONNX file."""
@@ -79,7 +84,7 @@ def _signature_problems(signature: TransformerSignature, config: DiMOOConfig) ->
         problems.append(f"it is a {signature.metadata['kind']} graph, not the transformer")
     if LOGITS not in signature.outputs:
         problems.append(f"it has no '{LOGITS}' output (outputs: {list(signature.outputs)[:4]})")
-    lo, hi = (int(v) for v in signature.metadata.get("vocab_range", f"0,{config.embedding_size}").split(","))
+    lo, hi = signature.vocab_range(config.embedding_size)
     width = signature.outputs.get(LOGITS, [None])[-1]
     if LOGITS in signature.outputs and width != hi - lo:
         problems.append(f"logits width {width} != vocabulary {hi - lo} (embedding_size {config.embedding_size})")
@@ -145,8 +150,7 @@ def verify_transformer(
     finally:
         model.use_ops(previous)
     got = run_transformer_onnx(path, input_ids, attention_mask)
-    full = f"0,{expected[LOGITS].shape[-1]}"
-    lo, hi = (int(v) for v in read_signature(path).metadata.get("vocab_range", full).split(","))
+    lo, hi = read_signature(path).vocab_range(expected[LOGITS].shape[-1])
     expected[LOGITS] = expected[LOGITS][..., lo:hi]
     tolerance = _export_tolerance(next(model.parameters()).dtype)
     return [compare_layer(name, expected[name], got[name], tolerance) for name in got]
