@@ -67,3 +67,31 @@ class Backend(ABC):
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
+
+
+class AcceleratorBackend(Backend):
+    """A backend whose torch device module (``torch.cuda``, ``torch.npu``) has the CUDA-style runtime API."""
+
+    @abstractmethod
+    def runtime(self):
+        """The torch device module, imported and ready."""
+
+    def device_count(self) -> int:
+        return self.runtime().device_count()
+
+    def set_device(self, local_rank: int = 0) -> None:
+        self.runtime().set_device(local_rank)
+
+    def synchronize(self) -> None:
+        self.runtime().synchronize()
+
+    def memory_stats(self) -> dict[str, int]:
+        runtime = self.runtime()
+        return {
+            "allocated": runtime.memory_allocated(),
+            "reserved": runtime.memory_reserved(),
+            "peak_allocated": runtime.max_memory_allocated(),
+        }
+
+    def reset_peak_memory(self) -> None:
+        self.runtime().reset_peak_memory_stats()

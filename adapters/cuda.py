@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dimoo_npu.adapters.base import Availability, Backend
+from dimoo_npu.adapters.base import AcceleratorBackend, Availability
 
 
-class CudaBackend(Backend):
+class CudaBackend(AcceleratorBackend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
@@ -28,24 +28,8 @@ class CudaBackend(Backend):
             )
         return Availability(True)
 
-    def device_count(self) -> int:
-        return torch.cuda.device_count()
-
-    def set_device(self, local_rank: int = 0) -> None:
-        torch.cuda.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize()
-
-    def memory_stats(self) -> dict[str, int]:
-        return {
-            "allocated": torch.cuda.memory_allocated(),
-            "reserved": torch.cuda.memory_reserved(),
-            "peak_allocated": torch.cuda.max_memory_allocated(),
-        }
-
-    def reset_peak_memory(self) -> None:
-        torch.cuda.reset_peak_memory_stats()
+    def runtime(self):
+        return torch.cuda
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}

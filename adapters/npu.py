@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from dimoo_npu.adapters.base import Availability, Backend
+from dimoo_npu.adapters.base import AcceleratorBackend, Availability
 
 INSTALL_FIX = "pip install 'dimoo_npu[npu]' (torch-npu==2.13.0 beside the CPU build of torch==2.13.0)"
 CANN_FIX = "install CANN 9.x and run: source /usr/local/Ascend/ascend-toolkit/set_env.sh"
@@ -24,7 +24,7 @@ def import_torch_npu():
     return importlib.import_module("torch_npu")
 
 
-class NpuBackend(Backend):
+class NpuBackend(AcceleratorBackend):
     name = "npu"
     device_type = "npu"
     dist_backend = "hccl"
@@ -45,26 +45,9 @@ class NpuBackend(Backend):
             return Availability(False, "no NPU device is visible", DEVICE_FIX)
         return Availability(True)
 
-    def device_count(self) -> int:
-        import_torch_npu()
-        return torch.npu.device_count()
-
-    def set_device(self, local_rank: int = 0) -> None:
-        import_torch_npu()
-        torch.npu.set_device(local_rank)
-
-    def synchronize(self) -> None:
-        torch.npu.synchronize()
-
-    def memory_stats(self) -> dict[str, int]:
-        return {
-            "allocated": torch.npu.memory_allocated(),
-            "reserved": torch.npu.memory_reserved(),
-            "peak_allocated": torch.npu.max_memory_allocated(),
-        }
-
-    def reset_peak_memory(self) -> None:
-        torch.npu.reset_peak_memory_stats()
+    def runtime(self):
+        import_torch_npu()  # registers torch.npu
+        return torch.npu
 
     def versions(self) -> dict[str, str]:
         torch_npu = import_torch_npu()
