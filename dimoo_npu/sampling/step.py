@@ -47,7 +47,8 @@ def sample_codes(
         sampled = logits.argmax(dim=-1)
     else:
         noise = gumbel_(draw_uniform(generators, counts, width, slots, logits.device))
-        sampled = noise.add_(logits / temperature).argmax(dim=-1)  # argmax(logits / tau + g)
+        scaled = logits if temperature == 1 else logits / temperature  # x / 1 == x: skip a pass over (B, K, V)
+        sampled = noise.add_(scaled).argmax(dim=-1)  # argmax(logits / tau + g)
     probs = torch.softmax(logits, dim=-1)
     score = torch.log(probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-20))  # (B, K)
     if temperature != 0:
