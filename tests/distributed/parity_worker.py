@@ -2,8 +2,9 @@
 
 Launched N times by ``conftest.run_distributed`` (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Every rank
 builds the same model (same seed) and the same global batches; rank 0 also runs the plain single-process loop
-(``masked_diffusion_loss`` on the whole global batch) as the reference. Each rank writes rank{R}.json:
-{"reference": {...} (rank 0), "<scenario>": {"losses": [...], "norms": [...]}}.
+(``masked_diffusion_loss`` on the whole global batch) as the reference. A layout of fewer ranks than the world
+runs on each group of consecutive ranks at once (one launch serves 2- and 4-rank layouts). Each rank writes
+rank{R}.json: {"reference": {...} (rank 0), "<scenario>": {"losses": [...], "norms": [...], "master_dtypes": [...]}}.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.losses import masked_diffusion_loss
@@ -33,7 +35,7 @@ SPECIAL_TOKENS = {
 MASK_ID = SPECIAL_TOKENS["mask"]
 
 SCENARIOS: dict[str, tuple[ParallelDims, ParallelOptions]] = {
-    # two processes
+    # two ranks
     "tp2": (ParallelDims(tp=2), ParallelOptions()),
     "tp2_sp": (ParallelDims(tp=2), ParallelOptions(sequence_parallel=True, microbatches=2)),
     "tp2_sp_full_recompute": (
@@ -50,7 +52,7 @@ SCENARIOS: dict[str, tuple[ParallelDims, ParallelOptions]] = {
     "dp2_fsdp": (ParallelDims(dp=2), ParallelOptions(microbatches=2)),
     "dp2_ddp": (ParallelDims(dp=2), ParallelOptions(data_parallel="ddp", microbatches=2)),
     "tp2_sp_bf16": (ParallelDims(tp=2), ParallelOptions(sequence_parallel=True, param_dtype=torch.bfloat16)),
-    # four processes
+    # four ranks
     "tp2_pp2": (ParallelDims(pp=2, tp=2), ParallelOptions(microbatches=2)),
     "tp2_pp2_sp_gpipe": (
         ParallelDims(pp=2, tp=2),
@@ -102,8 +104,15 @@ def reference_run() -> dict[str, list[float]]:
     return {"losses": losses, "norms": norms}
 
 
-def parallel_run(dims: ParallelDims, options: ParallelOptions) -> dict[str, list[float]]:
-    mesh = build_mesh(dims, "cpu")
+def replica_mesh(dims: ParallelDims) -> tuple[int, DeviceMesh]:
+    """For a layout of fewer ranks than the world: (this rank's replica, its (pp, dp, tp) mesh). Collective."""
+    replicas = dist.get_world_size() // dims.world_size
+    shape = (replicas, dims.pp, dims.dp, dims.tp)
+    full = init_device_mesh("cpu", shape, mesh_dim_names=("replica", "pp", "dp", "tp"))
+    return full.get_local_rank("replica"), full["pp", "dp", "tp"]
+
+
+def parallel_run(dims: ParallelDims, options: ParallelOptions, mesh: DeviceMesh) -> dict[str, list[float]]:
     pm = parallelize(tiny_model(), dims, mesh, options, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for part in pm.parts for p in part.parameters()], lr=LR)
     dp_rank, rows = mesh.get_local_rank("dp"), GLOBAL_BATCH // dims.dp
@@ -127,8 +136,21 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results = {"reference": reference_run()} if rank == 0 else {}
-    for name in args.scenarios:
-        results[name] = parallel_run(*SCENARIOS[name])
+    world = dist.get_world_size()
+    whole = [name for name in args.scenarios if SCENARIOS[name][0].world_size == world]
+    smaller = [name for name in args.scenarios if name not in whole]
+    replicas = max((world // SCENARIOS[name][0].world_size for name in smaller), default=1)
+    for start in range(0, len(smaller), replicas):
+        # Each group of consecutive ranks (a replica) runs another layout of this batch, at the same time.
+        batch = smaller[start : start + replicas]
+        meshes = [replica_mesh(SCENARIOS[name][0]) for name in batch]  # every rank joins every mesh
+        for index, (name, (replica, mesh)) in enumerate(zip(batch, meshes, strict=True)):
+            if replica == index:
+                results[name] = parallel_run(*SCENARIOS[name], mesh)
+        dist.barrier()
+    for name in whole:
+        dims, options = SCENARIOS[name]
+        results[name] = parallel_run(dims, options, build_mesh(dims, "cpu"))
         dist.barrier()
     (args.out / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
