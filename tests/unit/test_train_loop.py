@@ -107,3 +107,12 @@ def test_a_run_refuses_to_overwrite_checkpoints_or_to_start_with_samples_that_ca
         Trainer(tiny_run_config(run_dir, "resume=never"))
     with pytest.raises(ConfigError, match="longest pre-tokenized sample has .* tokens > data.seq_length 8"):
         Trainer(tiny_run_config(tmp_path, "data.seq_length=8"))
+
+
+def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_optimizer_state(reference, tmp_path):
+    _, fp32_losses = reference
+    trainer = Trainer(tiny_run_config(tmp_path, "bf16=true", "train_iters=2"))
+    losses = trainer.train()
+    assert {p.dtype for p in trainer.model.parts[0].parameters()} == {torch.float32}
+    assert {state["exp_avg"].dtype for state in trainer.optimizer.state.values()} == {torch.float32}
+    assert losses != fp32_losses[:2] and losses == pytest.approx(fp32_losses[:2], rel=2e-2)
