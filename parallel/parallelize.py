@@ -84,8 +84,9 @@ def parallelize(
 ) -> ParallelModel:
     """Apply ``dims``/``options`` to ``model`` in place and return the wrapper the trainer drives.
 
-    Every rank passes an identical full model (same seed or same weights; on the meta device it stays there:
-    then ``to_empty`` the parts and load weights). A pipeline rank keeps only its stage's modules.
+    Every rank passes an identical full model (same seed or same weights). A model on the meta device stays
+    there (FSDP and TP only, not DDP): ``to_empty`` the parts, then load weights. A pipeline rank keeps only its
+    stage's modules. Call `DiMOOModel.use_ops` before, not after (TP norms wrap their op).
     """
     dims.validate(model.config, 1 if mesh is None else mesh.size())
     options.validate(dims)
@@ -112,11 +113,11 @@ class ParallelModel:
         self.parts: list[nn.Module] = [part]
         self.dims, self.mesh, self.options, self.device = dims, mesh, options, torch.device(device)
         self._step_loss: StepLoss | None = None
+        self.stage = mesh.get_local_rank("pp") if dims.pp > 1 else 0  # this rank's pipeline stage
         self.schedule = None
         if dims.pp > 1:
-            pp_mesh = mesh["pp"]
             self.schedule = build_schedule(
-                part, pp_mesh.get_local_rank(), dims.pp, self.device, pp_mesh.get_group(),
+                part, self.stage, dims.pp, self.device, mesh["pp"].get_group(),
                 options.pp_schedule, options.microbatches, self._pipeline_loss,
             )  # fmt: skip
         # Without FSDP's mixed-precision policy (one process, or DDP), bf16 compute comes from autocast.
@@ -124,11 +125,11 @@ class ParallelModel:
 
     @property
     def is_first_stage(self) -> bool:
-        return self.schedule is None or self.schedule._stage.is_first
+        return self.stage == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.schedule is None or self.schedule._stage.is_last
+        return self.stage == self.dims.pp - 1
 
     def _group(self, name: str) -> dist.ProcessGroup | None:
         return None if self.mesh is None or getattr(self.dims, name) == 1 else self.mesh[name].get_group()
