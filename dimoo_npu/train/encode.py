@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import InputError
+from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.image_prep import box_cell_mask, fit_image, grid_size, image_cell_mask, load_image
-from dimoo_npu.prompts import SYSTEM_TEXTS, chat_text, uncond_text
+from dimoo_npu.prompts import SYSTEM_TEXTS, UNCONDITION_TEXT, chat_text, uncond_text
 from dimoo_npu.sequences import answer_image, as_ids, code_cells, image_block, insert_before_last
 from dimoo_npu.train.shards import TASKS, Sample
 
@@ -65,6 +65,13 @@ class RecordEncoder:
         self.tokens = DiMOOConfig.from_json(settings.checkpoint).special_tokens
         self.text = load_text_tokenizer(settings.checkpoint)
         self.images = ImageTokenizer.from_pretrained(settings.checkpoint, settings.device)
+        uncondition = self.text.convert_tokens_to_ids(UNCONDITION_TEXT)
+        if uncondition != self.tokens["uncondition"]:
+            raise CheckpointError(
+                f"the text tokenizer maps {UNCONDITION_TEXT} to {uncondition}, the checkpoint's special-token table to "
+                f"{self.tokens['uncondition']}: condition drops would not match the unconditional prompt sampling "
+                "uses; pair the checkpoint with its own tokenizer"
+            )
 
     def encode(self, record: dict[str, Any]) -> Sample:
         task = check_record(record)
@@ -84,7 +91,15 @@ class RecordEncoder:
         conditional = self._ids(chat_text(SYSTEMS[task], user))
         if task == "mmu":
             return conditional, (0, 0)
-        return conditional, user_span(conditional, self._ids(uncond_text(SYSTEMS[task])))
+        unconditional = self._ids(uncond_text(SYSTEMS[task]))
+        start, end = user_span(conditional, unconditional)
+        dropped = torch.cat([conditional[:start], as_ids([self.tokens["uncondition"]]), conditional[end:]])
+        if not torch.equal(dropped, unconditional):  # the tokenizer merged user text into the template
+            raise InputError(
+                "the prompt's user text does not tokenize apart from the template, so a condition drop "
+                "would not give the unconditional prompt: rephrase its first or last word"
+            )
+        return conditional, (start, end)
 
     def _image(self, path: str):
         """An image file cropped to its bucket (PIL)."""
