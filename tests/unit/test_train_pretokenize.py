@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.prompts import uncond_text
 from dimoo_npu.text_tokenizer import build_word_tokenizer, load_text_tokenizer
-from dimoo_npu.train.encode import EncoderSettings
+from dimoo_npu.train.encode import SYSTEMS, EncoderSettings
+from dimoo_npu.train.masking import drop_condition
 from dimoo_npu.train.pretokenize import REJECTED, pretokenize
 from dimoo_npu.train.shards import ShardDataset
 from tests.conftest import CHECKPOINT
@@ -94,6 +96,9 @@ def test_each_task_has_its_layout_answer_mask_and_drop_span(shards, tokenizer):
     assert decode(t2i.tokens[slice(*t2i.drop_span)]) == WORDS[0]
     assert int(t2i.loss_mask.sum()) == grid and bool((t2i.tokens[t2i.loss_mask] >= tokens["image_offset"]).all())
     assert t2i.tokens[-1] == tokens["eoa"] and t2i.tokens[t2i.answer_span[0] - 2] == tokens["boa"]
+    unconditional = tokenizer(uncond_text(SYSTEMS["t2i"])).input_ids
+    dropped = drop_condition(t2i, tokens["uncondition"]).tokens
+    assert dropped[: len(unconditional)].tolist() == unconditional, "a drop gives the prompt CFG sampling uses"
     edit = samples["edit"]
     assert int((edit.tokens == tokens["boi"]).sum()) == 2 and int(edit.loss_mask.sum()) == grid
     assert decode(edit.tokens[slice(*edit.drop_span)]) == WORDS[1]
