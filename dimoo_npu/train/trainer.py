@@ -22,11 +22,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from dimoo_npu.adapters import resolve_device
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import CheckpointError, ConfigError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelModel, build_mesh, parallelize
-from dimoo_npu.train.checkpoint import Checkpointer, load_hf_weights
+from dimoo_npu.train.checkpoint import CONFIG_FILE, Checkpointer, load_hf_weights
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.data import BatchSource
 from dimoo_npu.train.layout import model_config_of, plan_layout
@@ -137,6 +138,12 @@ class Trainer:
         return model.train()
 
     def _restore(self, path: Path) -> None:
+        saved = DiMOOConfig.from_json(path / CONFIG_FILE)
+        if saved.to_hf_dict() != self.model_config.to_hf_dict():
+            raise CheckpointError(
+                f"{path} holds a model with another config ({saved.n_layers} layers, d_model {saved.d_model}) than "
+                "this run's: choose a new output_dir, or restore the model settings it was trained with"
+            )
         state = self.checkpointer.load(path, self.model.parts, self.optimizer)
         self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
         if state.get("seed") != self.config.gpt_args.seed:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dimoo_npu
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.errors import CheckpointError, ConfigError
 from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.train.checkpoint import LATEST, export_hf
 from dimoo_npu.train.trainer import Trainer, run_training
@@ -101,12 +101,16 @@ def test_export_to_hugging_face_layout_and_initialise_from_it(reference, tmp_pat
     assert fine_tune.train()[0] == pytest.approx(float(plain), rel=1e-6)
 
 
-def test_a_run_refuses_to_overwrite_checkpoints_or_to_start_with_samples_that_cannot_fit(reference, tmp_path):
+def test_a_run_refuses_to_overwrite_checkpoints_mismatched_models_and_samples_that_cannot_fit(reference, tmp_path):
     run_dir, _ = reference
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         Trainer(tiny_run_config(run_dir, "resume=never"))
     with pytest.raises(ConfigError, match="longest pre-tokenized sample has .* tokens > data.seq_length 8"):
         Trainer(tiny_run_config(tmp_path, "data.seq_length=8"))
+    wider = tiny_run_config(run_dir)
+    wider.model.config = {**wider.model.config, "d_model": 64}
+    with pytest.raises(CheckpointError, match="holds a model with another config"):
+        Trainer(wider)
 
 
 def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_optimizer_state(reference, tmp_path):
