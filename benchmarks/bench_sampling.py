@@ -186,11 +186,14 @@ def parse_args(argv=None):
     parser.add_argument("--cache-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--cache-temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of our sampler per cell (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     backend, device = resolve_device(args.device)
     model = build_model(args, device)
     write(
