@@ -89,12 +89,14 @@ def build_image_batch(
 
 
 def _guidance(cfg_scale: float, cfg_img: float, editing: bool):
-    """Combine branch logits (branches, B, K, C) -> (B, K, C), in the public code's order of operations."""
+    """Combine branch logits (branches, B, K, C) -> (B, K, C), in the public code's order of operations.
+
+    May overwrite ``logits``: the samplers hand over a fresh tensor."""
 
     def guide(logits: torch.Tensor) -> torch.Tensor:
         cond = logits[0]
-        if not editing:
-            return cond if cfg_scale == 0 else (1 + cfg_scale) * cond - cfg_scale * logits[1]
+        if not editing:  # (1+g)*cond - g*uncond, in place: the branch logits are a fresh tensor
+            return cond if cfg_scale == 0 else cond.mul_(1 + cfg_scale).sub_(logits[1].mul_(cfg_scale))
         out, branch = cond, 1
         if cfg_scale > 0:
             out, branch = out + cfg_scale * (cond - logits[1]), 2
