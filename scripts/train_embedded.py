@@ -1,0 +1,173 @@
+"""Retrain the embedded default model from nothing, in one command (about an hour on 2 CPU cores).
+
+    python scripts/train_embedded.py                      # work in runs/shapes-embedded, install into the package
+    python scripts/train_embedded.py --no-install         # train and evaluate only
+
+Stages: world images -> VQ image tokenizer -> checkpoint skeleton (config with its own special tokens,
+word tokenizer, vqvae/) -> training manifest -> `dimoo pretokenize` -> `dimoo train` (our trainer,
+configs/train/shapes_embedded.yaml) -> `dimoo export-hf` -> `dimoo eval shapes` -> copy into
+dimoo_npu/assets/shapes-dimoo/ with a training report. A rerun reuses finished stages (``--fresh`` starts
+over); everything is seeded, so a rerun on the same machine gives the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = REPO / "configs" / "train" / "shapes_embedded.yaml"
+MAX_ASSET_BYTES = 60 << 20
+logger = logging.getLogger("train_embedded")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(REPO / "runs" / "shapes-embedded"), help="working folder")
+    parser.add_argument("--install-to", default=str(EMBEDDED_CHECKPOINT), help="where the finished model goes")
+    parser.add_argument("--no-install", action="store_true", help="do not copy the result into the package")
+    parser.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every stage")
+    parser.add_argument("--vq-steps", type=int, default=None, help="VQ training steps (default: the config's)")
+    parser.add_argument("--workers", type=int, default=2, help="pretokenize processes")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed on to `dimoo train`")
+    return parser.parse_args(argv)
+
+
+def dimoo(*args: str, threads: int) -> None:
+    """Run one `dimoo` command in a child process (its own progress bars and logs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "dimoo_npu.cli", *args]
+    logger.info("$ dimoo %s", " ".join(args))
+    subprocess.run(command, check=True, env=env, cwd=REPO)
+
+
+def train_vq_stage(folder: Path, steps: int | None, report: dict) -> None:
+    from dimoo_npu.shapes import vq_train
+
+    if (folder / "config.json").is_file():
+        logger.info("VQ: reusing %s", folder)
+        from diffusers import VQModel
+
+        model = VQModel.from_pretrained(str(folder), use_safetensors=True)
+    else:
+        cfg = vq_train.VQTrainConfig(**({"steps": steps} if steps else {}))
+        model, losses = vq_train.train_vq(cfg)
+        vq_train.save_vq(model, folder)
+        report["vq_final_loss"] = losses[-1]
+    report["vq_heldout_psnr_db"] = round(vq_train.reconstruction_psnr(model, vq_train.heldout_images()), 2)
+    logger.info("VQ held-out reconstruction PSNR %.2f dB", report["vq_heldout_psnr_db"])
+
+
+def install(export: Path, target: Path, report: dict) -> None:
+    """Copy the exported checkpoint (plus the report) into the package, replacing the old one atomically."""
+    size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
+    if size > MAX_ASSET_BYTES:
+        raise SystemExit(f"the model is {size / 2**20:.1f} MiB, over the 60 MiB limit for package data")
+    from dimoo_npu.shapes.embedded import GENERATION_DEFAULTS
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copytree(export, staging, dirs_exist_ok=True)
+    config = json.loads((staging / "config.json").read_text())
+    (staging / "config.json").write_text(json.dumps({**config, "generation_defaults": GENERATION_DEFAULTS}, indent=2))
+    (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    retired = target.with_name(f".{target.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+    logger.info("installed %.1f MiB into %s", size / 2**20, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from dimoo_npu.shapes.dataset import write_manifest
+    from dimoo_npu.shapes.embedded import ANSWER_LENGTH, build_skeleton, model_config
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "threads": args.threads}
+    start = time.perf_counter()
+
+    train_vq_stage(work / "vqvae", args.vq_steps, report)
+    report["seconds_vq"] = round(time.perf_counter() - start, 1)
+    config = model_config(
+        codebook_size=int(json.loads((work / "vqvae" / "config.json").read_text())["num_vq_embeddings"])
+    )
+    skeleton = build_skeleton(work / "skeleton", work / "vqvae", config)
+    manifest = work / "data" / "manifest.jsonl"
+    if not manifest.is_file():
+        write_manifest(work / "data")
+    shards = work / "shards"
+    dimoo(
+        "pretokenize",
+        str(manifest),
+        str(shards),
+        "--checkpoint",
+        str(skeleton),
+        "--image-budget",
+        "0",
+        "--answer-length",
+        str(ANSWER_LENGTH),
+        "--max-length",
+        str(config["max_sequence_length"]),
+        "--workers",
+        str(args.workers),
+        threads=1,
+    )
+    report["seconds_data"] = round(time.perf_counter() - start - report["seconds_vq"], 1)
+
+    run = work / "run"
+    dimoo(
+        "train",
+        str(TRAIN_CONFIG),
+        f"output_dir={run}",
+        f"data.shards={shards}",
+        f"model.config={json.dumps(config)}",
+        *args.overrides,
+        threads=args.threads,
+    )
+    export = work / "export"
+    dimoo(
+        "export-hf",
+        str(run / "checkpoints"),
+        str(export),
+        "--dtype",
+        "float32",
+        "--assets-from",
+        str(skeleton),
+        threads=args.threads,
+    )
+    report["seconds_until_export"] = round(time.perf_counter() - start, 1)
+
+    dimoo("eval", "shapes", "--checkpoint", str(export), "--output", str(work / "eval.json"), threads=args.threads)
+    evaluation = json.loads((work / "eval.json").read_text())
+    report["eval"] = {key: evaluation[key] for key in ("t2i", "understanding", "image_settings", "text_settings")}
+    report["seconds_total"] = round(time.perf_counter() - start, 1)
+    (work / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("report: %s", json.dumps(report))
+    if not args.no_install:
+        install(export, Path(args.install_to), report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

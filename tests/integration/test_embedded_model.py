@@ -1,0 +1,45 @@
+"""Smoke of the shipped default model: one picture that matches its prompt, one right answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dimoo_npu.shapes import world
+from dimoo_npu.shapes.detect import detect_object
+from dimoo_npu.shapes.embedded import ANSWER_SETTINGS, EMBEDDED_CHECKPOINT, T2I_SETTINGS
+
+pytestmark = pytest.mark.skipif(
+    not (EMBEDDED_CHECKPOINT / "model.safetensors").is_file(),
+    reason="the embedded model is not installed (run scripts/train_embedded.py)",
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    from dimoo_npu.pipeline import DiMOOPipeline
+
+    return DiMOOPipeline.from_pretrained(EMBEDDED_CHECKPOINT, "cpu")
+
+
+def test_draws_what_the_prompt_asks_for(pipeline):
+    from dimoo_npu.generation_settings import ImageSettings
+
+    obj = world.ShapeObject("circle", "red", "large", 0, 0)
+    (image,) = pipeline.text_to_image(
+        world.canonical_caption(obj), width=128, height=128, settings=ImageSettings(**T2I_SETTINGS)
+    )
+    found = detect_object(np.asarray(image.convert("RGB")))
+    assert found is not None
+    assert (found.shape, found.colour, found.size, found.position) == ("circle", "red", "large", "top left")
+
+
+def test_answers_a_question_about_a_held_out_image(pipeline):
+    from dimoo_npu.generation_settings import TextSettings
+
+    obj = world.split_objects("heldout")[0]
+    image = world.render(world.Scene((obj,)))
+    (answer,) = pipeline.understand(
+        [image], ["what colour is the shape?"], settings=TextSettings(**ANSWER_SETTINGS), image_budget=None
+    )
+    assert answer == obj.colour
