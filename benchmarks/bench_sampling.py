@@ -173,7 +173,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--mlp", type=int, default=0, help="MLP width (default 8/3 d_model)")
     parser.add_argument("--prompt-len", type=int, default=64)
