@@ -7,7 +7,8 @@ asks the head only for the image-code logits it needs. Both are greedy here, so 
 
 Model: random weights, the real vocabulary (134548) and a small body (sizes are options), fp32 by default.
 
-    python benchmarks/bench_sampling.py                      # CPU defaults: a few minutes on 2 idle cores
+    python benchmarks/bench_sampling.py --threads 1          # CPU: about 4 minutes; one thread is steadier on a
+                                                             # shared machine (two stall behind other jobs)
     python benchmarks/bench_sampling.py --device cuda --d-model 2048 --layers 16 --heads 16 --grid 32 \
         --cache-batches 1 4
 """

@@ -81,15 +81,16 @@ def test_inpaint_batch_with_different_masked_counts(tiny_model, tok):
     assert torch.equal(batched[fixed], cells[fixed]), "given cells are kept"
 
 
-def test_editing_batch_equals_each_alone(tiny_model, tok):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_editing_batch_equals_each_alone(tiny_model, tok, use_cache):
     prompts, uncond_text, uncond_image = [], [], []
     for i, (n, m) in enumerate(LENGTHS):
         question, source = text(n, i), source_image(tok, i)
         instruction = ids(question[:-1], source, question[-1:])
-        prompts.append(t2i_prompt(tok, instruction, h=3, w=3))
+        prompts.append(t2i_prompt(tok, instruction, h=4, w=4))
         uncond_text.append(ids(text(m, 20 + i), source, [7]))
         uncond_image.append(question)
-    kwargs = dict(timesteps=6, temperature=0.0, cfg_scale=2.5, cfg_img=1.5)
+    kwargs = dict(timesteps=10, temperature=0.0, cfg_scale=2.5, cfg_img=1.5, use_cache=use_cache)
     batched = sample_image(tiny_model, prompts, uncond_ids=uncond_text, uncond_image_ids=uncond_image, **kwargs)
     for row, p, ut, ui in zip(batched, prompts, uncond_text, uncond_image, strict=True):
         assert torch.equal(row, sample_image(tiny_model, [p], uncond_ids=[ut], uncond_image_ids=[ui], **kwargs)[0])
