@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from dimoo_npu.commands import emit
+
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     from dimoo_npu.numerics.backends import TARGETS
@@ -48,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         onnx_file=args.onnx,
     )
-    print(format_table(report))
+    emit(format_table(report))
     if args.json:
-        print(f"wrote {write_json(report, args.json)}")
+        emit(f"wrote {write_json(report, args.json)}")
     if args.plot:
-        print(f"wrote {write_plot(report, args.plot)}")
+        emit(f"wrote {write_plot(report, args.plot)}")
     return 0 if report.passed else 1

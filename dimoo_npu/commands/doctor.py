@@ -12,6 +12,8 @@ import os
 import platform
 from pathlib import Path
 
+from dimoo_npu.commands import emit
+
 ENV_VARS = ("DIMOO_DEVICE", "DIMOO_OPS", "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ASCEND_HOME_PATH")
 PACKAGES = ("torch", "torch_npu", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers", "safetensors")
 # Where CANN installs put ascend_<component>_install.info (torch_npu's collect_env reads the same files).
@@ -27,14 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.errors import InputError
 
     findings = collect()
-    print(format_findings(findings))
+    emit(format_findings(findings))
     if args.json:
         import json
 
         from dimoo_npu.numerics.report import write_atomically
 
         write_atomically(Path(args.json), lambda tmp: tmp.write_text(json.dumps(findings, indent=2)))
-        print(f"wrote {args.json}")
+        emit(f"wrote {args.json}")
     if args.require:
         if args.require not in findings["backends"]:
             raise InputError(f"--require {args.require!r}: choose one of {', '.join(findings['backends'])}")

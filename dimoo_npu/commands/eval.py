@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from dimoo_npu.commands import emit
+
 SUITES = ("shapes",)
 
 
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if "mmu" in tasks:
         score = evaluate_understanding(answer, objects, batch_size=args.batch_size, seed=args.seed)
         report["understanding"], failures["understanding"] = score.as_dict(), score.failures
-    print(json.dumps(report, indent=2))
+    emit(json.dumps(report, indent=2))
     if args.output:
         Path(args.output).write_text(json.dumps({**report, "failures": failures}, indent=2) + "\n")
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dimoo_npu.commands import emit
+
 PARTS = ("transformer", "vq-decoder")
 EXPORT_DTYPES = (
     "float32",
@@ -64,7 +66,7 @@ def _export_transformer(args: argparse.Namespace, path: Path) -> bool:
         opset=args.opset,
         overwrite=args.overwrite,
     )
-    print(f"wrote {path}\n  ops: {_op_types(path)}")
+    emit(f"wrote {path}\n  ops: {_op_types(path)}")
     if args.no_verify:
         return True
     inputs = example_transformer_inputs(model.config, batch=3, length=11, seed=1)  # not the traced shape
@@ -79,7 +81,7 @@ def _export_vq_decoder(args: argparse.Namespace, path: Path) -> bool:
 
     vqvae = load_vqvae(Path(args.checkpoint) / "vqvae")
     export_vq_decoder(vqvae, path, opset=args.opset, overwrite=args.overwrite)
-    print(f"wrote {path}\n  ops: {_op_types(path)}")
+    emit(f"wrote {path}\n  ops: {_op_types(path)}")
     if args.no_verify:
         return True
     codes = torch.randint(0, vqvae.config.num_vq_embeddings, (2, 3, 5), generator=torch.Generator().manual_seed(1))
@@ -90,7 +92,7 @@ def _report(diffs: list, shape: str) -> bool:
     worst = max(diffs, key=lambda diff: diff.max_abs)
     failed = [diff.layer for diff in diffs if not diff.passed]
     verdict = f"FAIL at {', '.join(failed)}" if failed else "ok"
-    print(f"  onnxruntime vs torch on {shape}: max abs {worst.max_abs:.3e} ({worst.layer}): {verdict}")
+    emit(f"  onnxruntime vs torch on {shape}: max abs {worst.max_abs:.3e} ({worst.layer}): {verdict}")
     return not failed
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import dimoo_npu
 from dimoo_npu.batch_requests import Request
+from dimoo_npu.commands import emit
 from dimoo_npu.commands.generate import BOXES, DTYPES, answers_path, text_settings, write_answers
 from dimoo_npu.generation_settings import ImageSettings
 from dimoo_npu.image_prep import load_image
@@ -149,7 +150,7 @@ def run_understanding(args: argparse.Namespace, requests: list[Request], share: 
             answers += pipeline.answer(prepared[chunk], settings, [r["seed"] for r in requests[chunk]], args.batch_size)
             progress.update(len(prepared[chunk]))
     if path is None and not args.batch_file:
-        print(answers[0])
+        emit(answers[0])
         return 0
     rows = [
         {"index": r.index, "image": r["image"], "question": r["question"], "seed": r["seed"], "answer": answer}
