@@ -27,7 +27,7 @@ T2I_SETTINGS = {"timesteps": 16, "temperature": 0.0, "cfg_scale": 0.0}
 ANSWER_SETTINGS = {"gen_length": ANSWER_LENGTH, "block_length": ANSWER_LENGTH, "steps": ANSWER_LENGTH}
 # Written into the shipped config.json: what the CLI should default to for this model (its public
 # defaults, 1024 x 1024 images and 1024-token answers, do not fit a 256-token model).
-GENERATION_DEFAULTS = {"width": 128, "height": 128, "image_budget": 0, **T2I_SETTINGS, **ANSWER_SETTINGS}
+GENERATION_DEFAULTS = {"width": 128, "height": 128, "image_budget": 128, **T2I_SETTINGS, **ANSWER_SETTINGS}
 
 
 def special_tokens(codebook_size: int) -> dict[str, int]:
