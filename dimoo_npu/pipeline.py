@@ -8,10 +8,12 @@ own seeded generator, so an image does not depend on what else is in its batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,11 +29,28 @@ logger = logging.getLogger(__name__)
 
 
 def default_checkpoint() -> Path:
-    """The checkpoint used when none is named. No default model is bundled yet: until then, name one."""
-    raise ConfigError(
-        "no checkpoint given and no default model is bundled yet: pass --checkpoint PATH "
-        "(a DiMOO checkpoint folder with config.json, safetensors weights, tokenizer and vqvae/)"
-    )
+    """The checkpoint used when none is named: the small shapes-world model that ships in the package."""
+    from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+
+    if not (EMBEDDED_CHECKPOINT / "config.json").is_file():
+        raise ConfigError(
+            f"no checkpoint given and the bundled model is missing from {EMBEDDED_CHECKPOINT}: pass --checkpoint PATH "
+            "(a DiMOO checkpoint folder with config.json, safetensors weights, tokenizer and vqvae/), or rebuild it "
+            "with `python scripts/train_embedded.py`"
+        )
+    return EMBEDDED_CHECKPOINT
+
+
+def generation_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Sampling defaults a checkpoint asks for (config.json ``generation_defaults``); empty when it names none.
+
+    A small model cannot take the public defaults (1024 x 1024 images, 1024-token answers), so it says its own.
+    """
+    path = Path(checkpoint) / "config.json"
+    try:
+        return dict(json.loads(path.read_text()).get("generation_defaults") or {})
+    except (OSError, json.JSONDecodeError):
+        return {}  # load_model reports an unreadable config with the fix
 
 
 def check_image_size(width: int, height: int) -> None:

@@ -34,9 +34,33 @@ GUIDANCE = {"t2i": (4.0, 0.0), "edit": (2.5, 4.0), "inpaint": (4.0, 0.0), "outpa
 BOXES = {"inpaint": (0.5, 0.5), "outpaint": (1.0, 0.2)}
 
 
+class CheckpointDefault:
+    """A flag's built-in default, which the checkpoint's ``generation_defaults`` replace when the user gives none."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags the user left out: the checkpoint's ``generation_defaults``, else the built-in default."""
+    from dimoo_npu.pipeline import default_checkpoint, generation_defaults
+
+    args.checkpoint = str(args.checkpoint or default_checkpoint())
+    tuned = generation_defaults(args.checkpoint)
+    for key, value in vars(args).items():
+        if isinstance(value, CheckpointDefault):
+            setattr(args, key, tuned.get(key, value.value))
+
+
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common = parser.add_argument_group("model and run")
-    common.add_argument("--checkpoint", help="DiMOO checkpoint folder (config.json, weights, tokenizer, vqvae/)")
+    common.add_argument(
+        "--checkpoint",
+        help="DiMOO checkpoint folder (config.json, weights, tokenizer, vqvae/); default: the bundled one",
+    )
     common.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (auto: npu, then cuda, then cpu)")
     common.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto: fp32 on CPU, bf16 otherwise")
     common.add_argument("--seed", type=int, default=0, help="request i uses seed + i (a batch line may set its own)")
@@ -48,17 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         _add_understand_arguments(parser)
         return
     common.add_argument("--prompt", help="text prompt")
-    common.add_argument("--output", help="output PNG (one request only)")
+    common.add_argument("--output", "--out", help="output PNG (one request only)")
     common.add_argument("--output-dir", default=".", help="folder for outputs named by the batch file or by index")
     common.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     _add_image_sampling_arguments(parser, name)
     task = parser.add_argument_group(f"{name} options")
     if name == "t2i":
-        task.add_argument("--width", type=int, default=512, help="multiple of 16 pixels (default 512)")
+        task.add_argument(
+            "--width", type=int, default=CheckpointDefault(512), help="multiple of 16 pixels (default 512)"
+        )
         task.add_argument(
             "--height",
             type=int,
-            default=512,
+            default=CheckpointDefault(512),
             help="multiple of 16 pixels; width x height / 256 image "
             "tokens plus the prompt must fit the model's max_sequence_length",
         )
@@ -76,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         task.add_argument(
             "--image-budget",
             type=int,
-            default=budget,
+            default=CheckpointDefault(budget),
             help="crop inputs to the closest aspect bucket of about N x N pixels (multiple of 32); "
             + ("default 512" if budget else "default: keep the size, cropped to multiples of 16"),
         )
@@ -85,9 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def _add_image_sampling_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     cfg_scale, cfg_img = GUIDANCE[name]
     group = parser.add_argument_group("sampling")
-    group.add_argument("--timesteps", type=int, default=64, help="sampling steps")
-    group.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    group.add_argument("--cfg-scale", type=float, default=cfg_scale, help="text guidance scale (0 = off)")
+    group.add_argument("--timesteps", type=int, default=CheckpointDefault(64), help="sampling steps")
+    group.add_argument("--temperature", type=float, default=CheckpointDefault(1.0), help="0 = greedy")
+    group.add_argument(
+        "--cfg-scale", type=float, default=CheckpointDefault(cfg_scale), help="text guidance scale (0 = off)"
+    )
     if name == "edit":
         group.add_argument("--cfg-img", type=float, default=cfg_img, help="image guidance scale (0 = off)")
     group.add_argument("--use-cache", action="store_true", help="ML-Cache: reuse confident positions between steps")
@@ -99,20 +127,28 @@ def _add_image_sampling_arguments(parser: argparse.ArgumentParser, name: str) ->
 def _add_understand_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("understanding")
     group.add_argument("--question", "--prompt", dest="question", help="question about the image")
-    group.add_argument("--output", help="write answers as JSON lines here (default: print them)")
+    group.add_argument("--output", "--out", help="write answers as JSON lines here (default: print them)")
     group.add_argument("--overwrite", action="store_true", help="replace an --output that already exists")
-    group.add_argument("--gen-length", type=int, default=1024, help="answer tokens (stops early at EOS)")
-    group.add_argument("--block-length", type=int, default=256, help="answer block length")
-    group.add_argument("--steps", type=int, default=128, help="sampling steps over the whole answer")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--cfg-scale", type=float, default=0.0, help="guidance scale (0 = off)")
-    group.add_argument("--image-budget", type=int, default=512, help="crop the image to a bucket of about N x N pixels")
+    group.add_argument(
+        "--gen-length", type=int, default=CheckpointDefault(1024), help="answer tokens (stops early at EOS)"
+    )
+    group.add_argument("--block-length", type=int, default=CheckpointDefault(256), help="answer block length")
+    group.add_argument("--steps", type=int, default=CheckpointDefault(128), help="sampling steps over the whole answer")
+    group.add_argument("--temperature", type=float, default=CheckpointDefault(0.0), help="0 = greedy")
+    group.add_argument("--cfg-scale", type=float, default=CheckpointDefault(0.0), help="guidance scale (0 = off)")
+    group.add_argument(
+        "--image-budget",
+        type=int,
+        default=CheckpointDefault(512),
+        help="crop the image to a bucket of about N x N pixels",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from dimoo_npu.commands.generate_run import run_images, run_understanding
 
     task = args.command
+    resolve_defaults(args)
     flags = {key: value for key, value in vars(args).items() if key not in ("seed", "output")}
     requests = build_requests(task, flags, args.batch_file)
     assign_seeds(requests, args.seed)

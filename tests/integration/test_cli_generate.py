@@ -300,12 +300,13 @@ def test_overwrite_replaces_an_existing_output(cli, tmp_path):
     assert code == 0 and read_png_text(target)["prompt"] == "a cat"
 
 
-def test_unknown_task_and_missing_checkpoint(cli, capsys, checkpoint_dir, source):
+def test_unknown_task_and_missing_checkpoint(cli, capsys, checkpoint_dir, source, monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         main(["paint", "--prompt", "x"])
     assert "invalid choice: 'paint'" in capsys.readouterr().err
+    monkeypatch.setattr("dimoo_npu.shapes.embedded.EMBEDDED_CHECKPOINT", tmp_path / "not-installed")
     code, log = cli("t2i", "--prompt", "a cat", "--device", "cpu", with_checkpoint=False)
-    assert code == 2 and "no default model is bundled yet: pass --checkpoint PATH" in log
+    assert code == 2 and "the bundled model is missing" in log and "pass --checkpoint PATH" in log
     code, log = cli(
         "t2i", "--prompt", "a cat", "--device", "cpu", "--checkpoint", str(checkpoint_dir), with_checkpoint=False
     )

@@ -43,3 +43,19 @@ def test_answers_a_question_about_a_held_out_image(pipeline):
         [image], ["what colour is the shape?"], settings=TextSettings(**ANSWER_SETTINGS), image_budget=None
     )
     assert answer == obj.colour
+
+
+def test_cli_defaults_come_from_the_bundled_checkpoint(tmp_path, capsys):
+    from PIL import Image
+
+    from dimoo_npu.cli import main
+
+    # No --checkpoint and no size or step flags: the bundled model and its generation_defaults (128 x 128, 16 steps).
+    assert main(["t2i", "--prompt", "a large red circle in the top left", "--out", str(tmp_path / "a.png")]) == 0
+    assert Image.open(tmp_path / "a.png").size == (128, 128)
+    # An explicit flag still wins over the checkpoint's default.
+    assert main(["t2i", "--prompt", "a red circle", "--width", "64", "--output", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "b.png").size == (64, 128)
+    capsys.readouterr()
+    assert main(["understand", "--image", str(tmp_path / "a.png"), "--question", "where is the circle?"]) == 0
+    assert capsys.readouterr().out.strip() == "top left"
