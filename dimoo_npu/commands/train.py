@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from dimoo_npu.commands import emit
+
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     {"train": _train_arguments, "pretokenize": _pretokenize_arguments, "export-hf": _export_arguments}[name](parser)
@@ -72,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 
         world = int(os.environ.get("WORLD_SIZE", 1))
         dims, options = plan_layout(config, model_config_of(config), world)
-        print(
+        emit(
             f"ok: world {world} = pp {dims.pp} x dp {dims.dp} x tp {dims.tp}, {options.microbatches} "
             f"micro-batch(es) of {config.gpt_args.micro_batch_size} per step"
         )
@@ -81,9 +83,7 @@ def _train(args: argparse.Namespace) -> int:
 
     losses = run_training(config)
     if losses and os.environ.get("RANK", "0") == "0":
-        print(
-            f"trained {len(losses)} step(s); last loss {losses[-1]:.4f}; metrics in {config.output_dir}/metrics.jsonl"
-        )
+        emit(f"trained {len(losses)} step(s); last loss {losses[-1]:.4f}; metrics in {config.output_dir}/metrics.jsonl")
     return 0
 
 
@@ -99,7 +99,7 @@ def _pretokenize(args: argparse.Namespace) -> int:
         device=args.device,
     )
     summary = pretokenize(args.manifest, args.output, settings, args.chunk_size, args.workers)
-    print(
+    emit(
         f"{summary.samples} sample(s) written, {summary.rejected} rejected (see {args.output}/{REJECTED}), "
         f"{summary.chunks_skipped} shard(s) already done"
     )
@@ -112,5 +112,5 @@ def _export(args: argparse.Namespace) -> int:
     from dimoo_npu.train.checkpoint import export_hf
 
     folder = export_hf(args.checkpoint, args.output, getattr(torch, args.dtype), args.assets_from)
-    print(f"exported to {folder}")
+    emit(f"exported to {folder}")
     return 0
