@@ -22,6 +22,11 @@ def _check_guidance(name: str, value: float) -> None:
         raise InputError(f"{name} is {value}: guidance scales cannot be negative (0 turns guidance off)")
 
 
+def _check_temperature(value: float) -> None:
+    if value < 0:
+        raise InputError(f"temperature is {value}: use 0 (greedy) or a positive value")
+
+
 @dataclass
 class ImageSettings:
     """How `dimoo_npu.sampling.sample_image` runs (see SPEC "Image sampling" and "ML-Cache")."""
@@ -39,8 +44,7 @@ class ImageSettings:
         _check_steps("timesteps", self.timesteps)
         _check_guidance("cfg_scale", self.cfg_scale)
         _check_guidance("cfg_img", self.cfg_img)
-        if self.temperature < 0:
-            raise InputError(f"temperature is {self.temperature}: use 0 (greedy) or a positive value")
+        _check_temperature(self.temperature)
         if not 0.0 < self.cache_ratio < 1.0:
             raise InputError(f"cache_ratio {self.cache_ratio} is outside (0, 1): the share of positions reused")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -66,8 +70,7 @@ class TextSettings:
     def check(self) -> TextSettings:
         _check_steps("steps", self.steps)
         _check_guidance("cfg_scale", self.cfg_scale)
-        if self.temperature < 0:
-            raise InputError(f"temperature is {self.temperature}: use 0 (greedy) or a positive value")
+        _check_temperature(self.temperature)
         if self.gen_length < 1 or self.block_length < 1 or self.gen_length % self.block_length:
             raise InputError(
                 f"gen_length {self.gen_length} must be a positive multiple of block_length {self.block_length}"

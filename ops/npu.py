@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dimoo_npu.adapters.npu import import_torch_npu
+from dimoo_npu.ops import reference
 
 # Layout of the (B, H, L, D) tensors the model hands us: "BNSD" in torch_npu's naming (N = heads).
 ATTENTION_LAYOUT = "BNSD"
@@ -48,9 +49,7 @@ def attention(
     out = torch_npu.npu_fusion_attention(
         q, k, v, heads, ATTENTION_LAYOUT, atten_mask=atten_mask, scale=scale, keep_prob=1.0, sparse_mode=0
     )[0]  # (B, H, Lq, D)
-    # Same convention as the reference: with every key hidden, softmax is uniform, i.e. the mean of v.
-    uniform = v.float().mean(dim=-2, keepdim=True).to(out.dtype)  # (B, H, 1, D)
-    return torch.where(has_key[:, None, None, None], out, uniform)
+    return reference.uniform_where_no_key(out, v, has_key)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,6 +21,12 @@ def attention(
     return torch.matmul(probs, v.float()).to(q.dtype)  # (B, H, Lq, D)
 
 
+def uniform_where_no_key(out: torch.Tensor, v: torch.Tensor, has_key: torch.Tensor) -> torch.Tensor:
+    """The reference's answer for rows (B,) with no real key, for kernels that cannot express it: mean of v."""
+    uniform = v.float().mean(dim=-2, keepdim=True).to(out.dtype)  # (B, H, 1, D)
+    return torch.where(has_key[:, None, None, None], out, uniform)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)

@@ -19,8 +19,7 @@ def attention(
     # then give it the reference's answer for that case, uniform attention = the mean of v.
     visible = (real | ~has_key[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
-    uniform = v.float().mean(dim=-2, keepdim=True).to(out.dtype)  # (B, H, 1, D)
-    return torch.where(has_key[:, None, None, None], out, uniform)
+    return reference.uniform_where_no_key(out, v, has_key)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
