@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
 from dimoo_npu.model import DiMOOModel
@@ -156,15 +157,9 @@ def save_pretrained(
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else SINGLE_NAME
         atomic_save_file(shard, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    _atomic_write_text(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2))
+    write_text_atomically(folder / "config.json", json.dumps(config.to_hf_dict(), indent=2))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2))
+        write_text_atomically(folder / INDEX_NAME, json.dumps(index, indent=2))
     return folder
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dimoo_npu.atomic import write_atomically
 from dimoo_npu.errors import CheckpointError
 
 CHUNK_BYTES = 64 << 20
@@ -122,10 +122,5 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     """Write a safetensors file next to ``path`` and rename it into place: a crash leaves the old file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))

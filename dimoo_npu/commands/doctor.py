@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        from dimoo_npu.numerics.report import write_atomically
+        from dimoo_npu.atomic import write_text_atomically
 
-        write_atomically(Path(args.json), lambda tmp: tmp.write_text(json.dumps(findings, indent=2)))
+        write_text_atomically(args.json, json.dumps(findings, indent=2))
         emit(f"wrote {args.json}")
     if args.require:
         if args.require not in findings["backends"]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
+from dimoo_npu.atomic import write_atomically
 from dimoo_npu.numerics.check import CheckReport
 
 
@@ -68,14 +68,3 @@ def write_plot(report: CheckReport, path: str | os.PathLike) -> Path:
         return write_atomically(Path(path), lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(figure)
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

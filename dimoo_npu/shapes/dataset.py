@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from dimoo_npu.atomic import write_atomically
 from dimoo_npu.shapes import world
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,7 @@ def scene_key(scene: world.Scene) -> str:
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    image.save(temp, format="PNG")
-    os.replace(temp, path)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def mask_images() -> dict[str, Image.Image]:

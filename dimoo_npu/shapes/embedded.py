@@ -8,12 +8,11 @@ what `dimoo pretokenize` needs; training adds the weights.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "shapes-dimoo"
@@ -68,10 +67,7 @@ def build_skeleton(folder: str | Path, vq_folder: str | Path, config: dict[str, 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".config.", dir=folder)
-    with os.fdopen(handle, "w") as out:
-        json.dump(config, out, indent=2)
-    os.replace(temp, folder / "config.json")
+    write_text_atomically(folder / "config.json", json.dumps(config, indent=2))
     build_word_tokenizer(
         world.vocabulary_words(),
         folder,

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
 from dimoo_npu.train.dcp_reader import SafeFileSystemReader
@@ -150,7 +151,7 @@ class Checkpointer:
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.root)
-        _write_text(self.root / LATEST, final.name)
+        write_text_atomically(self.root / LATEST, final.name)
         logger.info("saved checkpoint %s", final)
         if self.keep:
             for old in sorted(self.root.glob("step-*"))[: -self.keep]:
@@ -189,17 +190,7 @@ def load_hf_weights(parts: list[nn.Module], folder: str | os.PathLike) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, flush to disk, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,13 +16,13 @@ CPU the MFU is against what this machine can actually do, not a datasheet number
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 
 
@@ -88,9 +88,7 @@ class MetricsLog:
         return kept
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

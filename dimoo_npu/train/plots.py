@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from dimoo_npu.atomic import write_atomically
 from dimoo_npu.errors import InputError
 
 
@@ -33,8 +34,7 @@ def plot_curves(metrics: str | os.PathLike, output: str | os.PathLike) -> Path:
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     figure.suptitle(f"{metrics.parent.name}: {len(records)} steps")
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    os.replace(tmp, output)
-    return output
+    try:
+        return write_atomically(output, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(figure)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.errors import DimooError, InputError
 from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
 from dimoo_npu.train.shards import Sample, read_shard_metadata, shard_name, write_shard
@@ -179,7 +180,7 @@ def encode_chunk(encoder: RecordEncoder, chunk: Chunk, output: Path) -> tuple[in
                 reason = f"unreadable: {type(err).__name__}: {err}"
         rejects.append({"line": number, "id": record.get("id") if record else None, "reason": reason})
     reject_path = output / REJECT_DIR / f"chunk-{chunk.index:06d}.jsonl"
-    _atomic_write(reject_path, "".join(json.dumps(r) + "\n" for r in rejects))
+    write_text_atomically(reject_path, "".join(json.dumps(r) + "\n" for r in rejects))
     write_shard(output / shard_name(chunk.index), samples, ids, chunk.digest)
     return len(samples), len(rejects), len(chunk.lines)
 
@@ -206,12 +207,6 @@ def _merge_rejects(output: Path) -> None:
     """One ``rejected.jsonl`` in manifest order from the per-chunk files."""
     parts = sorted((output / REJECT_DIR).glob("chunk-*.jsonl"))
     text = "".join(part.read_text() for part in parts)
-    _atomic_write(output / REJECTED, text)
+    write_text_atomically(output / REJECTED, text)
     if text:
         logger.warning("%d record(s) rejected: see %s", text.count("\n"), output / REJECTED)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
