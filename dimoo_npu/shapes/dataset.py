@@ -30,9 +30,10 @@ class DataMix:
     """How many records of each kind the manifest holds."""
 
     t2i: int = 4000
-    inpaint: int = 1500
-    mmu: int = 3000
+    inpaint: int = 1000
+    mmu: int = 5000  # answers are a few tokens against ~70 image tokens: more records, more gradient
     two_object_share: float = 0.15  # of the text-to-image and inpainting records
+    partial_caption_share: float = 0.3  # of single-object text-to-image records: one attribute left out
     seed: int = 0
 
 
@@ -118,7 +119,9 @@ def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool 
     total = mix.t2i + mix.inpaint + mix.mmu
     bar = tqdm(total=total, desc="shapes manifest", disable=not progress)
     for scene in _scenes(rng, mix.t2i, mix.two_object_share):
-        writer.add("t2i", prompt=world.caption(scene, rng), target_image=writer.image(scene))
+        partial = len(scene.objects) == 1 and rng.random() < mix.partial_caption_share
+        prompt = world.partial_caption(scene.objects[0], rng) if partial else world.caption(scene, rng)
+        writer.add("t2i", prompt=prompt, target_image=writer.image(scene))
         bar.update()
     for scene in _scenes(rng, mix.inpaint, mix.two_object_share):
         mask = writer.masks[_inpaint_mask(scene, rng)]

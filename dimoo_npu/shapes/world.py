@@ -59,9 +59,12 @@ class ShapeObject:
     def position(self) -> str:
         return position_name(self.row, self.col)
 
-    def describe(self, with_size: bool = True) -> str:
-        words = [self.size] if with_size else []
-        return " ".join([*words, self.colour, self.shape])
+    def describe(self, leave_out: str | None = None) -> str:
+        """'large red circle'; leaving out the size or colour drops the word, leaving out the shape says 'shape'."""
+        words = {"size": self.size, "colour": self.colour, "shape": self.shape}
+        if leave_out is not None:
+            words[leave_out] = "shape" if leave_out == "shape" else ""
+        return " ".join(word for word in words.values() if word)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,20 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return template.format(a=first.describe(), b=second.describe())
 
 
+# Captions that leave one attribute out; the picture then shows some value of it. They teach what each
+# word does on its own, so a held-out combination can be composed from attributes seen separately.
+PARTIAL_ATTRIBUTES: tuple[str, ...] = ("size", "colour", "shape", "position")
+NO_POSITION_TEMPLATES: tuple[str, ...] = ("a {obj}", "an image of a {obj}", "draw a {obj}")
+
+
+def partial_caption(obj: ShapeObject, rng: random.Random) -> str:
+    """A caption of a single object naming all but one randomly chosen attribute: 'a red circle in the top left'."""
+    leave_out = rng.choice(PARTIAL_ATTRIBUTES)
+    if leave_out == "position":
+        return rng.choice(NO_POSITION_TEMPLATES).format(obj=obj.describe())
+    return rng.choice(SINGLE_TEMPLATES).format(obj=obj.describe(leave_out), pos=obj.position)
+
+
 def canonical_caption(obj: ShapeObject) -> str:
     """The first phrasing, used for evaluation prompts: 'a large red circle in the top left'."""
     return SINGLE_TEMPLATES[0].format(obj=obj.describe(), pos=obj.position)
@@ -166,22 +183,25 @@ def question(obj: ShapeObject, attribute: str, rng: random.Random) -> str:
     return rng.choice(QUESTIONS[attribute]).format(shape=obj.shape)
 
 
-def two_object_scene(rng: random.Random, relation: str) -> Scene:
-    """Two different-looking objects in the same row ('left of') or column ('above')."""
-    while True:
-        a, b = (
-            ShapeObject(rng.choice(SHAPES), rng.choice(list(PALETTE)), rng.choice(list(SIZES)), 0, 0) for _ in range(2)
-        )
-        if (a.shape, a.colour) != (b.shape, b.colour):
-            break
-    line, (first, second) = rng.randrange(3), sorted(rng.sample(range(3), 2))
-    if relation == "left of":
-        a, b = _moved(a, line, first), _moved(b, line, second)
-    elif relation == "above":
-        a, b = _moved(a, first, line), _moved(b, second, line)
-    else:
+def two_object_scene(rng: random.Random, relation: str, split: str = "train") -> Scene:
+    """Two different-looking objects in the same row ('left of') or column ('above').
+
+    A 'train' scene holds trained combinations only, so no held-out object is ever seen in training;
+    a 'heldout' scene holds at least one held-out combination.
+    """
+    if relation not in RELATION_TEMPLATES:
         raise ValueError(f"unknown relation {relation!r}; use one of {sorted(RELATION_TEMPLATES)}")
-    return Scene((a, b), relation)
+    split_objects(split)  # validates the name
+    while True:
+        a, b = (ShapeObject(rng.choice(SHAPES), rng.choice(list(PALETTE)), rng.choice(list(SIZES)), 0, 0) for _ in "ab")
+        line, (first, second) = rng.randrange(3), sorted(rng.sample(range(3), 2))
+        if relation == "left of":
+            a, b = _moved(a, line, first), _moved(b, line, second)
+        else:
+            a, b = _moved(a, first, line), _moved(b, second, line)
+        held_out = is_held_out(a) or is_held_out(b)
+        if (a.shape, a.colour) != (b.shape, b.colour) and held_out == (split == "heldout"):
+            return Scene((a, b), relation)
 
 
 def _moved(obj: ShapeObject, row: int, col: int) -> ShapeObject:
@@ -189,19 +209,24 @@ def _moved(obj: ShapeObject, row: int, col: int) -> ShapeObject:
 
 
 def sample_scenes(seed: int, count: int, split: str = "train", two_object_share: float = 0.0) -> Iterator[Scene]:
-    """``count`` scenes drawn deterministically from ``seed``; single objects come from ``split`` only."""
+    """``count`` scenes drawn deterministically from ``seed``, every object's combination from ``split``."""
     rng = random.Random(seed)
     objects = split_objects(split)
     for _ in range(count):
         if rng.random() < two_object_share:
-            yield two_object_scene(rng, rng.choice(sorted(RELATION_TEMPLATES)))
+            yield two_object_scene(rng, rng.choice(sorted(RELATION_TEMPLATES)), split)
         else:
             yield Scene((rng.choice(objects),))
 
 
 def vocabulary_words() -> list[str]:
     """Every word the captions, questions and answers of this world can use, sorted."""
-    texts = [*SINGLE_TEMPLATES, *itertools.chain(*RELATION_TEMPLATES.values()), *itertools.chain(*QUESTIONS.values())]
+    texts = [
+        *SINGLE_TEMPLATES,
+        *NO_POSITION_TEMPLATES,
+        *itertools.chain(*RELATION_TEMPLATES.values()),
+        *itertools.chain(*QUESTIONS.values()),
+    ]
     words = {w for text in texts for w in _words(text.replace("{obj}", "").replace("{pos}", ""))}
     words.update(SHAPES, PALETTE, SIZES, ROW_NAMES, COLUMN_NAMES, ["center"])
     return sorted(w for w in words if "{" not in w)

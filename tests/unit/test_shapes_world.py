@@ -47,6 +47,15 @@ def test_captions_name_every_attribute_in_several_phrasings():
     for text in captions:
         assert "large red circle" in text and "top left" in text
     assert world.canonical_caption(obj) == "a large red circle in the top left"
+    partial = {world.partial_caption(obj, rng) for _ in range(200)}
+    assert {
+        "a red circle in the top left",
+        "a large circle in the top left",
+        "a large red shape in the top left",
+    } < partial
+    assert "a large red circle" in partial and not any(
+        "top left" in text and "large red circle" in text for text in partial
+    )
     pair = world.two_object_scene(random.Random(1), "left of")
     assert pair.objects[0].col < pair.objects[1].col and pair.objects[0].row == pair.objects[1].row
     above = world.two_object_scene(random.Random(1), "above")
@@ -58,6 +67,7 @@ def test_vocabulary_covers_every_caption_question_and_answer():
     rng = random.Random(0)
     for scene in world.sample_scenes(seed=0, count=200, two_object_share=0.5):
         assert set(world._words(world.caption(scene, rng))) <= vocab
+        assert set(world._words(world.partial_caption(scene.objects[0], rng))) <= vocab
     for obj in world.split_objects("heldout"):
         for name in world.QUESTIONS:
             assert set(world._words(world.question(obj, name, rng))) <= vocab
@@ -68,8 +78,10 @@ def test_held_out_split_is_disjoint_and_leaves_every_attribute_pair_trained():
     train, heldout = world.split_objects("train"), world.split_objects("heldout")
     assert not set(train) & set(heldout)
     assert len(train) + len(heldout) == 324 and 30 <= len(heldout) <= 60
-    for scene in world.sample_scenes(seed=0, count=300, split="train"):
-        assert not world.is_held_out(scene.objects[0])
+    for scene in world.sample_scenes(seed=0, count=300, split="train", two_object_share=0.5):
+        assert not any(world.is_held_out(obj) for obj in scene.objects)  # two-object scenes too
+    for scene in world.sample_scenes(seed=0, count=100, split="heldout", two_object_share=0.5):
+        assert any(world.is_held_out(obj) for obj in scene.objects)
     for first, second in itertools.combinations(("shape", "colour", "size", "position"), 2):
         trained_pairs = {(getattr(o, first), getattr(o, second)) for o in train}
         assert {(getattr(o, first), getattr(o, second)) for o in heldout} <= trained_pairs
