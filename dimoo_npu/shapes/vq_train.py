@@ -2,8 +2,9 @@
 
 aMUSEd layout (5 levels = 16x downsampling, so 8 x 8 codes for 128 x 128) with small channels and
 a small codebook, so the weights stay well under a few MB. Pixels are in [0, 1] as DiMOO's VQ expects.
-Codes are local by construction: the distinct 16 x 16 cells of the training images (about 145 in
-this world: white, and each quarter of each object look) are enumerated and each gets its own code.
+Codes are local by construction: the distinct 16 x 16 cells of the training images (127 in this
+world: white, and each quarter of each object look, a large square's four being one) are enumerated
+and each gets its own code.
 The encoder is trained to put every cell nearest its content's code, and the decoder to draw images
 from those codes, on the training images and on copies rolled by whole cells. So a white cell or a
 quarter of a red circle has one code wherever it is, and the transformer can compose unseen scenes
