@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+"""Atomic writes: a reader (or a crash) sees the old file or folder or the new one, never half of one."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,3 +26,26 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_directory(folder: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
+    """Call ``fill(staging)`` on a new folder beside ``folder``, then swap it in and remove the old one.
+
+    A failed ``fill`` leaves the old folder as it was. Linux cannot swap two folders in one rename, so
+    ``folder`` is briefly absent between the two renames, but never half written.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        fill(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, retired)
+    os.replace(staging, folder)
+    shutil.rmtree(retired, ignore_errors=True)
+    return folder

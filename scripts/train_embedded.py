@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,20 +76,17 @@ def install(export: Path, target: Path, report: dict) -> None:
     size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
     if size > MAX_ASSET_BYTES:
         raise SystemExit(f"the model is {size / 2**20:.1f} MiB, over the 60 MiB limit for package data")
+    from dimoo_npu.atomic import replace_directory
     from dimoo_npu.shapes.embedded import GENERATION_DEFAULTS
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    shutil.copytree(export, staging, dirs_exist_ok=True)
-    config = json.loads((staging / "config.json").read_text())
-    (staging / "config.json").write_text(json.dumps({**config, "generation_defaults": GENERATION_DEFAULTS}, indent=2))
-    (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    retired = target.with_name(f".{target.name}.old")
-    shutil.rmtree(retired, ignore_errors=True)
-    if target.exists():
-        os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
+    def fill(staging: Path) -> None:
+        shutil.copytree(export, staging, dirs_exist_ok=True)
+        config = json.loads((staging / "config.json").read_text())
+        defaults = {**config, "generation_defaults": GENERATION_DEFAULTS}
+        (staging / "config.json").write_text(json.dumps(defaults, indent=2))
+        (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    replace_directory(target, fill)
     logger.info("installed %.1f MiB into %s", size / 2**20, target)
 
 

@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dimoo_npu.atomic import replace_directory
 from dimoo_npu.shapes import world
 
 logger = logging.getLogger(__name__)
@@ -124,8 +122,8 @@ def codes_per_cell_content(model, images: torch.Tensor) -> dict[str, float]:
     """How local the codes are: distinct codes for all-white cells, and on average per distinct cell content."""
     from dimoo_npu.image_tokenizer import ImageTokenizer
 
-    cell = code_cell_size(model)
-    codes = torch.cat([ImageTokenizer(model).encode(to_unit(b)).flatten() for b in images.split(32)])
+    cell, tokenizer = code_cell_size(model), ImageTokenizer(model)
+    codes = torch.cat([tokenizer.encode(to_unit(batch)).flatten() for batch in images.split(32)])
     groups = cell_groups(images, cell).flatten()
     per_group = [codes[groups == g].unique().numel() for g in groups.unique().tolist()]
     white_cells = (images == 255).all(dim=1).unfold(1, cell, cell).unfold(2, cell, cell).flatten(3).all(dim=3).flatten()
@@ -232,19 +230,7 @@ def train_vq(cfg: VQTrainConfig, images: torch.Tensor | None = None, progress: b
 
 def save_vq(model, folder: str | Path) -> Path:
     """``save_pretrained`` (safetensors) into a temporary folder, then swap it into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    model.save_pretrained(staging, safe_serialization=True)
-    if folder.exists():
-        retired = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(folder, retired)
-        os.replace(staging, folder)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, folder)
-    return folder
+    return replace_directory(folder, lambda staging: model.save_pretrained(staging, safe_serialization=True))
 
 
 def main(argv: list[str] | None = None) -> int:
