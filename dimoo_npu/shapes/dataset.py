@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
-from dimoo_npu.atomic import write_atomically
+from dimoo_npu.atomic import write_atomically, write_text_atomically
 from dimoo_npu.shapes import world
 
 logger = logging.getLogger(__name__)
@@ -90,12 +88,8 @@ class ManifestWriter:
         self.records.append({"id": f"{task}-{len(self.records):06d}", "task": task, **fields})
 
     def write(self) -> Path:
-        path = self.folder / "manifest.jsonl"
-        handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=self.folder)
-        with os.fdopen(handle, "w") as out:
-            out.writelines(json.dumps(record) + "\n" for record in self.records)
-        os.replace(temp, path)
-        return path
+        text = "".join(json.dumps(record) + "\n" for record in self.records)
+        return write_text_atomically(self.folder / "manifest.jsonl", text)
 
 
 def _scenes(rng: random.Random, count: int, two_object_share: float):
