@@ -1,13 +1,14 @@
 """Write the shapes world as a training manifest (JSONL) for `dimoo pretokenize`, with its images.
 
 The mix covers what the embedded model must do: text-to-image (single objects and two-object relations),
-inpainting (regenerate one grid cell or one half of the picture, given the caption and the rest) and
+inpainting (regenerate one object's box or one half of the picture, given the caption and the rest) and
 understanding (colour, shape, position and size questions). Only training-split objects are used, so
 the held-out combinations stay unseen. Images are written once per distinct scene.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -36,8 +37,8 @@ class DataMix:
 
 
 def scene_key(scene: world.Scene) -> str:
-    """A file name that says what the picture shows: 'circle-red-large-0-0' (two objects joined by '+')."""
-    return "+".join(f"{o.shape}-{o.colour}-{o.size}-{o.row}-{o.col}" for o in scene.objects)
+    """A file name that says what the picture shows: 'circle-red-large-32-16' (pixel centre y, x; '+' joins two)."""
+    return "+".join("-".join([o.shape, o.colour, o.size, *map(str, o.centre)]) for o in scene.objects)
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -45,13 +46,14 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 
 def mask_images() -> dict[str, Image.Image]:
-    """Regions to regenerate (white): each grid cell's 32 x 32 object box and each half of the picture."""
+    """Regions to regenerate (white): the 32 x 32 box around every placement centre, and each half of the picture."""
     size, masks = world.IMAGE_SIZE, {}
-    for row, col in ((r, c) for r in range(3) for c in range(3)):
+    half_box = world.SIZES["large"] // 2
+    centres = sorted({c for third in world.PLACEMENTS for c in third})
+    for cy, cx in itertools.product(centres, centres):
         image = Image.new("L", (size, size), 0)
-        cx, cy = world.GRID_CENTRES[col], world.GRID_CENTRES[row]
-        image.paste(255, (cx - 16, cy - 16, cx + 16, cy + 16))
-        masks[f"cell-{row}-{col}"] = image
+        image.paste(255, (cx - half_box, cy - half_box, cx + half_box, cy + half_box))
+        masks[f"box-{cy}-{cx}"] = image
     for name, box in {
         "left": (0, 0, 64, 128),
         "right": (64, 0, 128, 128),
@@ -98,10 +100,10 @@ def _scenes(rng: random.Random, count: int, two_object_share: float):
 
 
 def _inpaint_mask(scene: world.Scene, rng: random.Random) -> str:
-    """Mostly an object's own cell (so the model learns to draw it into a context), else a half."""
+    """Mostly an object's own box (so the model learns to draw it into a context), else a half."""
     if rng.random() < 0.7:
-        obj = rng.choice(scene.objects)
-        return f"cell-{obj.row}-{obj.col}"
+        cy, cx = rng.choice(scene.objects).centre
+        return f"box-{cy}-{cx}"
     return f"half-{rng.choice(['left', 'right', 'top', 'bottom'])}"
 
 

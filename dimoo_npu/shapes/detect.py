@@ -1,17 +1,18 @@
 """Find the object in a (generated) shapes-world image and read its attributes back.
 
 GenEval-style and deliberately simple, so that a wrong picture cannot pass: colour by the nearest
-palette entry to the object's mean colour, position by the centroid's grid cell, size by the box's
+palette entry to the object's mean colour, position by the third of the picture its centroid is in, size by the box's
 longer side, shape by how much of its bounding box the object fills (square 1, circle pi/4, triangle 1/2).
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
 
-from dimoo_npu.shapes.world import GRID_CENTRES, PALETTE, SIZES, position_name
+from dimoo_npu.shapes.world import PALETTE, REGION_BOUNDS, SIZES, position_name
 
 # A pixel belongs to an object when it is this far (summed over RGB) from white.
 _INK_THRESHOLD = 120
@@ -51,8 +52,9 @@ def nearest_colour(rgb: np.ndarray) -> str:
     return names[int(np.argmin(((table - rgb) ** 2).sum(axis=1)))]
 
 
-def _grid_index(coordinate: float) -> int:
-    return int(np.argmin([abs(coordinate - centre) for centre in GRID_CENTRES]))
+def _third(coordinate: float) -> int:
+    """0, 1 or 2: which third of the picture (the world's region bounds) a pixel coordinate falls in."""
+    return bisect.bisect_right(REGION_BOUNDS, coordinate)
 
 
 def _shape_from_fill(fill: float) -> str:
@@ -76,7 +78,7 @@ def describe_mask(image: np.ndarray, mask: np.ndarray) -> Detection | None:
         shape=_shape_from_fill(fill),
         colour=nearest_colour(colour_pixels.astype(np.float64).mean(axis=0)),
         size="large" if max(height, width) >= size_threshold else "small",
-        position=position_name(_grid_index(float(ys.mean())), _grid_index(float(xs.mean()))),
+        position=position_name(_third(float(ys.mean())), _third(float(xs.mean()))),
         fill_ratio=fill,
         pixels=int(len(ys)),
     )

@@ -2,8 +2,10 @@
 
 The embedded default model is trained and evaluated on it, so every attribute lives in one table
 here (palette, shapes, sizes, grid positions) and the detector and evaluator read the same tables.
-Objects are centred on 16-pixel code boundaries (centres 32, 64, 96) and sized 16 or 32 pixels, so
-with a 16x downsampling VQ a large object fills exactly a 2 x 2 block of codes at every position.
+A position names a third of the picture; inside it an object sits at one of several centres, all on
+16-pixel code boundaries (left/top 16 or 32, middle 48, 64 or 80, right/bottom 96 or 112). Objects are
+16 or 32 pixels wide, so with a 16x downsampling VQ every placement is made of the same code cells, and
+each cell's look is seen at many places in training, not only at one grid cell per combination.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 SIZES: dict[str, int] = {"small": 16, "large": 32}  # side of the object's box in pixels
-GRID_CENTRES: tuple[int, ...] = (32, 64, 96)  # pixel centre of grid row/column 0, 1, 2
+GRID_CENTRES: tuple[int, ...] = (32, 64, 96)  # canonical pixel centre of grid row/column 0, 1, 2
+# Every centre an object may take in row/column 0, 1, 2: whole code cells (16 px) around the canonical one.
+PLACEMENTS: tuple[tuple[int, ...], ...] = ((16, 32), (48, 64, 80), (96, 112))
+# Where one third ends and the next begins: halfway between their nearest placements (40 and 88 px).
+REGION_BOUNDS: tuple[float, ...] = tuple(
+    (before[-1] + after[0]) / 2 for before, after in zip(PLACEMENTS, PLACEMENTS[1:], strict=False)
+)
+CODE_CELL = 16  # pixels per side of one image-token cell (16x downsampling)
 ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
 COLUMN_NAMES: tuple[str, ...] = ("left", "middle", "right")
 _SUPERSAMPLE = 4  # draw 4x larger and box-filter down, for smooth (but deterministic) edges
@@ -47,17 +56,38 @@ POSITIONS: tuple[str, ...] = tuple(position_name(r, c) for r in range(3) for c i
 
 @dataclass(frozen=True)
 class ShapeObject:
-    """One object: its shape, colour, size and cell of the 3 x 3 grid."""
+    """One object: its shape, colour, size and third of the picture (row, col), and where in that third.
+
+    ``offset`` (down, right) in pixels from the canonical centre is a placement, not part of the
+    combination: the held-out split and captions depend on (shape, colour, size, row, col) only.
+    """
 
     shape: str
     colour: str
     size: str
     row: int
     col: int
+    offset: tuple[int, int] = (0, 0)
 
     @property
     def position(self) -> str:
         return position_name(self.row, self.col)
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        """(y, x) pixel centre of the object's box."""
+        return GRID_CENTRES[self.row] + self.offset[0], GRID_CENTRES[self.col] + self.offset[1]
+
+    @property
+    def canonical(self) -> ShapeObject:
+        """The same combination at its third's canonical centre."""
+        return ShapeObject(self.shape, self.colour, self.size, self.row, self.col)
+
+    def cell_span(self, axis: int) -> range:
+        """Code cells the object's box touches along ``axis`` (0 = rows, 1 = columns)."""
+        half = SIZES[self.size] // 2
+        centre = self.centre[axis]
+        return range((centre - half) // CODE_CELL, (centre + half - 1) // CODE_CELL + 1)
 
     def describe(self, leave_out: str | None = None) -> str:
         """'large red circle'; leaving out the size or colour drops the word, leaving out the shape says 'shape'."""
@@ -105,7 +135,7 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
         half = SIZES[obj.size] * _SUPERSAMPLE // 2
-        cx, cy = GRID_CENTRES[obj.col] * _SUPERSAMPLE, GRID_CENTRES[obj.row] * _SUPERSAMPLE
+        cy, cx = (coordinate * _SUPERSAMPLE for coordinate in obj.centre)
         box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
         colour = PALETTE[obj.colour]
         if obj.shape == "circle":
@@ -183,15 +213,31 @@ def question(obj: ShapeObject, attribute: str, rng: random.Random) -> str:
     return rng.choice(QUESTIONS[attribute]).format(shape=obj.shape)
 
 
+def placements(obj: ShapeObject) -> list[ShapeObject]:
+    """``obj``'s combination at every placement its third allows (2 to 9 of them)."""
+    base_y, base_x = obj.canonical.centre
+    return [
+        ShapeObject(obj.shape, obj.colour, obj.size, obj.row, obj.col, (y - base_y, x - base_x))
+        for y, x in itertools.product(PLACEMENTS[obj.row], PLACEMENTS[obj.col])
+    ]
+
+
+def placed(obj: ShapeObject, rng: random.Random) -> ShapeObject:
+    """``obj`` at a random one of its third's placements."""
+    return rng.choice(placements(obj))
+
+
 def two_object_scene(rng: random.Random, relation: str, split: str = "train") -> Scene:
-    """Two different-looking objects in the same row ('left of') or column ('above').
+    """Two different-looking objects in the same row ('left of') or column ('above'), in no common code cell.
 
     A 'train' scene holds trained combinations only, so no held-out object is ever seen in training;
-    a 'heldout' scene holds at least one held-out combination.
+    a 'heldout' scene holds at least one held-out combination. Apart, every code cell shows one object
+    only, so two-object scenes use the same cell looks as single objects.
     """
     if relation not in RELATION_TEMPLATES:
         raise ValueError(f"unknown relation {relation!r}; use one of {sorted(RELATION_TEMPLATES)}")
     split_objects(split)  # validates the name
+    axis = 1 if relation == "left of" else 0
     while True:
         a, b = (ShapeObject(rng.choice(SHAPES), rng.choice(list(PALETTE)), rng.choice(list(SIZES)), 0, 0) for _ in "ab")
         line, (first, second) = rng.randrange(3), sorted(rng.sample(range(3), 2))
@@ -199,8 +245,10 @@ def two_object_scene(rng: random.Random, relation: str, split: str = "train") ->
             a, b = _moved(a, line, first), _moved(b, line, second)
         else:
             a, b = _moved(a, first, line), _moved(b, second, line)
+        a, b = placed(a, rng), placed(b, rng)
         held_out = is_held_out(a) or is_held_out(b)
-        if (a.shape, a.colour) != (b.shape, b.colour) and held_out == (split == "heldout"):
+        apart = a.cell_span(axis)[-1] < b.cell_span(axis)[0]
+        if apart and (a.shape, a.colour) != (b.shape, b.colour) and held_out == (split == "heldout"):
             return Scene((a, b), relation)
 
 
@@ -209,14 +257,14 @@ def _moved(obj: ShapeObject, row: int, col: int) -> ShapeObject:
 
 
 def sample_scenes(seed: int, count: int, split: str = "train", two_object_share: float = 0.0) -> Iterator[Scene]:
-    """``count`` scenes drawn deterministically from ``seed``, every object's combination from ``split``."""
+    """``count`` scenes drawn deterministically from ``seed``: combinations from ``split``, random placements."""
     rng = random.Random(seed)
     objects = split_objects(split)
     for _ in range(count):
         if rng.random() < two_object_share:
             yield two_object_scene(rng, rng.choice(sorted(RELATION_TEMPLATES)), split)
         else:
-            yield Scene((rng.choice(objects),))
+            yield Scene((placed(rng.choice(objects), rng),))
 
 
 def vocabulary_words() -> list[str]:

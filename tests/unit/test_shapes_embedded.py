@@ -56,7 +56,11 @@ def test_manifest_mix_uses_training_objects_only(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert Counter(r["task"] for r in records) == {"t2i": 40, "inpaint": 20, "mmu": 30}
     assert len({r["id"] for r in records}) == len(records)
-    heldout_keys = {dataset.scene_key(world.Scene((o,))) for o in world.split_objects("heldout")}
+    heldout_keys = {
+        dataset.scene_key(world.Scene((placed,)))
+        for obj in world.split_objects("heldout")
+        for placed in world.placements(obj)
+    }
     for record in records:
         image = record.get("target_image") or record["image"]
         assert Path(image).parent == tmp_path / "images" and Path(image).is_file()

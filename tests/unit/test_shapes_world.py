@@ -74,6 +74,22 @@ def test_vocabulary_covers_every_caption_question_and_answer():
             assert set(world._words(world.answer(obj, name))) <= vocab
 
 
+def test_placements_are_whole_code_cells_inside_the_third_and_all_get_used():
+    obj = ShapeObject("circle", "red", "large", 0, 1)
+    assert {o.centre for o in world.placements(obj)} == {(y, x) for y in (16, 32) for x in (48, 64, 80)}
+    assert all(o.canonical == obj and o.position == "top middle" for o in world.placements(obj))
+    assert list(ShapeObject("square", "red", "large", 2, 2, (16, 16)).cell_span(0)) == [6, 7]
+    assert list(ShapeObject("square", "red", "small", 0, 0).cell_span(1)) == [1, 2]
+    seen = {s.objects[0].centre for s in world.sample_scenes(seed=0, count=2000)}
+    assert seen == {(y, x) for y in range(16, 128, 16) for x in range(16, 128, 16)}
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = world.two_object_scene(rng, rng.choice(sorted(world.RELATION_TEMPLATES)))
+        axis = 1 if scene.relation == "left of" else 0
+        first, second = scene.objects
+        assert first.cell_span(axis)[-1] < second.cell_span(axis)[0]  # no code cell shows both
+
+
 def test_held_out_split_is_disjoint_and_leaves_every_attribute_pair_trained():
     train, heldout = world.split_objects("train"), world.split_objects("heldout")
     assert not set(train) & set(heldout)
@@ -90,7 +106,8 @@ def test_held_out_split_is_disjoint_and_leaves_every_attribute_pair_trained():
 
 
 def test_detector_reads_every_ground_truth_render_exactly():
-    objects = world.all_single_objects()
+    objects = [placed for obj in world.all_single_objects() for placed in world.placements(obj)]
+    assert len(objects) == 324 * 49 // 9  # every combination at every placement of its third
     images = [render_array(Scene((obj,))) for obj in objects]
     score = score_images(objects, images)
     assert score.overall == 1.0 and set(score.per_attribute.values()) == {1.0}
