@@ -11,20 +11,65 @@ from typing import Any
 
 from dimoo_npu.errors import InputError
 
-
-def _check_steps(name: str, value: int) -> None:
-    if value < 1:
-        raise InputError(f"{name} is {value}: sampling needs at least 1 step (e.g. --{name.replace('_', '-')} 64)")
-
-
-def _check_guidance(name: str, value: float) -> None:
-    if value < 0:
-        raise InputError(f"{name} is {value}: guidance scales cannot be negative (0 turns guidance off)")
+# What to do instead, for the values a user sets most often.
+_POSITIVE_HINTS = {"timesteps": "sampling needs at least 1 step (e.g. 64)", "steps": "sampling needs at least 1 step"}
+_NOT_NEGATIVE_HINTS = {
+    "cfg_scale": "guidance scales cannot be negative (0 turns guidance off)",
+    "cfg_img": "guidance scales cannot be negative (0 turns guidance off)",
+    "temperature": "use 0 (greedy) or a positive value",
+}
 
 
-def _check_temperature(value: float) -> None:
-    if value < 0:
-        raise InputError(f"temperature is {value}: use 0 (greedy) or a positive value")
+def check_positive(**counts: int) -> None:
+    """Step counts, intervals and lengths are integers >= 1."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            hint = _POSITIVE_HINTS.get(name, "use 1 or more")
+            raise InputError(f"{name}={value!r} must be a positive integer: {hint}")
+
+
+def check_not_negative(**values: float) -> None:
+    """Guidance scales and temperatures are >= 0 (0 switches guidance off / samples greedily)."""
+    for name, value in values.items():
+        if not value >= 0:
+            hint = _NOT_NEGATIVE_HINTS.get(name, "use a value >= 0")
+            raise InputError(f"{name}={value} is negative: {hint}")
+
+
+def check_image_settings(
+    timesteps: int,
+    temperature: float,
+    cfg_scale: float,
+    cfg_img: float,
+    cache_ratio: float,
+    warmup_ratio: float,
+    refresh_interval: int,
+) -> None:
+    """The checks `sample_image` runs, callable before a model loads. Ratios 0 and 1 are meaningful
+    (recompute everything / only the least confident position; refresh at every step)."""
+    check_positive(timesteps=timesteps, refresh_interval=refresh_interval)
+    check_not_negative(cfg_scale=cfg_scale, cfg_img=cfg_img, temperature=temperature)
+    for name, value in (("cache_ratio", cache_ratio), ("warmup_ratio", warmup_ratio)):
+        if not 0 <= value <= 1:
+            raise InputError(f"{name}={value} must be within [0, 1]: the share of positions reused / of warm-up steps")
+
+
+def check_text_settings(gen_length: int, block_length: int, steps: int, temperature: float, cfg_scale: float) -> int:
+    """The checks `sample_text` runs; returns the number of answer blocks (LLaDA splits steps equally)."""
+    check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
+    check_not_negative(temperature=temperature, cfg_scale=cfg_scale)
+    if gen_length % block_length:
+        raise InputError(
+            f"gen_length={gen_length} is not a multiple of block_length={block_length}: choose a "
+            "block_length that divides gen_length"
+        )
+    blocks = gen_length // block_length
+    if steps % blocks:
+        raise InputError(
+            f"steps={steps} cannot be split equally over {blocks} blocks (gen_length / block_length): "
+            f"use a multiple of {blocks}, e.g. {blocks * max(1, steps // blocks)}"
+        )
+    return blocks
 
 
 @dataclass
@@ -41,16 +86,9 @@ class ImageSettings:
     refresh_interval: int = 5
 
     def check(self) -> ImageSettings:
-        _check_steps("timesteps", self.timesteps)
-        _check_guidance("cfg_scale", self.cfg_scale)
-        _check_guidance("cfg_img", self.cfg_img)
-        _check_temperature(self.temperature)
-        if not 0.0 < self.cache_ratio < 1.0:
-            raise InputError(f"cache_ratio {self.cache_ratio} is outside (0, 1): the share of positions reused")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise InputError(f"warmup_ratio {self.warmup_ratio} is outside [0, 1)")
-        if self.refresh_interval < 1:
-            raise InputError(f"refresh_interval {self.refresh_interval} must be at least 1")
+        settings = self.sampler_kwargs()
+        del settings["use_cache"]
+        check_image_settings(**settings)
         return self
 
     def sampler_kwargs(self) -> dict[str, Any]:
@@ -68,19 +106,7 @@ class TextSettings:
     cfg_scale: float = 0.0
 
     def check(self) -> TextSettings:
-        _check_steps("steps", self.steps)
-        _check_guidance("cfg_scale", self.cfg_scale)
-        _check_temperature(self.temperature)
-        if self.gen_length < 1 or self.block_length < 1 or self.gen_length % self.block_length:
-            raise InputError(
-                f"gen_length {self.gen_length} must be a positive multiple of block_length {self.block_length}"
-            )
-        blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
-            raise InputError(
-                f"steps {self.steps} must be a multiple of the {blocks} answer blocks "
-                f"(gen_length / block_length), e.g. {blocks * max(1, self.steps // blocks)}"
-            )
+        check_text_settings(**self.sampler_kwargs())
         return self
 
     def sampler_kwargs(self) -> dict[str, Any]:

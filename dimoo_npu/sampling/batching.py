@@ -92,16 +92,3 @@ def last_index_after(row: torch.Tensor, token: int) -> int | None:
     """1 + the index of the last ``token`` in the row, or None."""
     hits = (row == token).nonzero()
     return int(hits[-1, 0]) + 1 if hits.numel() else None
-
-
-def check_not_negative(**values: float) -> None:
-    """Guidance scales and temperatures are >= 0 (0 switches guidance off / samples greedily)."""
-    for name, value in values.items():
-        if not value >= 0:
-            raise InputError(f"{name}={value} is negative: use a value >= 0 (0 turns it off)")
-
-
-def check_positive(**counts: int) -> None:
-    for name, value in counts.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"{name}={value!r} must be a positive integer")

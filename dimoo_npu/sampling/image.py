@@ -15,11 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dimoo_npu.errors import InputError
+from dimoo_npu.generation_settings import check_image_settings
 from dimoo_npu.sampling.batching import (
     RowsLike,
     as_rows,
-    check_not_negative,
-    check_positive,
     code_starts,
     first_pair_end,
     matching_rows,
@@ -128,14 +127,6 @@ def _forward(model, batch: ImageBatch, positions, cache: MLCache, mode: str, rec
     return cache.logits_at(positions).float()
 
 
-def _check_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval) -> None:
-    check_positive(timesteps=timesteps, refresh_interval=refresh_interval)
-    check_not_negative(cfg_scale=cfg_scale, cfg_img=cfg_img, temperature=temperature)
-    for name, value in (("cache_ratio", cache_ratio), ("warmup_ratio", warmup_ratio)):
-        if not 0 <= value <= 1:
-            raise InputError(f"{name}={value} must be within [0, 1]")
-
-
 def _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img) -> list[list[torch.Tensor]]:
     branches = []
     if cfg_scale > 0:
@@ -170,7 +161,7 @@ def sample_image(
     ``cond + g*(cond - u_text) + g_img*(cond - u_img)``. ``generator``: None, one torch.Generator, or one per
     prompt (then a sample does not depend on its batch). ``progress`` shows a tqdm bar over the steps.
     """
-    _check_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
+    check_image_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
     tokens = model.config.special_tokens
     rows, _ = as_rows(prompt_ids, "prompt_ids")
     uncond = _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img)

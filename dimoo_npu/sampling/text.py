@@ -12,11 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dimoo_npu.errors import InputError
+from dimoo_npu.generation_settings import check_text_settings
 from dimoo_npu.sampling.batching import (
     RowsLike,
     as_rows,
-    check_not_negative,
-    check_positive,
     code_starts,
     last_index_after,
     pad_rows,
@@ -24,20 +23,6 @@ from dimoo_npu.sampling.batching import (
 )
 from dimoo_npu.sampling.schedule import transfer_tokens
 from dimoo_npu.sampling.step import predict_text, reveal
-
-
-def _check_lengths(gen_length: int, block_length: int, steps: int) -> int:
-    """Number of blocks, after checking the lengths divide as LLaDA needs."""
-    check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
-    if gen_length % block_length:
-        raise InputError(
-            f"gen_length={gen_length} is not a multiple of block_length={block_length}: choose a "
-            "block_length that divides gen_length"
-        )
-    blocks = gen_length // block_length
-    if steps % blocks:
-        raise InputError(f"steps={steps} cannot be split equally over {blocks} blocks: use a multiple of {blocks}")
-    return blocks
 
 
 class _TextRun:
@@ -92,8 +77,7 @@ def sample_text(
 
     The answer is ``gen_length`` positions from ``code_start`` (None: 1 + the index of each row's last BOA).
     """
-    blocks = _check_lengths(gen_length, block_length, steps)
-    check_not_negative(temperature=temperature, cfg_scale=cfg_scale)
+    blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale)
     tokens = model.config.special_tokens
     rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
     starts = code_starts(rows, code_start, lambda row: last_index_after(row, tokens["boa"]), "BOA")

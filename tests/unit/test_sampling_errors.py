@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dimoo_npu.errors import InputError
+from dimoo_npu.generation_settings import ImageSettings, TextSettings
 from dimoo_npu.sampling import sample_image, sample_text
 
 
@@ -43,6 +44,19 @@ def test_image_settings(tiny_model, t2i, kwargs, words):
         settings["uncond_ids"] = uncond
     with pytest.raises(InputError, match=words):
         sample_image(tiny_model, prompt, **{**settings, **kwargs})
+
+
+@pytest.mark.parametrize("cache_ratio, warmup_ratio", [(0.0, 0.0), (1.0, 1.0)])
+def test_settings_checked_before_loading_accept_what_the_sampler_accepts(tiny_model, t2i, cache_ratio, warmup_ratio):
+    prompt, _ = t2i
+    ratios = dict(cache_ratio=cache_ratio, warmup_ratio=warmup_ratio)
+    ImageSettings(timesteps=4, temperature=0.0, cfg_scale=0.0, use_cache=True, **ratios).check()
+    cells = sample_image(tiny_model, prompt, timesteps=4, temperature=0.0, use_cache=True, **ratios)
+    assert cells.shape[0] == 1
+    with pytest.raises(InputError, match="cache_ratio=1.5 must be within"):
+        ImageSettings(cache_ratio=1.5).check()
+    with pytest.raises(InputError, match="steps=7 cannot be split equally over 2 blocks"):
+        TextSettings(gen_length=16, block_length=8, steps=7).check()
 
 
 def test_uncond_rows_must_match_prompts(tiny_model, t2i):
