@@ -99,5 +99,9 @@ def test_eval_command_reports_every_attribute(random_checkpoint, tmp_path, capsy
         "position",
     }
     assert report["understanding"]["count"] == 2 * len(world.QUESTIONS)
-    assert json.loads(capsys.readouterr().out)["heldout_objects"] == 2
+    assert json.loads(capsys.readouterr().out)["objects"] == 2
+    assert cli.main([*argv, "--tasks", "mmu", "--placements", "all"]) == 0
+    report = json.loads(report_path.read_text())
+    shown = sum(len(world.placements(obj)) for obj in world.split_objects("heldout")[:2])
+    assert report["understanding"]["count"] == shown * len(world.QUESTIONS) and "t2i" not in report
     assert cli.main(["eval", "shapes", "--checkpoint", str(random_checkpoint), "--tasks", "nope"]) == 2
