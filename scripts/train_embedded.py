@@ -1,4 +1,4 @@
-"""Retrain the embedded default model from nothing, in one command (52 minutes measured on 2 CPU cores).
+"""Retrain the embedded default model from nothing, in one command (54 minutes measured on 2 CPU cores).
 
     python scripts/train_embedded.py                      # work in runs/shapes-embedded, install into the package
     python scripts/train_embedded.py --no-install         # train and evaluate only
