@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from dimoo_npu.atomic import write_text_atomically
     from dimoo_npu.shapes.dataset import write_manifest
     from dimoo_npu.shapes.embedded import ANSWER_LENGTH, build_skeleton, model_config
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = json.loads((work / "eval.json").read_text())
     report["eval"] = {key: evaluation[key] for key in ("t2i", "understanding", "image_settings", "text_settings")}
     report["seconds_total"] = round(time.perf_counter() - start, 1)
-    (work / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(work / "training_report.json", json.dumps(report, indent=2) + "\n")
     logger.info("report: %s", json.dumps(report))
     if not args.no_install:
         install(export, Path(args.install_to), report)
