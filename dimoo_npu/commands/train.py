@@ -59,6 +59,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--assets-from", help="copy tokenizer files and vqvae/ from here (default: the run's model.init_from)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (swapped whole)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +112,6 @@ def _export(args: argparse.Namespace) -> int:
 
     from dimoo_npu.train.checkpoint import export_hf
 
-    folder = export_hf(args.checkpoint, args.output, getattr(torch, args.dtype), args.assets_from)
+    folder = export_hf(args.checkpoint, args.output, getattr(torch, args.dtype), args.assets_from, args.overwrite)
     emit(f"exported to {folder}")
     return 0

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dimoo_npu.atomic import write_text_atomically
+from dimoo_npu.atomic import replace_directory, write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
 from dimoo_npu.train.dcp_reader import SafeFileSystemReader
@@ -217,16 +217,20 @@ def export_hf(
     output: str | os.PathLike,
     dtype: torch.dtype = torch.bfloat16,
     assets_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a training checkpoint (any layout it was saved in) as a folder `dimoo_npu.load_model` reads.
 
     Runs in one process: DCP gathers every shard into whole tensors of ``dtype``. The tokenizer files and
     ``vqvae/`` are copied from ``assets_from`` (default: the folder the run was initialised from, if any).
+    A non-empty ``output`` is refused unless ``overwrite``; then the new folder is built beside it and
+    swapped in whole, so old shards never sit next to new ones.
     """
     from dimoo_npu.checkpoint import save_pretrained
     from dimoo_npu.model import DiMOOModel
 
     checkpoint, output = Path(checkpoint), Path(output)
+    _check_export_target(output, overwrite)
     if (checkpoint / LATEST).is_file():
         checkpoint = checkpoint / (checkpoint / LATEST).read_text().strip()
     if not (checkpoint / STATE_FILE).is_file():
@@ -240,11 +244,24 @@ def export_hf(
     weights = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     with _dcp_call():
         dcp.load({"model": weights}, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True)
-    save_pretrained(weights, config, output)
     assets_from = assets_from or json.loads((checkpoint / STATE_FILE).read_text()).get("init_from")
-    if assets_from:
-        _copy_assets(Path(assets_from), output)
-    return output
+
+    def fill(staging: Path) -> None:
+        save_pretrained(weights, config, staging)
+        if assets_from:
+            _copy_assets(Path(assets_from), staging)
+
+    return replace_directory(output, fill)
+
+
+def _check_export_target(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target that is a file or a non-empty folder (unless ``overwrite``)."""
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"export target {output} is a file: name a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"export target {output} is not empty: pass --overwrite to replace it whole, or choose a new folder"
+        )
 
 
 def _copy_assets(source: Path, output: Path) -> None:
