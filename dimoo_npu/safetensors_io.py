@@ -10,6 +10,7 @@ Format: 8-byte little-endian header size N, N bytes of JSON header, then the raw
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from dimoo_npu.atomic import write_atomically
 from dimoo_npu.errors import CheckpointError
 
 CHUNK_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit on the JSON header
 
 DTYPES = {
     "F64": torch.float64,
@@ -35,6 +37,7 @@ DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPES.values()}
 
 
 @dataclass(frozen=True)
@@ -47,34 +50,93 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> list[TensorEntry]:
-    """Parse and check a safetensors header: a truncated or corrupt file fails here, naming the file."""
+    """Parse and check a safetensors header, allocating nothing for the tensors.
+
+    The rules are the safetensors library's (``Metadata::validate`` and ``read_metadata``): the header
+    is at most ``MAX_HEADER_BYTES``; every tensor's ``data_offsets`` span is exactly numel * itemsize
+    of its shape and dtype; sorted by offset, the tensors tile the data section from byte 0 to the
+    end of the file with no gap and no overlap. Anything else is refused, naming the file and tensor.
+    """
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path} is truncated ({size} bytes, no header): download or copy it again")
         (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{path} claims a header of {header_len} bytes, over the format's limit of {MAX_HEADER_BYTES}: "
+                "the file is corrupt; download or copy it again"
+            )
         if 8 + header_len > size:
             raise CheckpointError(f"{path} is truncated inside its header: download or copy it again")
         try:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     base = 8 + header_len
-    entries = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info.get("dtype") not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        entries.append(TensorEntry(name, DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end))
-    last = max((entry.end for entry in entries), default=base)
-    if last > size:
-        raise CheckpointError(
-            f"{path} is truncated: its header needs {last} bytes but the file has {size}; download or copy it again"
-        )
+    entries = [_entry(path, name, info, base) for name, info in header.items() if name != "__metadata__"]
+    _check_tiling(path, entries, base, size)
     return entries
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _entry(path: Path, name: str, info: object, base: int) -> TensorEntry:
+    """One header entry, checked on its own: dtype, shape, offsets, and span = numel * itemsize."""
+    corrupt = "the file is corrupt or was written by a faulty tool; download or convert it again"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: header entry of tensor {name!r} is not an object: {corrupt}")
+    if info.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {json.dumps(shape)}, not a list of sizes: {corrupt}")
+    ordered_pair = isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+    if not ordered_pair or offsets[1] < offsets[0]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has data_offsets {json.dumps(offsets)}; they must be [start, end] with "
+            f"0 <= start <= end: {corrupt}"
+        )
+    dtype = DTYPES[info["dtype"]]
+    needed = math.prod(shape) * _ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != needed:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but shape {shape} of {info['dtype']} "
+            f"needs {needed}: {corrupt}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+
+
+def _check_tiling(path: Path, entries: list[TensorEntry], base: int, size: int) -> None:
+    """Sorted by offset, the tensors must cover [base, size) exactly: no overlap, no gap, nothing after."""
+    position, previous = base, None
+    for entry in sorted(entries, key=lambda e: (e.start, e.end)):
+        if entry.start < position:
+            raise CheckpointError(
+                f"{path}: tensor {entry.name!r} overlaps {previous!r} (bytes {entry.start - base}.."
+                f"{position - base} of the data): the file is corrupt; download or convert it again"
+            )
+        if entry.start > position:
+            raise CheckpointError(
+                f"{path}: tensor {entry.name!r} starts at byte {entry.start - base} of the data, so bytes "
+                f"{position - base}..{entry.start - base} belong to no tensor: the file is corrupt; download or "
+                "convert it again"
+            )
+        position, previous = entry.end, entry.name
+    if position > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header needs {position} bytes but the file has {size}; download or copy it again"
+        )
+    if position < size:
+        raise CheckpointError(
+            f"{path} has {size - position} byte(s) after its last tensor: the file is corrupt or was appended to; "
+            "download or copy it again"
+        )
 
 
 def iter_tensors(
@@ -99,8 +161,8 @@ def iter_tensors(
 
 
 def _copy_entry(mapped: mmap.mmap, entry: TensorEntry, destination: torch.Tensor) -> None:
-    itemsize = torch.empty((), dtype=entry.dtype).element_size()
-    numel = (entry.end - entry.start) // itemsize
+    itemsize = _ITEMSIZE[entry.dtype]
+    numel = (entry.end - entry.start) // itemsize  # = numel of the shape: read_header checked it
     flat_destination = destination.view(-1)
     step = max(1, CHUNK_BYTES // itemsize)
     for first in range(0, numel, step):
