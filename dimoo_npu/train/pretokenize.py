@@ -6,6 +6,11 @@ every chunk whose shard exists with the same digest and redoes the others, so an
 where it stopped and no record is ever written twice. A bad record (invalid JSON, unknown task, missing
 or unreadable image, too long) is skipped and reported to ``rejected.jsonl`` (line, id, reason); the run
 goes on.
+
+The folder records what made it in ``pretokenize.json`` (the manifest's path and hash, the settings, the
+hashes of the checkpoint's config, tokenizer and VQ files; not the transformer weights). A rerun resumes
+only the run recorded there; any other folder that is not empty is refused, so another dataset's shards
+are never deleted or rewritten.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 REJECTED = "rejected.jsonl"
 REJECT_DIR = ".rejects"
+RECORD = "pretokenize.json"
+RECORD_FORMAT = "dimoo-pretokenize-1"
+# Checkpoint files that decide the token ids (the transformer weights do not).
+ENCODER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                 "merges.txt", "special_tokens_map.json")  # fmt: skip
 
 EncoderFactory = Callable[[EncoderSettings], RecordEncoder]
 
@@ -66,6 +76,7 @@ def pretokenize(
         raise InputError(f"manifest {manifest} does not exist: pass a JSONL file, one record per line")
     if chunk_size < 1 or workers < 1:
         raise InputError("chunk_size and workers must be at least 1")
+    claim_folder(output, run_record(manifest, settings, chunk_size))
     (output / REJECT_DIR).mkdir(parents=True, exist_ok=True)
     fingerprint = json.dumps(dataclasses.asdict(settings), sort_keys=True)
     summary = Summary()
@@ -85,9 +96,59 @@ def pretokenize(
             summary.chunks_done += 1
             bar.update(lines)
             bar.set_postfix(rejected=summary.rejected)
-    _remove_stale(output, summary.chunks_done + summary.chunks_skipped)
     _merge_rejects(output)
     return summary
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_record(manifest: Path, settings: EncoderSettings, chunk_size: int) -> dict:
+    """What makes the shards what they are: the manifest, the settings and the files the encoder reads."""
+    checkpoint = Path(settings.checkpoint)
+    files = [checkpoint / name for name in ENCODER_FILES if (checkpoint / name).is_file()]
+    files += sorted(p for p in (checkpoint / "vqvae").rglob("*") if p.is_file())
+    return {
+        "format": RECORD_FORMAT,
+        "manifest": str(manifest.resolve()),
+        "manifest_sha256": _sha256(manifest),
+        "settings": {
+            "max_length": settings.max_length,
+            "image_budget": settings.image_budget,
+            "answer_length": settings.answer_length,
+            "chunk_size": chunk_size,
+        },
+        "files": {path.relative_to(checkpoint).as_posix(): _sha256(path) for path in files},
+    }
+
+
+def claim_folder(output: Path, record: dict) -> None:
+    """Resume only the run ``output`` records; start in an empty folder; refuse anything else untouched."""
+    if output.exists() and not output.is_dir():
+        raise InputError(f"output {output} is a file: name a folder for the shards")
+    saved_path = output / RECORD
+    if saved_path.is_file():
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = {}
+        if saved != record:
+            differs = sorted(key for key in record if saved.get(key) != record[key]) if isinstance(saved, dict) else []
+            raise InputError(
+                f"{output} was made by another run (differs in: {', '.join(differs) or RECORD}); its shards are "
+                f"left as they are: choose an empty folder, or delete {output} to rebuild it from this manifest"
+            )
+        return
+    if output.is_dir() and any(output.iterdir()):
+        raise InputError(
+            f"{output} is not empty and was not made by dimoo pretokenize (no {RECORD}): choose an empty folder"
+        )
+    write_text_atomically(saved_path, json.dumps(record, indent=2) + "\n")
 
 
 def _count_lines(path: Path) -> int:
@@ -193,14 +254,6 @@ def _parse(line: str) -> tuple[dict | None, str]:
     if not isinstance(record, dict):
         return None, "record is not a JSON object"
     return record, ""
-
-
-def _remove_stale(output: Path, chunks: int) -> None:
-    """Drop shards of chunks past the manifest's end (left by a longer manifest): they would be duplicates."""
-    for path in [*output.glob("shard-*.safetensors"), *(output / REJECT_DIR).glob("chunk-*.jsonl")]:
-        if int(path.name.split("-")[1].split(".")[0]) >= chunks:
-            logger.warning("removing %s: the manifest has only %d chunk(s) now", path.name, chunks)
-            path.unlink()
 
 
 def _merge_rejects(output: Path) -> None:

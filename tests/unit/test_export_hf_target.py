@@ -1,4 +1,4 @@
-"""export-hf never mixes a new checkpoint into an existing folder: refused without --overwrite, swapped whole with it."""
+"""export-hf never mixes a new checkpoint into an existing folder: refused without --overwrite, swapped with it."""
 
 from __future__ import annotations
 

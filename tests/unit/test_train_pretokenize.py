@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import DimooError
 from dimoo_npu.prompts import uncond_text
 from dimoo_npu.text_tokenizer import build_word_tokenizer, load_text_tokenizer
 from dimoo_npu.train.encode import SYSTEMS, EncoderSettings
@@ -127,9 +128,50 @@ def test_a_rerun_resumes_without_duplicates_and_redoes_changed_chunks(workspace,
     assert all(torch.equal(again[key].tokens, first[key].tokens) for key in first), "same shards in and out of a pool"
     assert (resumed / REJECTED).read_text() == (shards / REJECTED).read_text()
 
-    manifest = workspace / "manifest-edited.jsonl"
-    lines = (workspace / "manifest.jsonl").read_text().splitlines()
-    manifest.write_text("\n".join(lines[:-3]) + "\n")  # last chunk dropped, the rest unchanged
-    summary = pretokenize(manifest, resumed, settings, chunk_size=3)
-    assert (summary.chunks_skipped, summary.chunks_done) == (2, 0)
-    assert not (resumed / "shard-000002.safetensors").exists(), "a chunk past the manifest's end is removed"
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change", ["another manifest", "the same manifest edited", "other settings", "another chunk size"]
+)
+def test_a_folder_made_by_another_run_is_refused_and_left_untouched(change, workspace, settings, shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    before = files_of(folder)
+    manifest, chunk_size = workspace / "manifest.jsonl", 3
+    if change == "another manifest":
+        manifest = tmp_path / "other.jsonl"
+        manifest.write_text("\n".join((workspace / "manifest.jsonl").read_text().splitlines()[:2]) + "\n")
+    elif change == "the same manifest edited":
+        manifest = tmp_path / "manifest.jsonl"
+        shutil.copy(workspace / "manifest.jsonl", manifest)
+        record = json.loads((folder / "pretokenize.json").read_text())
+        record["manifest"] = str(manifest.resolve())
+        (folder / "pretokenize.json").write_text(json.dumps(record))
+        before = files_of(folder)
+        with manifest.open("a") as handle:
+            handle.write(json.dumps({"id": "new", "task": "t2i", "prompt": WORDS[0]}) + "\n")
+    elif change == "other settings":
+        settings = EncoderSettings(settings.checkpoint, max_length=300, image_budget=None, answer_length=12)
+    else:
+        chunk_size = 4
+    with pytest.raises(DimooError, match="was made by another run .* choose an empty folder"):
+        pretokenize(manifest, folder, settings, chunk_size=chunk_size)
+    assert files_of(folder) == before
+
+
+def test_a_non_empty_folder_not_made_by_pretokenize_is_refused(workspace, settings, tmp_path):
+    (tmp_path / "shard-000000.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(DimooError, match="not made by dimoo pretokenize"):
+        pretokenize(workspace / "manifest.jsonl", tmp_path, settings, chunk_size=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.safetensors"]
+
+
+def test_the_folder_records_what_made_it(workspace, shards):
+    record = json.loads((shards / "pretokenize.json").read_text())
+    assert record["manifest"] == str((workspace / "manifest.jsonl").resolve())
+    assert record["settings"] == {"max_length": 400, "image_budget": None, "answer_length": 12, "chunk_size": 3}
+    assert {"config.json", "tokenizer.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(record["files"])
+    assert len(record["manifest_sha256"]) == 64
