@@ -10,6 +10,11 @@ from typing import Any
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.special_tokens import build_special_tokens
 
+# The one rope_theta for a config.json that omits it: LLaDA's own code (ModelConfig.rope_theta) defaults to 10000,
+# so this is what the public modeling code runs for such a file. The public checkpoints set it (LLaDA-8B and
+# Lumina-DiMOO: 500000), so this default never applies to them.
+DEFAULT_ROPE_THETA = 10000.0
+
 # Features of the LLaDA config family this model does not implement, with the value it requires.
 _REQUIRED_VALUES = {
     "layer_norm_type": ("rms",),
@@ -37,9 +42,12 @@ class DiMOOConfig:
     embedding_size: int
     n_kv_heads: int | None = None
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
+    rope_theta: float = DEFAULT_ROPE_THETA
     max_sequence_length: int = 4096
     special_tokens: dict[str, int] = field(default_factory=dict)
+    # Sampling defaults the checkpoint asks for (a small model cannot take the public 1024 x 1024); carried
+    # through training and export-hf so an exported model keeps them.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -81,9 +89,10 @@ class DiMOOConfig:
                 mlp_hidden_size=int(mlp),
                 embedding_size=int(raw.get("embedding_size") or raw["vocab_size"]),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(raw.get("rope_theta", 10000.0)),
+                rope_theta=float(raw.get("rope_theta", DEFAULT_ROPE_THETA)),
                 max_sequence_length=int(raw.get("max_sequence_length", 4096)),
                 special_tokens=build_special_tokens(raw),
+                generation_defaults=dict(raw.get("generation_defaults") or {}),
             )
         except KeyError as err:
             raise ConfigError(f"config.json lacks {err.args[0]!r}, which a LLaDA config must have") from None
@@ -125,6 +134,7 @@ class DiMOOConfig:
             "block_type": "llama",
             "activation_type": "silu",
             "special_tokens": dict(self.special_tokens),
+            **({"generation_defaults": dict(self.generation_defaults)} if self.generation_defaults else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

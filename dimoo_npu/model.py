@@ -16,6 +16,7 @@ from torch import nn
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import InputError
+from dimoo_npu.lengths import length_cap
 from dimoo_npu.ops import OpSet, resolve_ops
 
 
@@ -112,6 +113,8 @@ class DiMOOModel(nn.Module):
         self.config = config
         self.ops = ops or resolve_ops("cpu")
         self.model = nn.ModuleDict({"transformer": DiMOOTransformer(config, self.ops)})
+        # The longest sequence forward accepts: config.json's max_sequence_length is a training length, not a limit.
+        self.max_length = length_cap(config.max_sequence_length)
 
     @property
     def transformer(self) -> DiMOOTransformer:
@@ -125,31 +128,44 @@ class DiMOOModel(nn.Module):
                 module.ops = ops
         return self
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, key_length: int) -> None:
-        """Raise `InputError` naming the problem for ids, masks or lengths the model cannot take."""
-        if input_ids.dim() != 2 or input_ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.bool):
+    def check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, key_length: int, check_ids: bool = True
+    ) -> None:
+        """Raise `InputError` naming the problem for ids, masks or lengths the model cannot take.
+
+        ``check_ids=False`` skips the id range check, the one check that reads the device back (see
+        `check_token_ids`)."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):  # what the embedding takes
             raise InputError(
-                f"input_ids must be an integer tensor of shape (batch, length); got {input_ids.dtype} "
+                f"input_ids must be an integer tensor (int64 or int32) of shape (batch, length); got {input_ids.dtype} "
                 f"{tuple(input_ids.shape)}"
             )
-        limit = self.config.max_sequence_length
-        if key_length > limit:
+        if key_length > self.max_length:
             raise InputError(
-                f"sequence of {key_length} tokens is longer than the model's maximum of {limit} "
-                "(max_sequence_length in config.json): shorten the prompt or ask for a smaller image"
+                f"sequence of {key_length} tokens is longer than the cap of {self.max_length}: shorten the prompt "
+                "or ask for a smaller image, or raise the cap (model.max_length, --max-length, DIMOO_MAX_LENGTH)"
             )
-        if input_ids.numel():
-            low, high = (int(v) for v in torch.aminmax(input_ids))
-            vocab = self.config.embedding_size
-            if low < 0 or high >= vocab:
-                raise InputError(
-                    f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab}): the ids were made "
-                    "by another tokenizer or another model's special-token table"
-                )
+        if check_ids:
+            self.check_token_ids(input_ids)
         if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], key_length):
             raise InputError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, keys) = "
                 f"({input_ids.shape[0]}, {key_length}), True/1 for real tokens"
+            )
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise `InputError` when an id is outside the vocabulary: one device-to-host read.
+
+        The samplers call it once on their whole batch and then run `forward` with ``check_ids=False``, so their
+        steps never wait on the device for it."""
+        if not input_ids.numel():
+            return
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+        vocab = self.config.embedding_size
+        if low < 0 or high >= vocab:
+            raise InputError(
+                f"token id {low if low < 0 else high} is outside the vocabulary [0, {vocab}): the ids were made "
+                "by another tokenizer or another model's special-token table"
             )
 
     def forward(
@@ -161,6 +177,7 @@ class DiMOOModel(nn.Module):
         cache: KVCacheLike | None = None,
         logits_for: torch.Tensor | None = None,
         vocab_range: tuple[int, int] | None = None,
+        check_ids: bool = True,
     ) -> torch.Tensor:
         """Logits for token ids (B, L).
 
@@ -169,13 +186,14 @@ class DiMOOModel(nn.Module):
         cache: a K/V cache that blocks write into and read full-length K/V from (ML-Cache).
         logits_for (B, K): only these positions reach the head; vocab_range (lo, hi): only these ids.
         A pipeline stage without ``wte`` takes hidden states instead of ids; one without ``ln_f`` returns them.
+        check_ids=False: skip the id range check (a host read); for callers that checked their ids once already.
         """
         tr = self.transformer
         key_mask = None if attention_mask is None else attention_mask.bool()
         if tr.wte is not None:
             key_length = input_ids.shape[1] if cache is None or key_mask is None else key_mask.shape[1]
             if not torch.compiler.is_compiling():  # data-dependent checks break export/compile tracing
-                self.check_inputs(input_ids, key_mask, key_length)
+                self.check_inputs(input_ids, key_mask, key_length, check_ids)
             x = tr.wte(input_ids)
         else:
             x = input_ids

@@ -23,9 +23,14 @@ from dimoo_npu.errors import ConfigError, InputError
 from dimoo_npu.generation_settings import ImageSettings, TextSettings
 from dimoo_npu.image_prep import PIXELS_PER_CELL, box_cell_mask, check_mask_size, fit_image, grid_size, image_cell_mask
 from dimoo_npu.image_tokenizer import ImageTokenizer
+from dimoo_npu.lengths import LengthLimit
 from dimoo_npu.text_tokenizer import load_text_tokenizer
 
 logger = logging.getLogger(__name__)
+
+# The public inference scripts' sizes, used when a checkpoint's generation_defaults name none.
+PUBLIC_IMAGE_SIZE = 1024  # inference_t2i.py --width/--height
+PUBLIC_UNDERSTANDING_BUDGET = 1024  # inference_mmu.py crops to the 1024-pixel bucket list
 
 
 def default_checkpoint() -> Path:
@@ -72,7 +77,11 @@ def largest_square(prefix_tokens: int, max_length: int) -> int:
 
 
 class DiMOOPipeline:
-    """A DiMOO model with its text and image tokenizers. ``model`` may be a zero-argument loader (lazy)."""
+    """A DiMOO model with its text and image tokenizers. ``model`` may be a zero-argument loader (lazy).
+
+    ``max_length`` caps sequence lengths (default: `dimoo_npu.lengths.length_cap`); longer than the checkpoint's
+    max_sequence_length runs with one warning.
+    """
 
     def __init__(
         self,
@@ -81,8 +90,12 @@ class DiMOOPipeline:
         image_tokenizer: ImageTokenizer,
         config,
         device: torch.device,
+        max_length: int | None = None,
     ):
+        self.limit = LengthLimit.for_model(config.max_sequence_length, max_length)
         self._model = model
+        if isinstance(model, torch.nn.Module):
+            model.max_length = self.limit.cap
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer
         self.config = config
@@ -97,6 +110,7 @@ class DiMOOPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         lazy: bool = False,
+        max_length: int | None = None,
     ) -> DiMOOPipeline:
         """Tokenizers now; the transformer now, or on first use when ``lazy``."""
         from dimoo_npu.checkpoint import load_model, resolve_target
@@ -111,12 +125,13 @@ class DiMOOPipeline:
         def loader():
             return load_model(folder, device=target, dtype=dtype).eval()
 
-        return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target)
+        return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target, max_length)
 
     @property
     def model(self):
         if callable(self._model) and not isinstance(self._model, torch.nn.Module):
             self._model = self._model()
+            self._model.max_length = self.limit.cap
         return self._model
 
     # ---- token ids of each task (no transformer needed) ----
@@ -139,7 +154,7 @@ class DiMOOPipeline:
             self.tokens,
         )
         prefix = max(request.code_start - 2, len(request.uncond))
-        side = largest_square(prefix, self.config.max_sequence_length)
+        side = largest_square(prefix, self.limit.cap)
         hint = f" (the largest square that fits this prompt is {side}x{side})" if side else ""
         return self._checked(request, f"a {width}x{height} image{hint}")
 
@@ -202,18 +217,18 @@ class DiMOOPipeline:
         return self._checked(request, f"painting a {image.width}x{image.height} image")
 
     def prepare_understanding(
-        self, image: Image.Image, question: str, gen_length: int, image_budget: int | None = 512
+        self, image: Image.Image, question: str, gen_length: int, image_budget: int | None = PUBLIC_UNDERSTANDING_BUDGET
     ) -> torch.Tensor:
         """Question + image + BOA, gen_length MASK, EOA."""
         image = fit_image(image, image_budget)
         text = self.encode_text(prompts.chat_text(prompts.SYSTEM_TEXTS["understanding"], question))
         ids, _ = sequences.understanding(text, self.encode_image(image), gen_length, self.tokens)
         what = f"a question on a {image.width}x{image.height} image with a {gen_length}-token answer"
-        sequences.check_fits([len(ids)], self.config.max_sequence_length, what)
+        self.limit.check(len(ids), what)
         return ids
 
     def _checked(self, request: sequences.ImagePrompt, what: str) -> sequences.ImagePrompt:
-        sequences.check_fits(request.lengths(), self.config.max_sequence_length, what)
+        self.limit.check(max(request.lengths()), what)
         return request
 
     # ---- sampling ----
@@ -305,12 +320,15 @@ class DiMOOPipeline:
         self,
         prompts_: str | Sequence[str],
         *,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         settings: ImageSettings | None = None,
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[Image.Image]:
+        """Sizes default to the checkpoint's generation_defaults, else the public 1024 x 1024."""
+        width = width or self.config.generation_defaults.get("width", PUBLIC_IMAGE_SIZE)
+        height = height or self.config.generation_defaults.get("height", PUBLIC_IMAGE_SIZE)
         texts = [prompts_] if isinstance(prompts_, str) else list(prompts_)
         requests = [self.prepare_text_to_image(text, width, height) for text in texts]
         return self.generate_images(requests, settings or ImageSettings(), _seeds(seed, len(texts)), batch_size)
@@ -378,7 +396,7 @@ class DiMOOPipeline:
         questions: Sequence[str],
         *,
         settings: TextSettings | None = None,
-        image_budget: int | None = 512,
+        image_budget: int | None = PUBLIC_UNDERSTANDING_BUDGET,
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[str]:

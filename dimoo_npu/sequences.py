@@ -126,14 +126,3 @@ def cut_answer(ids: Ids, tokens: Mapping[str, int]) -> Ids:
     stops = torch.isin(ids, as_ids([tokens["eos"], tokens["eoa"], tokens["answer_pad"]]))
     hits = stops.nonzero()
     return ids[: int(hits[0, 0])] if len(hits) else ids
-
-
-def check_fits(lengths: Sequence[int], max_length: int, what: str) -> None:
-    """Raise InputError when any sequence of a request is longer than the model takes."""
-    longest = max(lengths)
-    if longest > max_length:
-        raise InputError(
-            f"{what} needs {longest} tokens but the model takes at most {max_length} "
-            "(max_sequence_length in config.json): shorten the prompt or use a smaller image / answer length, "
-            "or raise max_sequence_length if the checkpoint was trained on longer sequences"
-        )

@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common.add_argument("--seed", type=int, default=0, help="request i uses seed + i (a batch line may set its own)")
     common.add_argument("--batch-file", help="JSONL file, one request per line (fields as the flags, snake_case)")
     common.add_argument("--batch-size", type=int, default=4, help="requests sampled together")
+    common.add_argument(
+        "--max-length",
+        type=int,
+        help="longest sequence in tokens (default: DIMOO_MAX_LENGTH, else 8192); longer than the checkpoint's "
+        "max_sequence_length runs with a warning",
+    )
     if name != "t2i":
         common.add_argument("--image", help="input image")
     if name == "understand":
@@ -79,14 +85,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     task = parser.add_argument_group(f"{name} options")
     if name == "t2i":
         task.add_argument(
-            "--width", type=int, default=CheckpointDefault(512), help="multiple of 16 pixels (default 512)"
+            "--width",
+            type=int,
+            default=CheckpointDefault(1024),
+            help="multiple of 16 pixels (default: the checkpoint's, else 1024 as the public code)",
         )
         task.add_argument(
             "--height",
             type=int,
-            default=CheckpointDefault(512),
-            help="multiple of 16 pixels; width x height / 256 image "
-            "tokens plus the prompt must fit the model's max_sequence_length",
+            default=CheckpointDefault(1024),
+            help="multiple of 16 pixels (default: the checkpoint's, else 1024); width x height / 256 image "
+            "tokens plus the prompt must fit --max-length",
         )
     if name == "edit":
         task.add_argument("--edit-type", default="edit", help=f"{', '.join(EDIT_TYPES)} or multi_view_<view>")
@@ -139,8 +148,9 @@ def _add_understand_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--image-budget",
         type=int,
-        default=CheckpointDefault(512),
-        help="crop the image to a bucket of about N x N pixels",
+        default=CheckpointDefault(1024),
+        help="crop the image to a bucket of about N x N pixels (default: the checkpoint's, else 1024 as the "
+        "public understanding script)",
     )
 
 

@@ -46,7 +46,9 @@ def load_pipeline(args: argparse.Namespace, local_rank: int) -> DiMOOPipeline:
     dtype = DTYPES[args.dtype]
     device = pick_device(args.device, local_rank)
     logger.info("checkpoint %s on %s (%s)", checkpoint, device, dtype or "default dtype")
-    pipeline = DiMOOPipeline.from_pretrained(checkpoint, device, getattr(torch, dtype) if dtype else None, lazy=True)
+    pipeline = DiMOOPipeline.from_pretrained(
+        checkpoint, device, getattr(torch, dtype) if dtype else None, lazy=True, max_length=args.max_length
+    )
     pipeline.progress = True
     return pipeline
 

@@ -102,7 +102,7 @@ def export_transformer(
     wrapper = TransformerForExport(model, layer_outputs).eval()
     outputs = [LOGITS] + ([block_name(i) for i in range(config.n_layers)] if layer_outputs else [])
     batch = torch.export.Dim("batch", min=1)
-    length = torch.export.Dim("length", min=2, max=config.max_sequence_length)
+    length = torch.export.Dim("length", min=2, max=model.max_length)
     dims = {name: {0: batch, 1: length} for name in INPUT_NAMES}
     with _traceable(model, vocab_range):
         program = _export(wrapper, example_transformer_inputs(config), INPUT_NAMES, outputs, dims, opset)

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dimoo_npu.checkpoint import with_max_layers
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import InputError
+from dimoo_npu.lengths import length_cap
 from dimoo_npu.numerics.backends import ModelSlot, Target, check_onnx_plan, require_available, run_target
 from dimoo_npu.numerics.capture import layer_names
 from dimoo_npu.numerics.compare import (
@@ -44,8 +46,9 @@ def make_check_inputs(
 
     Returns input_ids (B, L) int64 and attention_mask (B, L) int64 (1 = real token).
     """
-    if batch < 1 or not 2 <= length <= config.max_sequence_length:
-        raise InputError(f"--batch must be >= 1 and --length in [2, {config.max_sequence_length}]")
+    cap = length_cap(config.max_sequence_length)
+    if batch < 1 or not 2 <= length <= cap:
+        raise InputError(f"--batch must be >= 1 and --length in [2, {cap}] (the length cap, DIMOO_MAX_LENGTH)")
     tokens = config.special_tokens
     generator = torch.Generator().manual_seed(seed)
     text_length = length // 2
@@ -123,10 +126,14 @@ def run_check(
     length: int = 64,
     seed: int = 0,
     onnx_file: str | os.PathLike | None = None,
+    max_layers: int | None = None,
 ) -> CheckReport:
-    """Run ``targets`` in order on one seeded batch and compare each with ``targets[0]`` layer by layer."""
+    """Run ``targets`` in order on one seeded batch and compare each with ``targets[0]`` layer by layer.
+
+    ``max_layers=N`` checks the first N blocks and the head only, reading only their weights.
+    """
     folder = Path(checkpoint)
-    config = DiMOOConfig.from_json(folder)
+    config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     dtype = dtype_name(dtype)
     require_available(targets)
     onnx_path = Path(onnx_file) if onnx_file else None
@@ -134,7 +141,7 @@ def run_check(
     tolerance = tolerance or DEFAULT_TOLERANCES[dtype]
     inputs = make_check_inputs(config, batch, length, seed)
     names = layer_names(config.n_layers)
-    slot = ModelSlot(folder)
+    slot = ModelSlot(folder, max_layers)
     report = None
     try:
         for target in tqdm(targets, desc="backends", unit="backend", disable=len(targets) < 3):
@@ -143,6 +150,7 @@ def run_check(
             if report is None:
                 reference = outputs
                 meta = {"batch": batch, "length": length, "seed": seed, "real_tokens": int(inputs[1].sum())}
+                meta["layers"] = config.n_layers
                 report = CheckReport(str(folder), dtype, tolerance, target.name, note, meta)
                 continue
             report.comparisons.append(Comparison(target.name, note, compare_runs(reference, outputs, names, tolerance)))

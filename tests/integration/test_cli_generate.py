@@ -232,12 +232,16 @@ BAD_INPUTS = {
         "width 1000 is not a multiple of 16 pixels: use 992 or 1008",
     ),
     "prompt does not fit": (
-        ["t2i", "--prompt", "cat " * 5000, "--width", "16", "--height", "16"],
-        "but the model takes at most 4096",
+        ["t2i", "--prompt", "cat " * 9000, "--width", "16", "--height", "16"],
+        "more than the cap of 8192: shorten the prompt",
     ),
     "image does not fit": (
-        ["t2i", "--prompt", "a cat", "--width", "1024", "--height", "1024"],
-        "a 1024x1024 image (the largest square that fits this prompt is 1008x1008) needs",
+        ["t2i", "--prompt", "a cat", "--width", "2048", "--height", "2048"],
+        "a 2048x2048 image (the largest square that fits this prompt is 1424x1424) needs 16531 tokens",
+    ),
+    "image does not fit a lowered cap": (
+        ["t2i", "--prompt", "a cat", "--max-length", "4096"],
+        "a 1024x1024 image (the largest square that fits this prompt is 1008x1008) needs 4",
     ),
     "missing image": (["edit", "--image", "nowhere.png", "--prompt", "x"], "image nowhere.png does not exist"),
     "unreadable image": (["edit", "--image", "{broken}", "--prompt", "x"], "cannot read image"),
@@ -289,6 +293,18 @@ def test_bad_input_gets_one_clear_error(case, cli, tmp_path, source, broken_imag
     assert code == 2 and message in log, log
     assert log.count("ERROR") == 1 and "Traceback" not in log
     assert (tmp_path / "existing.png").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("size", [None, (768, 1536)])
+def test_public_sizes_run_past_max_sequence_length(size, cli, tmp_path):
+    """config.json says 4096 tokens; 1024 x 1024 (the default without generation_defaults) and 768 x 1536 need
+    more: both run, with ML-Cache, and one warning naming both numbers."""
+    target = tmp_path / "big.png"
+    flags = ["--width", str(size[0]), "--height", str(size[1])] if size else []
+    code, log = cli("t2i", *FAST, "--prompt", "a red cat", *flags, "--use-cache", "--output", str(target))
+    assert code == 0, log
+    assert Image.open(target).size == (size or (1024, 1024))
+    assert log.count("longer than the 4096 the checkpoint names as its max_sequence_length") == 1
 
 
 def test_overwrite_replaces_an_existing_output(cli, tmp_path):

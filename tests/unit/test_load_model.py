@@ -145,10 +145,34 @@ def test_ids_outside_vocabulary(tiny_model):
         tiny_model(torch.tensor([[-1, 2]]))
 
 
-def test_sequence_longer_than_maximum(tiny_model):
-    too_long = torch.zeros(1, tiny_model.config.max_sequence_length + 1, dtype=torch.long)
-    with pytest.raises(InputError, match="4097 tokens is longer than the model's maximum of 4096"):
-        tiny_model(too_long)
+def test_max_sequence_length_is_a_training_length_not_a_limit(tiny_model):
+    """config.json says 4096, yet 1024 x 1024 text-to-image needs 4182 tokens: it runs, up to the cap (8192)."""
+    assert tiny_model.max_length == 8192
+    longer = torch.zeros(1, tiny_model.config.max_sequence_length + 86, dtype=torch.long)
+    assert tiny_model(longer, vocab_range=(0, 1)).shape == (1, 4182, 1)
+
+
+def test_sequence_longer_than_the_cap(tiny_model):
+    cap = tiny_model.max_length
+    try:
+        tiny_model.max_length = 4100
+        with pytest.raises(InputError, match="4101 tokens is longer than the cap of 4100: .*--max-length"):
+            tiny_model(torch.zeros(1, 4101, dtype=torch.long), vocab_range=(0, 1))
+    finally:
+        tiny_model.max_length = cap
+
+
+def test_cap_from_the_environment(monkeypatch):
+    from dimoo_npu.lengths import length_cap
+
+    assert length_cap(4096) == 8192
+    assert length_cap(16384) == 16384  # never below what the checkpoint was trained at
+    monkeypatch.setenv("DIMOO_MAX_LENGTH", "5000")
+    assert length_cap(4096) == 5000
+    assert length_cap(4096, requested=6000) == 6000
+    monkeypatch.setenv("DIMOO_MAX_LENGTH", "lots")
+    with pytest.raises(InputError, match="DIMOO_MAX_LENGTH='lots' must be a positive whole number"):
+        length_cap(4096)
 
 
 def test_bad_mask_and_id_dtype(tiny_model):

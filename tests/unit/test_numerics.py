@@ -98,7 +98,7 @@ def test_check_inputs_are_seeded_and_in_vocabulary(tiny_model):
     assert (ids == config.special_tokens["mask"]).any()
     assert mask[:-1].all() and not mask[-1, -10:].any()
     with pytest.raises(InputError, match="--length"):
-        make_check_inputs(config, length=config.max_sequence_length + 1)
+        make_check_inputs(config, length=max(8192, config.max_sequence_length) + 1)
 
 
 def test_targets_parse_and_name_unknown_ones():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 from dimoo_npu import image_prep, prompts, sequences
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.lengths import LengthLimit
 from dimoo_npu.text_tokenizer import build_word_tokenizer, load_text_tokenizer
 
 
@@ -88,13 +90,24 @@ def test_two_source_images_keep_their_order(tokens):
     assert built.uncond.tolist() == [5, 9, *images, 7]
 
 
-def test_cut_answer_and_fit(tokens):
+def test_cut_answer(tokens):
     ids = torch.tensor([11, 12, tokens["eos"], 13])
     assert sequences.cut_answer(ids, tokens).tolist() == [11, 12]
     assert sequences.cut_answer(torch.tensor([11, tokens["answer_pad"]]), tokens).tolist() == [11]
     assert sequences.cut_answer(torch.tensor([11, 12]), tokens).tolist() == [11, 12]
-    with pytest.raises(InputError, match="at most 10"):
-        sequences.check_fits([4, 11], 10, "the request")
+
+
+def test_length_limit_warns_once_past_the_training_length_and_refuses_past_the_cap(caplog):
+    limit = LengthLimit(trained=10, cap=12)
+    with caplog.at_level(logging.WARNING):
+        limit.check(10, "the request")
+        assert not caplog.records
+        limit.check(11, "the request")
+        limit.check(12, "another request")
+    (warning,) = caplog.records
+    assert "needs 11 tokens, longer than the 10 the checkpoint names as its max_sequence_length" in warning.message
+    with pytest.raises(InputError, match="needs 13 tokens, more than the cap of 12: .* --max-length 13"):
+        limit.check(13, "the request")
 
 
 @pytest.mark.parametrize("budget", ["512", "1024"])
