@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from dimoo_npu.adapters import resolve_device
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, ConfigError
+from dimoo_npu.lengths import LengthLimit
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelModel, build_mesh, parallelize
+from dimoo_npu.run_lock import RunFolderBusyError, hold_run_folder
 from dimoo_npu.train.checkpoint import CONFIG_FILE, Checkpointer, load_hf_weights
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.data import BatchSource
@@ -62,18 +64,15 @@ def build_optimizer(parts: list[torch.nn.Module], config: TrainConfig) -> torch.
     return torch.optim.AdamW(groups, lr=g.lr, betas=(g.adam_beta1, g.adam_beta2), eps=g.adam_eps)
 
 
-def check_fits(longest: int, seq_length: int | None, model_limit: int) -> None:
-    """Refuse, before training, samples that no batch or the model could take."""
+def check_fits(longest: int, seq_length: int | None, limit: LengthLimit) -> None:
+    """Refuse, before training, samples that no batch could take or that pass the length cap (warn past the
+    checkpoint's max_sequence_length: Lumina-DiMOO itself was trained at 5120 with 4096 in its config)."""
     if seq_length is not None and longest > seq_length:
         raise ConfigError(
             f"the longest pre-tokenized sample has {longest} tokens > data.seq_length {seq_length}: "
             f"raise seq_length to at least {longest}, or pre-tokenize with --max-length {seq_length}"
         )
-    if max(longest, seq_length or 0) > model_limit:
-        raise ConfigError(
-            f"sequences of {max(longest, seq_length or 0)} tokens exceed the model's "
-            f"max_sequence_length {model_limit}: pre-tokenize with --max-length {model_limit}"
-        )
+    limit.check(max(longest, seq_length or 0), "training sequences")
 
 
 class Trainer:
@@ -85,11 +84,17 @@ class Trainer:
         self.model_config = model_config_of(config)
         self.dims, self.options = plan_layout(config, self.model_config, self.env.world_size)
         self.dataset = ShardDataset(config.data.shards)
-        check_fits(self.dataset.max_length(), config.data.seq_length, self.model_config.max_sequence_length)
+        limit = LengthLimit.for_model(self.model_config.max_sequence_length)
+        check_fits(self.dataset.max_length(), config.data.seq_length, limit)
         backend, _ = resolve_device(config.device)
         self.backend, self.device = backend, backend.device(self.env.local_rank)
         self._init_distributed()
         self.output = Path(config.output_dir)
+        try:  # before anything in the folder is read or cleaned: one writer per run folder
+            self.lock = hold_run_folder(self.output, self.env.rank, self.env.world_size)
+        except RunFolderBusyError:
+            self.close()
+            raise
         self.checkpointer = Checkpointer(self.output / "checkpoints", config.keep_checkpoints, self.env.rank)
         resume_from = self.checkpointer.latest()
         if resume_from is not None and config.resume == "never":
@@ -239,6 +244,8 @@ class Trainer:
         return losses
 
     def close(self) -> None:
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
