@@ -34,27 +34,60 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
 
 
 def load_text_tokenizer(folder: str | os.PathLike):
-    """AutoTokenizer from ``folder`` (no remote code), or CheckpointError saying what is missing."""
+    """AutoTokenizer from ``folder`` (no remote code), or CheckpointError saying what is missing.
+
+    A tokenizer_config.json whose ``auto_map`` names remote tokenizer code (which the public scripts run with
+    trust_remote_code) gets its tokenizer.json loaded as a plain fast tokenizer instead, with a warning: the
+    code is never run, and tokenizer.json alone fixes the ids. ``add_bos_token``/``add_eos_token`` change
+    nothing when tokenizer.json is present (transformers 5 drops them; its post-processor decides).
+    """
     folder = Path(folder)
     if not has_tokenizer(folder):
         raise CheckpointError(
             f"{folder} has no text tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
             "checkpoint into it, or build a small word-level one with dimoo_npu.text_tokenizer.build_word_tokenizer"
         )
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
+    loader = AutoTokenizer
+    remote = remote_tokenizer_code(folder)
+    if remote:
+        if not (folder / "tokenizer.json").is_file():
+            raise CheckpointError(
+                f"the text tokenizer in {folder} is remote code ({remote}), which is never run: add the checkpoint's "
+                "tokenizer.json next to tokenizer_config.json"
+            )
+        logger.warning(
+            "%s/tokenizer_config.json names remote tokenizer code (%s), which is never run: using its tokenizer.json "
+            "as a plain fast tokenizer",
+            folder,
+            remote,
+        )
+        loader = PreTrainedTokenizerFast
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it warns that config.json's model_type (llada) is not a transformers one
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        return loader.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"cannot load the text tokenizer in {folder} without remote code ({err}): provide a tokenizer.json "
+            f"cannot load the text tokenizer in {folder} without remote code ({reason}): provide a tokenizer.json "
             "(fast tokenizer) next to tokenizer_config.json"
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def remote_tokenizer_code(folder: Path) -> str | None:
+    """The class tokenizer_config.json's ``auto_map`` names for AutoTokenizer (remote code), or None."""
+    try:
+        auto_map = json.loads((folder / "tokenizer_config.json").read_text()).get("auto_map")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # no readable config: AutoTokenizer reports what is wrong
+    entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    names = [entry] if isinstance(entry, str) else [name for name in entry or [] if isinstance(name, str)]
+    return ", ".join(names) or None
 
 
 def word_ids(words: Iterable[str], reserved: set[int], limit: int) -> dict[str, int]:
