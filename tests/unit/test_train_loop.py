@@ -94,11 +94,17 @@ def test_export_to_hugging_face_layout_and_initialise_from_it(reference, tmp_pat
     assert all(torch.equal(model.state_dict()[name], value) for name, value in trained.items())
     assert dimoo_npu.load_model(export_hf(run_dir / "run" / "checkpoints", tmp_path / "bf16")).config.n_layers == 2
 
+    defaults = {"width": 64, "height": 32, "timesteps": 8}  # a small model's own sampling defaults
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "generation_defaults": defaults}))
     fine_tune = Trainer(tiny_run_config(tmp_path, "model.config=null", f"model.init_from={folder}", "train_iters=1"))
     batch = fine_tune.batches.batch(0, fine_tune.config.gpt_args.global_batch_size)
     with torch.no_grad():
         plain = masked_diffusion_loss(model(batch.input_ids, batch.attention_mask), batch.labels)
     assert fine_tune.train()[0] == pytest.approx(float(plain), rel=1e-6)
+    fine_tune.close()
+    tuned = export_hf(tmp_path / "run" / "checkpoints", tmp_path / "tuned", dtype=torch.float32)
+    assert json.loads((tuned / "config.json").read_text())["generation_defaults"] == defaults
 
 
 def test_a_run_refuses_to_overwrite_checkpoints_mismatched_models_and_samples_that_cannot_fit(reference, tmp_path):
