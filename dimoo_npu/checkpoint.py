@@ -7,9 +7,11 @@ in host memory twice. Saving writes shards and the index atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError
+from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import OpSet, resolve_ops
 from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+_BLOCK_KEY = re.compile(r"model\.transformer\.blocks\.(\d+)\.")
 
 
 def find_shards(folder: Path) -> list[Path]:
@@ -55,8 +58,9 @@ def find_shards(folder: Path) -> list[Path]:
 
 
 def default_dtype_for(device: torch.device) -> torch.dtype:
-    """fp32 on CPU, the backend's default elsewhere; never the config's ``torch_dtype``."""
-    if device.type == "cpu":
+    """fp32 on CPU (and on meta, which plans a CPU load), the backend's default elsewhere; never the config's
+    ``torch_dtype``."""
+    if device.type in ("cpu", "meta"):
         return torch.float32
     from dimoo_npu.adapters import BACKENDS
 
@@ -76,31 +80,59 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     ops: OpSet | None = None,
+    max_layers: int | None = None,
 ) -> DiMOOModel:
-    """Load a DiMOO checkpoint folder onto ``device`` in ``dtype`` (None: fp32 on CPU, else the backend's)."""
+    """Load a DiMOO checkpoint folder onto ``device`` in ``dtype`` (None: fp32 on CPU, else the backend's).
+
+    ``device="meta"`` checks every weight's name and shape against the headers and reads no data: a model
+    to plan memory or sharding with. ``max_layers=N`` builds the embedding, the first N blocks, the final
+    norm and the head and reads only their weights (a shard holding only later blocks is never opened):
+    a large checkpoint checked or timed part by part, on hardware that cannot hold all of it.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist: pass the folder that holds config.json")
-    config = DiMOOConfig.from_json(folder)
+    config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     target = resolve_target(device)
     dtype = dtype or default_dtype_for(target)
     with torch.device("meta"):
         model = DiMOOModel(config, ops or resolve_ops(target.type))
-    state = load_state(find_shards(folder), model, target, dtype)
+    state = load_state(find_shards(folder), model, target, dtype, max_layers)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
 
+def with_max_layers(config: DiMOOConfig, max_layers: int | None) -> DiMOOConfig:
+    """``config`` cut to its first ``max_layers`` blocks (None: unchanged), refusing a count it does not have."""
+    if max_layers is None:
+        return config
+    if not 1 <= max_layers <= config.n_layers:
+        raise InputError(
+            f"max_layers {max_layers} must be between 1 and {config.n_layers} (n_layers in config.json); "
+            "leave it unset for every layer"
+        )
+    return dataclasses.replace(config, n_layers=max_layers)
+
+
 def load_state(
-    shards: Iterable[Path], model: torch.nn.Module, device: torch.device, dtype: torch.dtype
+    shards: Iterable[Path],
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_layers: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Materialise every parameter of ``model`` (built on meta) from ``shards``, checking keys and shapes."""
+    """Materialise every parameter of ``model`` (built on meta) from ``shards``, checking keys and shapes.
+
+    Weights of blocks from ``max_layers`` on are left unread. On the meta device nothing is read at all.
+    """
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    shards = list(shards)
-    entries = {entry.name: entry for shard in shards for entry in read_header(shard)}
+    headers = {shard: [e for e in read_header(shard) if not _is_later_block(e.name, max_layers)] for shard in shards}
+    entries = {entry.name: entry for shard_entries in headers.values() for entry in shard_entries}
     _check_keys(expected, entries)
 
-    def destination(entry: TensorEntry) -> torch.Tensor:
+    def destination(entry: TensorEntry) -> torch.Tensor | None:
+        if entry.name not in entries:
+            return None  # a block from max_layers on: its bytes are never touched
         if entry.shape != expected[entry.name]:
             raise CheckpointError(
                 f"weight {entry.name} has shape {entry.shape} in the checkpoint but the config asks for "
@@ -110,13 +142,20 @@ def load_state(
             raise CheckpointError(f"weight {entry.name} is stored as {entry.dtype}; a float dtype is required")
         return torch.empty(entry.shape, dtype=dtype, device=device)
 
+    if device.type == "meta":
+        return {name: destination(entry) for name, entry in entries.items()}
     state: dict[str, torch.Tensor] = {}
     with tqdm(total=len(entries), desc="loading weights", unit="tensor", disable=len(entries) < 64) as bar:
-        for shard in shards:
+        for shard in (shard for shard, shard_entries in headers.items() if shard_entries):
             for name, tensor in iter_tensors(shard, destination):
                 state[name] = tensor
                 bar.update()
     return state
+
+
+def _is_later_block(name: str, max_layers: int | None) -> bool:
+    match = _BLOCK_KEY.match(name)
+    return max_layers is not None and match is not None and int(match.group(1)) >= max_layers
 
 
 def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, TensorEntry]) -> None:

@@ -86,8 +86,9 @@ class ModelSlot:
     machine that holds it once.
     """
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, max_layers: int | None = None):
         self.checkpoint = checkpoint
+        self.max_layers = max_layers
         self._key: tuple[str, torch.dtype] | None = None
         self._model = None
 
@@ -99,7 +100,9 @@ class ModelSlot:
         if self._key != (device, dtype):
             self.release()
             logger.info("loading %s on %s in %s", self.checkpoint, device, dtype)
-            self._model = load_model(self.checkpoint, device=device, dtype=dtype, ops=op_set)
+            self._model = load_model(
+                self.checkpoint, device=device, dtype=dtype, ops=op_set, max_layers=self.max_layers
+            )
             self._key = (device, dtype)
         return self._model.use_ops(op_set)
 

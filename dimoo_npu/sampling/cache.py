@@ -55,18 +55,16 @@ class MLCache:
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1)
         return self.logits[rows, positions]  # row copies: cheaper than gather with an expanded index
 
-    def recompute_positions(self, real: torch.Tensor, compute_ratio: float) -> torch.Tensor:
-        """Positions (B, K) for the next cached step: max logit at or below the row's compute_ratio quantile.
+    def recompute_positions(self, real: torch.Tensor, widths: torch.Tensor, width: int) -> torch.Tensor:
+        """Positions (B, width) for the next cached step: the widths[b] real positions of row b with the lowest
+        max logit (see `dimoo_npu.sampling.schedule.recompute_widths`), in ascending order.
 
-        The quantile (linear, as torch.quantile) is taken per row over its real positions only (padding is
-        NaN to nanquantile). Rows with fewer positions than K repeat their first one, which rewrites identical
-        K/V and logits. Reads K back to the host: the one sync of a cached step.
+        Rows with fewer than ``width`` repeat their first position, which rewrites identical K/V and logits.
+        Reads nothing back: ``width`` is known on the host. Ties at the cutoff are broken by top-k, where the
+        quantile rule (threshold, then ``<=``) took every tied position.
         """
-        score = self.max_logit.float().masked_fill(~real, float("nan"))  # (B, L)
-        threshold = torch.nanquantile(score, compute_ratio, dim=1, keepdim=True)  # (B, 1)
-        chosen = real & (score <= threshold)
-        counts = chosen.sum(dim=1)  # (B,)
-        width = int(counts.max())
-        order = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # chosen first
-        filler = order[:, :1].expand_as(order)
-        return torch.where(torch.arange(width, device=order.device) < counts[:, None], order, filler)
+        score = self.max_logit.float().masked_fill(~real, float("inf"))  # (B, L); padding never chosen
+        lowest = score.topk(width, dim=1, largest=False).indices  # (B, width), lowest first
+        chosen = torch.arange(width, device=real.device) < widths[:, None]  # (B, width)
+        ordered = torch.where(chosen, lowest, real.shape[1]).sort(dim=1).values  # chosen positions first, ascending
+        return torch.where(chosen, ordered, ordered[:, :1])

@@ -26,7 +26,7 @@ from dimoo_npu.sampling.batching import (
     row_generators,
 )
 from dimoo_npu.sampling.cache import MLCache
-from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, refresh_steps
+from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, recompute_widths, refresh_steps
 from dimoo_npu.sampling.step import sample_codes, stay_masked
 
 
@@ -39,6 +39,7 @@ class ImageBatch:
     cell_pos: torch.Tensor  # (R, N) position of each grid cell in its row
     cells: torch.Tensor  # (B, N) current ids of the grid cells
     branches: int
+    lengths: list[int]  # (R,) real tokens of each row, known on the host
 
     def write_cells(self) -> None:
         """Copy the current grid into every branch row."""
@@ -84,7 +85,8 @@ def build_image_batch(
     part_start = torch.tensor([p.numel() for branch in prefixes for p in branch], device=device)  # (R,)
     cell_pos = part_start[:, None] + offsets.to(device)  # (R, N)
     cells = torch.stack(parts).to(device)[:, offsets.to(device)]  # (B, N)
-    return ImageBatch(seq, real, cell_pos, cells, len(prefixes))
+    lengths = [p.numel() + part.numel() for branch in prefixes for p, part in zip(branch, parts, strict=True)]
+    return ImageBatch(seq, real, cell_pos, cells, len(prefixes), lengths)
 
 
 def _guidance(cfg_scale: float, cfg_img: float, editing: bool):
@@ -116,13 +118,13 @@ def _step_modes(schedule: list[bool]) -> list[str]:
 def _forward(model, batch: ImageBatch, positions, cache: MLCache, mode: str, recompute, codes):
     """Image-code logits (R, K, C) at positions (R, K): directly, or through the ML-Cache."""
     if mode == "plain":
-        return model(batch.seq, batch.real, logits_for=positions, vocab_range=codes).float()
+        return model(batch.seq, batch.real, logits_for=positions, vocab_range=codes, check_ids=False).float()
     cache.begin_step(full=mode == "store")
     if mode == "store":  # every position: the next cached step ranks all of them by max logit
-        cache.store_logits(model(batch.seq, batch.real, cache=cache, vocab_range=codes))
+        cache.store_logits(model(batch.seq, batch.real, cache=cache, vocab_range=codes, check_ids=False))
     else:
         ids = batch.seq.gather(1, recompute)  # (R, Kc)
-        logits = model(ids, batch.real, positions=recompute, cache=cache, vocab_range=codes)
+        logits = model(ids, batch.real, positions=recompute, cache=cache, vocab_range=codes, check_ids=False)
         cache.merge_logits(recompute, logits)
     return cache.logits_at(positions).float()
 
@@ -168,6 +170,7 @@ def sample_image(
     find = lambda row: first_pair_end(row, tokens["boa"], tokens["boi"])  # noqa: E731
     starts = code_starts(rows, code_start, find, "BOA immediately followed by BOI")
     batch = build_image_batch(rows, starts, uncond, tokens, next(model.parameters()).device)
+    model.check_token_ids(batch.seq)  # once here: the steps' forwards skip it (it reads the device back)
     guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
     modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
     run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
@@ -195,13 +198,16 @@ class _Run:
         keep = keep_masked_table(masked, len(modes))
         bounds = masked_upper_bounds(masked, keep)
         device = self.batch.cells.device
+        keep_on_device = torch.tensor(keep, device=device)  # (T, B): one copy, not one per step
+        widths = recompute_widths(self.batch.lengths, compute_ratio)
+        widths_on_device = torch.tensor(widths, device=device)
         recompute = None
         for step in tqdm(range(len(modes)), desc="image steps", disable=not progress):
             if max(bounds[step]) == 0:
                 break
-            self.step(bounds[step], torch.tensor(keep[step], device=device), cache, modes[step], recompute)
+            self.step(bounds[step], keep_on_device[step], cache, modes[step], recompute)
             if step + 1 < len(modes) and modes[step + 1] == "cached":
-                recompute = cache.recompute_positions(self.batch.real, compute_ratio)
+                recompute = cache.recompute_positions(self.batch.real, widths_on_device, max(widths))
 
     def step(self, bounds: list[int], keep: torch.Tensor, cache: MLCache, mode: str, recompute) -> None:
         """Sample every masked cell, then re-mask the least confident ones (keep[b] stay masked)."""

@@ -19,11 +19,10 @@ def cosine_keep_masked(masked: int, timesteps: int) -> list[int]:
 def keep_masked_table(masked: list[int], timesteps: int) -> list[list[int]]:
     """`cosine_keep_masked` for several rows at once: ``table[step][row]``."""
     counts = torch.tensor(masked, dtype=torch.long).float()  # (B,)
-    table = []
-    for step in range(timesteps - 1):
-        # float32 ratio, cosine and product, one element at a time, as the public code does
-        frac = torch.cos(0.5 * math.pi * torch.tensor([(step + 1) / timesteps]))
-        table.append((counts * frac).floor().clamp_min(1).long().tolist())
+    # float32 ratio and cosine one element at a time, as the public code does; the products (correctly rounded
+    # either way) in one pass, so the table costs one read of a host tensor, not one per step
+    fracs = [torch.cos(0.5 * math.pi * torch.tensor([(step + 1) / timesteps])) for step in range(timesteps - 1)]
+    table = (counts * torch.cat(fracs)[:, None]).floor().clamp_min(1).long().tolist() if fracs else []
     table.append([0] * len(masked))
     return table
 
@@ -38,6 +37,17 @@ def masked_upper_bounds(masked: list[int], keep: list[list[int]]) -> list[list[i
     for step_keep in keep[:-1]:
         bounds.append([max(0, min(k, m - 1)) for k, m in zip(step_keep, bounds[-1], strict=True)])
     return bounds
+
+
+def recompute_widths(lengths: list[int], compute_ratio: float) -> list[int]:
+    """ML-Cache: positions each row recomputes on a cached step, floor(q * (n - 1)) + 1 of its n real positions.
+
+    That is how many positions lie at or below the row's q-quantile of max logits when no two are equal (the
+    rank is computed in float32, as torch.quantile computes it). Known before the loop, so a cached step sizes
+    its tensors without reading the device.
+    """
+    ranks = torch.tensor(compute_ratio, dtype=torch.float32) * (torch.tensor(lengths, dtype=torch.float32) - 1)
+    return (ranks.clamp_min(0).long() + 1).tolist()
 
 
 def transfer_tokens(masked: int, steps: int) -> list[int]:

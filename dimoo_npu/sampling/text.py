@@ -39,9 +39,9 @@ class _TextRun:
     def logits(self, positions: torch.Tensor) -> torch.Tensor:
         """Guided full-vocabulary logits (B, K, V) at positions (B, K)."""
         if self.cfg_scale == 0:
-            return self.model(self.x, self.real, logits_for=positions).float()
+            return self.model(self.x, self.real, logits_for=positions, check_ids=False).float()
         seq = torch.cat([self.x, self.x.masked_fill(self.prompt, self.mask)])  # (2B, L)
-        both = self.model(seq, self.real.repeat(2, 1), logits_for=positions.repeat(2, 1)).float()
+        both = self.model(seq, self.real.repeat(2, 1), logits_for=positions.repeat(2, 1), check_ids=False).float()
         cond, uncond = both.chunk(2)
         return uncond + (self.cfg_scale + 1) * (cond - uncond)
 
@@ -89,6 +89,7 @@ def sample_text(
             )
     device = next(model.parameters()).device
     x, real = pad_rows(rows, device)
+    model.check_token_ids(x)  # once here: the steps' forwards skip it (it reads the device back)
     answer = torch.tensor(starts, device=device)[:, None] + torch.arange(gen_length, device=device)  # (B, G)
     masked = (x.gather(1, answer) == tokens["mask"]).view(len(rows), blocks, block_length).sum(-1).tolist()
     run = _TextRun(model, x, real, cfg_scale, temperature, row_generators(generator, len(rows)))

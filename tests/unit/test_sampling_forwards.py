@@ -22,6 +22,9 @@ class Spy(nn.Module):
         self.calls.append(dict(ids=tuple(input_ids.shape), out=tuple(out.shape), **kwargs))
         return out
 
+    def check_token_ids(self, input_ids):
+        self.model.check_token_ids(input_ids)
+
 
 @pytest.fixture
 def spy(tiny_model):

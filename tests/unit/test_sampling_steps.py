@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dimoo_npu.sampling import MLCache, refresh_steps
-from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds
+from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, recompute_widths
 from dimoo_npu.sampling.step import draw_uniform, reveal, sample_codes, stay_masked
 
 
@@ -91,7 +91,8 @@ def test_recompute_positions_quantile_per_row_over_real_positions():
     cache = MLCache()
     cache.store_logits(torch.randn(3, 40, 6, generator=gen))
     real = torch.arange(40) < torch.tensor(lengths)[:, None]
-    positions = cache.recompute_positions(real, 0.1)
+    widths = recompute_widths(lengths, 0.1)
+    positions = cache.recompute_positions(real, torch.tensor(widths), max(widths))
     for row, length in enumerate(lengths):
         conf = cache.max_logit[row, :length]
         expected = (conf <= torch.quantile(conf, 0.1)).nonzero()[:, 0]
