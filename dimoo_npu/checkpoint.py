@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import OpSet, resolve_ops
 from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
@@ -89,7 +90,7 @@ def load_model(
     norm and the head and reads only their weights (a shard holding only later blocks is never opened):
     a large checkpoint checked or timed part by part, on hardware that cannot hold all of it.
     """
-    folder = Path(path)
+    folder = resolve_checkpoint(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist: pass the folder that holds config.json")
     config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)

@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--batch", type=int, default=2, help="rows of the seeded test batch (default 2)")
     parser.add_argument("--length", type=int, default=64, help="tokens per row (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test inputs")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        help="check only the first N blocks and the head, reading only their weights (a large checkpoint, part by "
+        "part); default: every block",
+    )
     parser.add_argument("--onnx", help="for the onnxruntime backend: an exported file to run instead of exporting one")
     parser.add_argument("--json", help="write the full report as JSON here")
     parser.add_argument("--plot", help="write a PNG of max abs error by layer per backend here (needs matplotlib)")
@@ -49,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         length=args.length,
         seed=args.seed,
         onnx_file=args.onnx,
+        max_layers=args.layers,
     )
     emit(format_table(report))
     if args.json:

@@ -78,8 +78,9 @@ def _export_vq_decoder(args: argparse.Namespace, path: Path) -> bool:
 
     from dimoo_npu.export.onnx import export_vq_decoder, load_vqvae
     from dimoo_npu.export.runtime import verify_vq_decoder
+    from dimoo_npu.hub_cache import resolve_checkpoint
 
-    vqvae = load_vqvae(Path(args.checkpoint) / "vqvae")
+    vqvae = load_vqvae(resolve_checkpoint(args.checkpoint) / "vqvae")
     export_vq_decoder(vqvae, path, opset=args.opset, overwrite=args.overwrite)
     emit(f"wrote {path}\n  ops: {_op_types(path)}")
     if args.no_verify:

@@ -26,6 +26,7 @@ import torch
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.image_prep import box_cell_mask, fit_image, grid_size, image_cell_mask, load_image
 from dimoo_npu.prompts import SYSTEM_TEXTS, UNCONDITION_TEXT, chat_text, uncond_text
 from dimoo_npu.sequences import answer_image, as_ids, code_cells, image_block, insert_before_last
@@ -62,9 +63,10 @@ class RecordEncoder:
         from dimoo_npu.text_tokenizer import load_text_tokenizer
 
         self.settings = settings
-        self.tokens = DiMOOConfig.from_json(settings.checkpoint).special_tokens
-        self.text = load_text_tokenizer(settings.checkpoint)
-        self.images = ImageTokenizer.from_pretrained(settings.checkpoint, settings.device)
+        folder = resolve_checkpoint(settings.checkpoint)
+        self.tokens = DiMOOConfig.from_json(folder).special_tokens
+        self.text = load_text_tokenizer(folder)
+        self.images = ImageTokenizer.from_pretrained(folder, settings.device)
         uncondition = self.text.convert_tokens_to_ids(UNCONDITION_TEXT)
         if uncondition != self.tokens["uncondition"]:
             raise CheckpointError(
