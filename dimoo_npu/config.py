@@ -15,11 +15,6 @@ from dimoo_npu.special_tokens import build_special_tokens
 # Lumina-DiMOO: 500000), so this default never applies to them.
 DEFAULT_ROPE_THETA = 10000.0
 
-# The one rope_theta for a config.json that omits it: LLaDA's own code (ModelConfig.rope_theta) defaults to 10000,
-# so this is what the public modeling code runs for such a file. The public checkpoints set it (LLaDA-8B and
-# Lumina-DiMOO: 500000), so this default never applies to them.
-DEFAULT_ROPE_THETA = 10000.0
-
 # Features of the LLaDA config family this model does not implement, with the value it requires.
 _REQUIRED_VALUES = {
     "layer_norm_type": ("rms",),
