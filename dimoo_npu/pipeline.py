@@ -21,6 +21,7 @@ from PIL import Image
 from dimoo_npu import prompts, sequences
 from dimoo_npu.errors import ConfigError, InputError
 from dimoo_npu.generation_settings import ImageSettings, TextSettings
+from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.image_prep import PIXELS_PER_CELL, box_cell_mask, check_mask_size, fit_image, grid_size, image_cell_mask
 from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.lengths import LengthLimit
@@ -51,7 +52,7 @@ def generation_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
     A small model cannot take the public defaults (1024 x 1024 images, 1024-token answers), so it says its own.
     """
-    path = Path(checkpoint) / "config.json"
+    path = resolve_checkpoint(checkpoint) / "config.json"
     try:
         return dict(json.loads(path.read_text()).get("generation_defaults") or {})
     except (OSError, json.JSONDecodeError):
@@ -116,7 +117,7 @@ class DiMOOPipeline:
         from dimoo_npu.checkpoint import load_model, resolve_target
         from dimoo_npu.config import DiMOOConfig
 
-        folder = Path(path)
+        folder = resolve_checkpoint(path)
         config = DiMOOConfig.from_json(folder)
         target = resolve_target(device)
         text_tokenizer = load_text_tokenizer(folder)

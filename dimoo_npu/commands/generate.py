@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common = parser.add_argument_group("model and run")
     common.add_argument(
         "--checkpoint",
-        help="DiMOO checkpoint folder (config.json, weights, tokenizer, vqvae/); default: the bundled one",
+        help="DiMOO checkpoint folder (config.json, weights, tokenizer, vqvae/), or a Hugging Face repo id already "
+        "in the local cache (e.g. Alpha-VLLM/Lumina-DiMOO; nothing is downloaded); default: the bundled model",
     )
     common.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (auto: npu, then cuda, then cpu)")
     common.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto: fp32 on CPU, bf16 otherwise")
@@ -126,7 +127,9 @@ def _add_image_sampling_arguments(parser: argparse.ArgumentParser, name: str) ->
         "--cfg-scale", type=float, default=CheckpointDefault(cfg_scale), help="text guidance scale (0 = off)"
     )
     if name == "edit":
-        group.add_argument("--cfg-img", type=float, default=cfg_img, help="image guidance scale (0 = off)")
+        group.add_argument(
+            "--cfg-img", type=float, default=CheckpointDefault(cfg_img), help="image guidance scale (0 = off)"
+        )
     group.add_argument("--use-cache", action="store_true", help="ML-Cache: reuse confident positions between steps")
     group.add_argument("--cache-ratio", type=float, default=0.9, help="share of positions reused on cached steps")
     group.add_argument("--warmup-ratio", type=float, default=0.3, help="share of first steps always computed in full")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from dimoo_npu.checkpoint import with_max_layers
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import InputError
+from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.lengths import length_cap
 from dimoo_npu.numerics.backends import ModelSlot, Target, check_onnx_plan, require_available, run_target
 from dimoo_npu.numerics.capture import layer_names
@@ -132,7 +133,7 @@ def run_check(
 
     ``max_layers=N`` checks the first N blocks and the head only, reading only their weights.
     """
-    folder = Path(checkpoint)
+    folder = resolve_checkpoint(checkpoint)
     config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     dtype = dtype_name(dtype)
     require_available(targets)

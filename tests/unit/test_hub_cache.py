@@ -134,7 +134,6 @@ def test_cache_folder_as_huggingface_hub_finds_it(variables, expected, tmp_path,
     assert envs.hf_hub_cache() == Path(expected.format(t=tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="until DiMOOPipeline.from_pretrained and the CLI call resolve_checkpoint")
 def test_pipeline_and_cli_take_a_cached_name(in_cache, tmp_path, caplog):
     from dimoo_npu.cli import main
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
