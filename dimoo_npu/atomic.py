@@ -9,6 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary name beside ``path``, flush it to disk, then rename it into place."""
     path = Path(path)
@@ -38,6 +45,7 @@ def replace_directory(folder: str | os.PathLike, fill: Callable[[Path], object])
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        staging.chmod(0o777 & ~umask())  # mkdtemp makes it private; the folder gets the mode mkdir would give
         fill(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from dimoo_npu.errors import InputError
+from dimoo_npu.validate import (
+    check_finite,
+    check_image_dimension,
+    check_seeds,
+    check_text,
+    output_file,
+    read_text_file,
+    resolved,
+)
 
 # Per task: fields a request may carry, and those it must have.
 TASK_FIELDS: dict[str, tuple[set[str], set[str]]] = {
@@ -43,11 +52,9 @@ class Request:
 def read_batch_file(path: str | os.PathLike, task: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped), each checked against the task's fields."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"batch file {path} does not exist: check the path")
     allowed = TASK_FIELDS[task][0]
     lines = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, "batch file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -81,6 +88,7 @@ def check_field_types(item: dict[str, Any], where: str) -> None:
         if not ok or isinstance(value, bool):
             expected = {int: "an integer", float: "a number", str: "a string"}[kind]
             raise InputError(f"{where}: {key} must be {expected}, not {value!r}")
+        check_finite(f"{where}: {key}", value)
 
 
 def build_requests(task: str, flags: dict[str, Any], batch_file: str | None) -> list[Request]:
@@ -95,7 +103,19 @@ def build_requests(task: str, flags: dict[str, Any], batch_file: str | None) -> 
             where = f"request {request.index + 1} of the batch file" if batch_file else "the command"
             flags_text = ", ".join("--" + name.replace("_", "-") for name in missing)
             raise InputError(f"{where} has no {', '.join(missing)}: pass {flags_text} (or set it in every line)")
+        check_request_values(request)
     return requests
+
+
+def check_request_values(request: Request) -> None:
+    """Values a JSON type check lets through: blank prompts, sizes <= 0, seeds no generator takes."""
+    for name in ("prompt", "question"):
+        check_text(f"{name} of request {request.index + 1}", request[name])
+    for name in ("width", "height"):
+        if request[name] is not None:
+            check_image_dimension(f"{name} of request {request.index + 1}", request[name])
+    if request["seed"] is not None:
+        check_seeds(request["seed"])
 
 
 def process_share() -> tuple[int, int, int]:
@@ -117,7 +137,8 @@ def my_share(requests: list[Request], rank: int, world: int) -> list[Request]:
 
 def output_paths(requests: list[Request], task: str, output: str | None, output_dir: str) -> list[Path]:
     """Each request's PNG path: its ``output`` field (under ``output_dir``), ``--output`` for a single
-    request, else ``<task>_<index>_seed<seed>.png``; the same path twice is refused."""
+    request, else ``<task>_<index>_seed<seed>.png``; one file twice is refused, however it is spelt
+    (``..``, symlinks), before any sampling."""
     if output and len(requests) > 1:
         raise InputError(
             "--output names one file but there are several requests: use --output-dir, or an "
@@ -130,16 +151,19 @@ def output_paths(requests: list[Request], task: str, output: str | None, output_
         paths.append(path if path.is_absolute() or (output and not request["output"]) else Path(output_dir) / path)
     seen: dict[Path, int] = {}
     for request, path in zip(requests, paths, strict=True):
-        if path in seen:
+        output_file(path, "output", ".png")
+        real = resolved(path, "output")
+        if real in seen:
             raise InputError(
-                f"requests {seen[path] + 1} and {request.index + 1} both write {path}: give each its own 'output'"
+                f"requests {seen[real] + 1} and {request.index + 1} both write {real}: give each its own 'output'"
             )
-        seen[path] = request.index
+        seen[real] = request.index
     return paths
 
 
 def assign_seeds(requests: list[Request], base_seed: int) -> None:
     """A request without a seed gets ``base_seed + index``: fixed whatever the batching or the rank."""
+    check_seeds(base_seed, len(requests))
     for request in requests:
         if request["seed"] is None:
             request.fields["seed"] = base_seed + request.index

@@ -8,7 +8,6 @@ and centre-cropped (the public code picks a random offset; the spec asks for the
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from dimoo_npu.errors import InputError
+from dimoo_npu.validate import input_file
 
 PATCH = 32  # bucket granularity in pixels
 PIXELS_PER_CELL = 16  # VQ downsampling: one image token per 16 x 16 pixels
@@ -23,15 +23,31 @@ PIXELS_PER_CELL = 16  # VQ downsampling: one image token per 16 x 16 pixels
 
 def load_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later), converted to ``mode``."""
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"image {file} does not exist: check the path")
+    file = input_file(path, "image")
     try:
         with Image.open(file) as image:
             image.load()
-            return image.convert(mode)
+            return to_8bit(image).convert(mode)
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"image {file} has more pixels than Pillow reads safely (a possible decompression bomb): "
+            "pass a smaller image"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(f"cannot read image {file} ({err}): pass a readable PNG or JPEG file") from None
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey images scaled to 8 bits (Pillow's own conversion clips them to white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        wide = image.mode != "I" or values.max(initial=0) > 255  # an "I" image of 8-bit values stays as is
+        return Image.fromarray((values >> 8 if wide else values).astype(np.uint8))
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        values = np.nan_to_num(values * 255 if values.max(initial=0) <= 1 else values)
+        return Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
+    return image
 
 
 def crop_size_list(budget: int, patch: int = PATCH, max_ratio: float = 4.0) -> list[tuple[int, int]]:

@@ -13,14 +13,14 @@ from typing import IO, Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from dimoo_npu.atomic import umask
 from dimoo_npu.errors import InputError
+from dimoo_npu.validate import output_file
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an output that exists (unless ``overwrite``) before any compute is spent on it."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder: name a file")
+    path = output_file(path)
     if path.exists() and not overwrite:
         raise InputError(f"output {path} already exists: pass --overwrite to replace it, or choose another output")
     return path
@@ -33,6 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], ov
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~umask())  # mkstemp makes it private (0600); outputs get the usual mode
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
