@@ -7,13 +7,20 @@ Each command lives in ``dimoo_npu.commands.<module>`` with ``add_arguments(parse
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from dimoo_npu import envs
 from dimoo_npu.adapters import BackendUnavailableError
 from dimoo_npu.errors import DimooError
+from dimoo_npu.validate import check_args
 
 # command name -> (module under dimoo_npu.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,10 +54,57 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=envs.log_level(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_args(vars(args))
         return int(args._module.run(args) or 0)
-    except (DimooError, BackendUnavailableError, FileNotFoundError, FileExistsError) as err:
-        logging.getLogger("dimoo").error("%s", err)
+    except (Exception, KeyboardInterrupt) as err:  # the one place exceptions become exit codes
+        return exit_code(err, sys.argv[1:] if argv is None else argv)
+
+
+# errno -> what to do about it; these OSErrors are the user's to fix (exit 2), not bugs.
+DISK_ERRORS = {
+    errno.ENOSPC: "free some space, or write somewhere else",
+    errno.EDQUOT: "free some space under your quota, or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "check its permissions, or use another path",
+    errno.EPERM: "check its permissions, or use another path",
+}
+
+
+def exit_code(err: BaseException, argv: list[str]) -> int:
+    """User errors: one line, exit 2. Ctrl-C: 130. Anything else: one line naming the traceback's file, exit 1."""
+    log = logging.getLogger("dimoo")
+    if isinstance(err, (DimooError, BackendUnavailableError, FileNotFoundError, FileExistsError)):
+        log.error("%s", err)
         return 2
+    if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+        log.error("%s%s: %s", err.strerror, f" ({err.filename})" if err.filename else "", DISK_ERRORS[err.errno])
+        return 2
+    if isinstance(err, KeyboardInterrupt):
+        log.error("interrupted: no partial output was kept (outputs are written under temporary names first)")
+        return 130
+    where = None if envs.debug() else write_traceback(err, argv)
+    if where is None:  # asked for, or the temp folder cannot take it: print it in full
+        log.error("unexpected error", exc_info=err)
+        return 1
+    log.error(
+        "unexpected error %s: %s; the full traceback is in %s (report it, or set DIMOO_DEBUG=1 to print it)",
+        type(err).__name__,
+        err,
+        where,
+    )
+    return 1
+
+
+def write_traceback(err: BaseException, argv: list[str]) -> Path | None:
+    """The command line and the traceback in a new file under the temp folder (None if it cannot be written)."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=f"dimoo-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(f"dimoo {' '.join(argv)}\n\n")
+            file.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    except OSError:
+        return None
+    return Path(name)
 
 
 if __name__ == "__main__":

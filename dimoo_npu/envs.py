@@ -4,6 +4,7 @@
   ``attention=reference,rms_norm=torch``; implementations are ``reference``, ``torch``, ``npu``.
 - ``DIMOO_DEVICE``: the device ``auto`` resolves to when set (``cpu``, ``cuda``, ``npu``).
 - ``DIMOO_LOG_LEVEL``: logging level of the ``dimoo`` command (default ``INFO``).
+- ``DIMOO_DEBUG``: ``1`` prints the full traceback of an unexpected error instead of writing it to a log file.
 - ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``XDG_CACHE_HOME``/huggingface/hub (``~/.cache``): the Hugging
   Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.hub_cache`; never downloaded).
 - ``WORLD_SIZE`` (set by torchrun): the number of ranks ``dimoo train --check/--plan`` lays out (default 1).
@@ -23,6 +24,10 @@ def ops_override() -> str:
 
 def device_override() -> str:
     return os.environ.get("DIMOO_DEVICE", "").strip()
+
+
+def debug() -> bool:
+    return os.environ.get("DIMOO_DEBUG", "").strip().lower() in ("1", "true", "yes")
 
 
 def log_level() -> str:
