@@ -64,6 +64,7 @@ class ModelArgs:
     init_from: str | None = None  # Hugging Face folder (config.json + safetensors) to start from
     config: dict[str, Any] | None = None  # LLaDA config.json dict for a fresh random model (tests, tiny runs)
     ops: str | None = None  # op override as DIMOO_OPS takes it, e.g. "reference"
+    preset: str | None = None  # built-in sizes (dimoo_npu.presets) for --check/--plan when init_from is absent
 
 
 @dataclass
@@ -114,11 +115,13 @@ class TrainConfig:
             raise ConfigError(f"data.cond_drop_prob {self.data.cond_drop_prob} is not a probability in [0, 1]")
         if g.min_lr > g.lr:
             raise ConfigError(f"gpt_args.min_lr {g.min_lr} is above lr {g.lr}: lower min_lr or raise lr")
-        if (self.model.init_from is None) == (self.model.config is None):
+        if (self.model.init_from is None) == (self.model.config is None) and self.model.preset is None:
             raise ConfigError(
                 "set exactly one of model.init_from (a Hugging Face folder) and model.config "
-                "(a config.json dict for a fresh model)"
+                "(a config.json dict for a fresh model), or model.preset (built-in sizes, e.g. lumina-dimoo-8b)"
             )
+        if self.model.preset is not None and self.model.config is not None:
+            raise ConfigError("model.preset and model.config both give the model's sizes: keep one of them")
         if not self.data.shards:
             raise ConfigError("data.shards is empty: point it at the folder `dimoo pretokenize` wrote")
 

@@ -14,18 +14,26 @@ import torch
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.parallel import ParallelDims, ParallelOptions
+from dimoo_npu.presets import preset_config
 from dimoo_npu.train.config import TrainConfig
 
 
 def model_config_of(config: TrainConfig) -> DiMOOConfig:
-    """The model's config: ``init_from``'s config.json, or the ``model.config`` dict of a fresh model."""
+    """The model's config: ``init_from``'s config.json, else ``model.preset``, else the ``model.config`` dict.
+
+    A preset stands in for a checkpoint folder that is not here (planning a cluster from a laptop)."""
     if config.model.init_from is not None:
+        if not Path(config.model.init_from).is_dir() and config.model.preset is not None:
+            return preset_config(config.model.preset)
         if not Path(config.model.init_from).is_dir():
             raise ConfigError(
                 f"model.init_from {config.model.init_from} is not a folder: point it at a Hugging Face "
-                "checkpoint folder (config.json + *.safetensors)"
+                "checkpoint folder (config.json + *.safetensors), or set model.preset (e.g. lumina-dimoo-8b) to plan "
+                "without it"
             )
         return DiMOOConfig.from_json(config.model.init_from)
+    if config.model.preset is not None:
+        return preset_config(config.model.preset)
     return DiMOOConfig.from_dict({"model_type": "llada", **config.model.config})
 
 
