@@ -1,0 +1,338 @@
+"""8B dress rehearsal on CPU: an 8B-shaped checkpoint in the public layout, loaded and run as a user would.
+
+Writes a checkpoint shaped like Lumina-DiMOO (LLaDA-8B: d_model 4096, 32 layers, 32 heads, MLP 12288, vocabulary
+134548, untied head, rope_theta 500000; bf16 safetensors in ~5 GB shards with an index; the public-layout test
+tokenizer and the tiny fixture's VQ-VAE), then, each step in a fresh process so its peak RSS is its own:
+
+1. ``load``: `load_model` of every weight in bf16: wall time and peak RSS growth against the weights' bytes;
+2. ``forward``: `load_model(max_layers=N)` (only the embedding, N blocks, final norm and head are read) and one
+   forward of a 1024x1024 text-to-image input (4182 tokens) to the image-code logits,
+   in fp32 by default (``--dtype``): on a CPU without AVX512-BF16/AMX, bf16 matmuls run several times slower;
+3. ``check``: ``dimoo check --layers N --backends cpu-ref,cpu`` on that checkpoint (short seeded input).
+
+The shard files are evicted from the page cache (posix_fadvise) before each load, so reads come from disk.
+Weights are random: each chunk is a rotated, sign-scrambled slice of one pool of small random bf16 values, so
+writing costs little more than the disk. Prints one JSON object of figures; deletes the checkpoint unless --keep.
+
+    python scripts/rehearse_8b.py [--out DIR] [--layers 2] [--keep] [--shape 8b|small]
+
+``--shape small`` runs the same steps on a tiny shape with the real vocabulary (tests/unit/test_rehearsal.py).
+Out of the default test suite: the 8B run writes 16 GB and needs ~18 GB of free memory for step 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+VOCAB = 134548
+SHAPES = {
+    "8b": {"d_model": 4096, "n_layers": 32, "n_heads": 32, "mlp_hidden_size": 12288, "shard_bytes": 5_000_000_000},
+    "small": {"d_model": 64, "n_layers": 2, "n_heads": 4, "mlp_hidden_size": 128, "shard_bytes": 8_000_000},
+}
+CHUNK = 16 << 20  # elements written per chunk
+WIDTH, HEIGHT = 1024, 1024
+PROMPT_TOKENS = 18  # text ids behind issue 12's figures: 18 + 64 rows x 65 + 4 = 4182 (1024x1024), 4678 (1536x768)
+
+logger = logging.getLogger("rehearse_8b")
+
+
+def public_config(shape: str) -> dict:
+    """The fixture's public-layout config.json with the sizes of ``shape`` (LLaDA-8B's for "8b")."""
+    config = json.loads((FIXTURES / "tiny-dimoo" / "checkpoint" / "config.json").read_text())
+    sizes = {k: v for k, v in SHAPES[shape].items() if k != "shard_bytes"}
+    config.update(sizes, n_kv_heads=sizes["n_heads"], embedding_size=VOCAB, vocab_size=VOCAB)
+    config.update(rope_theta=500000.0, max_sequence_length=4096, weight_tying=False, torch_dtype="bfloat16")
+    return config
+
+
+def weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight's name and shape in module order (embedding, blocks, final norm, head), as shards hold them."""
+    from dimoo_npu.config import DiMOOConfig
+    from dimoo_npu.model import DiMOOModel
+
+    with torch.device("meta"):
+        model = DiMOOModel(DiMOOConfig.from_dict(config))
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+@functools.cache
+def _pool() -> np.ndarray:
+    """CHUNK random bf16 bit patterns with |x| in [2^-7, 2^-5) (mean |x| ~ 0.018, like LLaDA's init std 0.02)."""
+    return np.random.default_rng(0).integers(0, 1 << 16, CHUNK, dtype=np.uint16) & 0x80FF | 0x3C00
+
+
+def _write_tensor(handle, name: str, numel: int, rng: np.random.Generator) -> None:
+    if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+        ones = np.full(min(numel, CHUNK), 0x3F80, dtype=np.uint16)  # bf16 1.0
+        for first in range(0, numel, CHUNK):
+            handle.write(ones[: min(CHUNK, numel - first)].tobytes())
+        return
+    for first in range(0, numel, CHUNK):
+        count = min(CHUNK, numel - first)
+        offset, key = int(rng.integers(CHUNK)), np.uint16(rng.integers(1 << 16) & 0x807F)
+        chunk = np.roll(_pool(), offset)[:count] ^ key  # sign and mantissa scrambled: still in [2^-7, 2^-5)
+        handle.write(chunk.tobytes())
+
+
+def _write_shard(path: Path, tensors: dict[str, tuple[int, ...]], seed: int) -> None:
+    header, start = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors.items():
+        nbytes = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [start, start + nbytes]}
+        start += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    rng = np.random.default_rng(seed)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        for name, shape in tensors.items():
+            _write_tensor(handle, name, int(np.prod(shape)), rng)
+
+
+def write_checkpoint(folder: Path, shape: str) -> dict:
+    """The checkpoint in the public layout; returns its figures (bytes, shards, seconds)."""
+    from dimoo_npu.atomic import write_atomically, write_text_atomically
+    from dimoo_npu.checkpoint import INDEX_NAME
+
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    config = public_config(shape)
+    shapes = weight_shapes(config)
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    size = 0
+    for name, dims in shapes.items():
+        nbytes = int(np.prod(dims)) * 2
+        if shards[-1] and size + nbytes > SHAPES[shape]["shard_bytes"]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = dims
+        size += nbytes
+    weight_map = {}
+    for i, tensors in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_atomically(folder / name, lambda tmp, tensors=tensors, i=i: _write_shard(tmp, tensors, i))
+        weight_map.update(dict.fromkeys(tensors, name))
+    total = sum(int(np.prod(dims)) * 2 for dims in shapes.values())
+    write_text_atomically(
+        folder / INDEX_NAME, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    write_text_atomically(folder / "config.json", json.dumps(config, indent=2))
+    shutil.copy(FIXTURES / "tiny-dimoo" / "checkpoint" / "generation_config.json", folder)
+    shutil.copytree(FIXTURES / "tiny-dimoo" / "checkpoint" / "vqvae", folder / "vqvae")
+    tokenizer = FIXTURES / "public-tokenizer"
+    for path in tokenizer.glob("*.json") if tokenizer.is_dir() else ():
+        shutil.copy(path, folder)
+    params = sum(int(np.prod(dims)) for dims in shapes.values())
+    return {
+        "parameters": params,
+        "weights_bytes": total,
+        "shards": len(shards),
+        "tokenizer": tokenizer.is_dir(),
+        "write_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+# ---- steps, each run in a child process (`--step NAME FOLDER LAYERS`) ----
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _evict(folder: Path) -> None:
+    """Drop the shards from the page cache so the load reads the disk (only these files; no root needed)."""
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _start_measuring() -> int:
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    return before
+
+
+def step_load(folder: Path, layers: int, dtype: str) -> dict:
+    from dimoo_npu.checkpoint import load_model
+
+    _evict(folder)
+    before = _start_measuring()
+    started = time.perf_counter()
+    model = load_model(folder, dtype=torch.bfloat16)
+    seconds = time.perf_counter() - started
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    growth = (_status_kib("VmHWM") - before) * 1024
+    return {
+        "seconds": round(seconds, 1),
+        "weights_bytes": weights,
+        "read_gb_per_s": round(weights / seconds / 1e9, 3),
+        "peak_rss_growth_bytes": growth,
+        "peak_rss_growth_over_weights": round(growth / weights, 3),
+    }
+
+
+def t2i_input(config) -> tuple[torch.Tensor, int]:
+    """The 1024x1024 text-to-image input (every image cell MASK, rows with end-of-line) and its first cell's index.
+
+    The text part is ``PROMPT_TOKENS`` random text ids, so the input has the 4182 tokens of the public default
+    size whatever tokenizer the checkpoint has (the test tokenizer encodes the template into more tokens).
+    """
+    from dimoo_npu import sequences
+    from dimoo_npu.image_prep import PIXELS_PER_CELL
+
+    tokens = config.special_tokens
+    prompt = torch.randint(0, tokens["eos"], (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))
+    grid = (HEIGHT // PIXELS_PER_CELL, WIDTH // PIXELS_PER_CELL)
+    request = sequences.text_to_image(prompt, None, sequences.masked_cells(grid, tokens), tokens)
+    return request.prompt, request.code_start
+
+
+def step_forward(folder: Path, layers: int, dtype: str) -> dict:
+    from dimoo_npu.checkpoint import load_model
+
+    _evict(folder)
+    before = _start_measuring()
+    started = time.perf_counter()
+    model = load_model(folder, dtype=getattr(torch, dtype), max_layers=layers)
+    load_seconds = time.perf_counter() - started
+    config = model.config
+    ids, code_start = t2i_input(config)
+    rows, cols = HEIGHT // 16, WIDTH // 16
+    cells = code_start + torch.arange(rows)[:, None] * (cols + 1) + torch.arange(cols)  # skip end-of-line ids
+    offset = config.special_tokens["image_offset"]
+    vocab = (offset, offset + config.special_tokens["codebook_size"])
+    started = time.perf_counter()
+    with torch.no_grad():
+        logits = model(ids[None], logits_for=cells.reshape(1, -1), vocab_range=vocab)
+    seconds = time.perf_counter() - started
+    return {
+        "layers": layers,
+        "dtype": dtype,
+        "load_seconds": round(load_seconds, 1),
+        "weights_read_bytes": sum(p.numel() * 2 for p in model.parameters()),  # bf16 bytes on disk
+        "tokens": len(ids),
+        "logits_shape": list(logits.shape),
+        "logits_finite": bool(torch.isfinite(logits).all()),
+        "forward_seconds": round(seconds, 1),
+        "peak_rss_growth_bytes": (_status_kib("VmHWM") - before) * 1024,
+    }
+
+
+def step_check(folder: Path, layers: int, dtype: str) -> dict:
+    from dimoo_npu.cli import main
+
+    out = folder / "check.json"
+    argv = ["check", "--checkpoint", str(folder), "--layers", str(layers), "--backends", "cpu-ref,cpu"]
+    before = _start_measuring()
+    started = time.perf_counter()
+    code = main([*argv, "--length", "64", "--json", str(out)])
+    seconds = time.perf_counter() - started
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    layers_report = report.get("backends", {}).get("cpu", {}).get("layers", [])
+    return {
+        "command": "dimoo " + " ".join(argv) + " --length 64",
+        "exit_code": code,
+        "passed": report.get("passed"),
+        "max_abs_by_layer": {row["layer"]: row["max_abs"] for row in layers_report},
+        "seconds": round(seconds, 1),
+        "peak_rss_growth_bytes": (_status_kib("VmHWM") - before) * 1024,
+    }
+
+
+STEPS = {"load": step_load, "forward": step_forward, "check": step_check}
+
+
+def run_step(name: str, folder: Path, layers: int, dtype: str, fresh_process: bool = True) -> dict:
+    """One step in a fresh Python process (its peak RSS is then its own); its figures back."""
+    if not fresh_process:
+        return STEPS[name](folder, layers, dtype)
+    command = [sys.executable, __file__, "--step", name, str(folder), str(layers), dtype]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def rehearse(
+    out: Path | None, shape: str, layers: int, keep: bool, dtype: str = "float32", fresh_processes: bool = True
+) -> dict:
+    """Every step on a fresh checkpoint under ``out``; the figures as one dict.
+
+    ``fresh_processes=False`` runs the steps in this process (the test's shortcut: peak RSS is then shared).
+    """
+    parent = out or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    config = public_config(shape)
+    if not 1 <= layers <= config["n_layers"]:
+        raise SystemExit(f"--layers {layers} must be between 1 and {config['n_layers']}")
+    disk = sum(int(np.prod(dims)) * 2 for dims in weight_shapes(config).values())
+    if shutil.disk_usage(parent).free < disk * 1.05:
+        raise SystemExit(
+            f"{parent} has {shutil.disk_usage(parent).free / 1e9:.1f} GB free; the checkpoint needs "
+            f"{disk / 1e9:.1f} GB: pass --out on a larger disk"
+        )
+    folder = Path(tempfile.mkdtemp(prefix=f"dimoo-rehearsal-{shape}-", dir=parent))
+    try:
+        figures = {"shape": shape, "checkpoint": str(folder), **write_checkpoint(folder, shape)}
+        needed = figures["weights_bytes"] * 1.1 + (1 << 30)
+        if _mem_available() < needed:
+            figures["load"] = {
+                "skipped": f"needs ~{needed / 1e9:.1f} GB free, {_mem_available() / 1e9:.1f} GB available"
+            }
+        else:
+            figures["load"] = run_step("load", folder, layers, dtype, fresh_processes)
+        figures["forward"] = run_step("forward", folder, layers, dtype, fresh_processes)
+        figures["check"] = run_step("check", folder, layers, dtype, fresh_processes)
+        return figures
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="parent folder of the checkpoint (default: the system temp folder)")
+    parser.add_argument("--layers", type=int, default=2, help="blocks for the forward and the check (default 2)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: delete it at the end)")
+    parser.add_argument("--shape", choices=SHAPES, default="8b", help="8b (default) or small (the test's)")
+    parser.add_argument("--dtype", default="float32", help="dtype of the forward step (default float32)")
+    parser.add_argument("--step", nargs=4, metavar=("NAME", "FOLDER", "LAYERS", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.step:
+        name, folder, layers, dtype = args.step
+        sys.stdout.write(json.dumps(STEPS[name](Path(folder), int(layers), dtype)) + "\n")
+        return 0
+    figures = rehearse(args.out, args.shape, args.layers, args.keep, args.dtype)
+    sys.stdout.write(json.dumps(figures, indent=2) + "\n")
+    return 0 if all("error" not in figures[step] for step in STEPS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
