@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from dimoo_npu import envs
 from dimoo_npu.commands import emit
+from dimoo_npu.commands.plan import add_train_plan_arguments, plan_train
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -30,6 +32,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="validate the config and the parallel layout for this world size, then exit",
     )
+    add_train_plan_arguments(parser)
 
 
 def _pretokenize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +73,12 @@ def _train(args: argparse.Namespace) -> int:
     from dimoo_npu.train.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.plan or args.sweep:
+        return plan_train(config, args)
     if args.check:
         from dimoo_npu.train.layout import model_config_of, plan_layout
 
-        world = int(os.environ.get("WORLD_SIZE", 1))
+        world = envs.world_size()
         dims, options = plan_layout(config, model_config_of(config), world)
         emit(
             f"ok: world {world} = pp {dims.pp} x dp {dims.dp} x tp {dims.tp}, {options.microbatches} "
