@@ -66,10 +66,24 @@ class DiMOOBlock(nn.Module):
         self.ff_proj = nn.Linear(d, hidden, bias=False)  # gate
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.ff_out = nn.Linear(hidden, d, bias=False)
+        # The fused inference layout (`fuse_projections`): [q; k; v] and [gate; up] weights, None when not fused.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+
+    def _qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is None:
+            return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        widths = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        return F.linear(h, self.qkv_weight).split(widths, dim=-1)
+
+    def _mlp(self, n: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is None:
+            return self.ff_out(self.ops.swiglu(self.ff_proj(n), self.up_proj(n)))
+        return self.ff_out(self.ops.swiglu_packed(F.linear(n, self.gate_up_weight)))
 
     def forward(
         self,
@@ -80,17 +94,23 @@ class DiMOOBlock(nn.Module):
         cache: KVCacheLike | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """key_padding_mask: what ``ops.attention_mask`` made of the (B, Lk) mask (or the mask itself), or None."""
         h = self.attn_norm(x)
-        q = self.ops.rotary(self._heads(self.q_proj(h)), cos, sin)
-        k = self.ops.rotary(self._heads(self.k_proj(h)), cos, sin)
-        v = self._heads(self.v_proj(h))
+        q, k, v = self._qkv(h)
+        q = self.ops.rotary(self._heads(q), cos, sin)
+        k = self.ops.rotary(self._heads(k), cos, sin)
+        v = self._heads(v)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, positions)  # full-length (B, H, Lk, D)
         attn = self.ops.attention(q, k, v, key_padding_mask, self.scale)  # (B, H, L, D)
         # Length from attn, not x: under sequence parallelism x holds only this rank's slice of the sequence.
-        x = x + self.attn_out(attn.transpose(1, 2).flatten(2))  # (B, L, H*D)
-        n = self.ff_norm(x)
-        return x + self.ff_out(self.ops.swiglu(self.ff_proj(n), self.up_proj(n)))
+        out = self.attn_out(attn.transpose(1, 2).flatten(2))  # (B, L, H*D)
+        if self.gate_up_weight is None:  # training layout: separate ops (add_rms_norm has no backward on npu)
+            x = x + out
+            n = self.ff_norm(x)
+        else:
+            n, x = self.ops.add_rms_norm(x, out, self.ff_norm.weight, self.ff_norm.eps)
+        return x + self._mlp(n)
 
 
 class DiMOOTransformer(nn.Module):
@@ -200,13 +220,14 @@ class DiMOOModel(nn.Module):
         if positions is None:
             positions = self._default_positions(x, key_mask)
         cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        mask = None if key_mask is None else self.ops.attention_mask(key_mask, x.shape[1])  # once, not per block
         for block in tr.blocks.values():
-            x = block(x, cos, sin, key_mask, cache, positions)
+            x = block(x, cos, sin, mask, cache, positions)
         if tr.ln_f is None:
             return x
-        x = tr.ln_f(x)
-        if logits_for is not None:
+        if logits_for is not None:  # the norm is per position: normalise only the K positions the head sees
             x = x.gather(1, logits_for[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, d)
+        x = tr.ln_f(x)
         weight = tr.ff_out.weight
         if vocab_range is not None:
             weight = weight[vocab_range[0] : vocab_range[1]]
@@ -218,3 +239,32 @@ class DiMOOModel(nn.Module):
         if key_mask is None or key_mask.shape[1] != length:
             return torch.arange(length, device=x.device).expand(batch, length)
         return (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding alike
+
+
+def fuse_projections(model: DiMOOModel) -> DiMOOModel:
+    """The inference layout, in place: one [q; k; v] and one [gate; up] matmul per block, residual add + norm fused.
+
+    The separate projection weights become views into the fused ones (no second copy), so ``state_dict()`` keeps
+    the checkpoint's names and values (export-hf, DCP and ``dimoo check`` see the public layout) and loading a
+    state dict writes through to the fused weights. For sampling only: call it after the model has its device and
+    dtype (``.to()`` would copy the views apart), and train on an unfused model (its TP plan shards the separate
+    projections; npu's add_rms_norm has no backward). Calling it twice is harmless.
+    """
+    for block in model.transformer.blocks.values():
+        if block.qkv_weight is not None:
+            continue
+        with torch.no_grad():
+            block.qkv_weight = _fuse(block.q_proj, block.k_proj, block.v_proj)
+            block.gate_up_weight = _fuse(block.ff_proj, block.up_proj)  # gate first: npu_swiglu gates the first half
+    return model
+
+
+def _fuse(*linears: nn.Linear) -> torch.Tensor:
+    """cat of the linears' weights along the output dim; each linear's weight becomes a view into it."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(fused[start : start + rows], requires_grad=linear.weight.requires_grad)
+        start += rows
+    return fused

@@ -5,11 +5,15 @@ so torch.compile and graph capture see static code.
 
 Op signatures (shapes use B batch, H heads, L/Lq/Lk lengths, D head dim, C channels):
 - ``attention(q, k, v, key_padding_mask, scale) -> out``: q (B, H, Lq, D), k/v (B, H, Lk, D),
-  key_padding_mask (B, Lk) bool, True = real key, or None; bidirectional; out (B, H, Lq, D).
+  key_padding_mask (B, Lk) bool, True = real key, or None; bidirectional; out (B, H, Lq, D). The model hands it
+  ``attention_mask(key_padding_mask, Lq)`` instead, made once per forward in the kernel's own form.
 - ``rms_norm(x, weight, eps) -> y``: normalise over the last dim, eps inside the square root.
 - ``rotary(x, cos, sin) -> y``: x (B, H, L, D), cos/sin (B or 1, 1, L, D) fp32 holding the angle of
   pair (i, i + D/2) at both i and i + D/2 ("rotate half", NeoX convention).
 - ``swiglu(gate, up) -> silu(gate) * up``.
+- ``add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)``: inference only (the
+  npu kernel has no backward).
+- ``swiglu_packed(gate_up) -> swiglu(*gate_up.chunk(2, -1))``: the fused [gate, up] projection as is.
 """
 
 from dimoo_npu.ops.registry import OP_NAMES, OpSet, available_implementations, resolve_ops

@@ -9,6 +9,8 @@ Contracts (Ascend/op-plugin, docs/zh/custom_APIs/torch_npu/ and op_plugin/config
 - ``npu_rms_norm`` returns ``(y, rstd)``; eps is the ``epsilon`` keyword, inside the square root.
 - ``npu_rotary_mul`` 'half' mode is the rotate-half (NeoX) convention with r1 = cos, r2 = sin.
 - ``npu_swiglu`` gates with the FIRST half: ``silu(x[..., :h]) * x[..., h:]``.
+- ``npu_add_rms_norm(x1, x2, gamma, epsilon)`` returns ``(y, rstd, x1 + x2)`` and has NO backward: inference only
+  (the model uses it only in its fused inference layout, see `dimoo_npu.model.fuse_projections`).
 """
 
 from __future__ import annotations
@@ -36,16 +38,27 @@ def attention_mask_for_npu(key_padding_mask: torch.Tensor, query_length: int) ->
     return hidden[:, None, None, :].expand(batch, 1, query_length, keys).contiguous(), has_key  # (B, 1, Lq, Lk)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """Bidirectional attention on ``npu_fusion_attention`` (BNSD); a row with no real key attends uniformly."""
+def attention_mask(key_padding_mask: torch.Tensor, query_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_mask_for_npu`, made once per forward rather than once per block (it copies B * Lq * Lk bools)."""
+    return attention_mask_for_npu(key_padding_mask, query_length)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask, scale: float) -> torch.Tensor:
+    """Bidirectional attention on ``npu_fusion_attention`` (BNSD); a row with no real key attends uniformly.
+
+    key_padding_mask: (B, Lk) bool, or what `attention_mask` made of it (rebuilt if made for another Lq, as
+    under sequence parallelism, where the residual stream the model sees is a slice of the queries).
+    """
     torch_npu = import_torch_npu()
     heads = q.shape[1]
     if key_padding_mask is None:
         # No mask: full bidirectional attention (sparse_mode and the tockens band do not apply).
         return torch_npu.npu_fusion_attention(q, k, v, heads, ATTENTION_LAYOUT, scale=scale, keep_prob=1.0)[0]
-    atten_mask, has_key = attention_mask_for_npu(key_padding_mask, q.shape[2])
+    if isinstance(key_padding_mask, torch.Tensor):
+        key_padding_mask = attention_mask_for_npu(key_padding_mask, q.shape[2])
+    atten_mask, has_key = key_padding_mask
+    if atten_mask.shape[2] != q.shape[2]:
+        atten_mask = atten_mask[:, :, :1].expand(-1, -1, q.shape[2], -1).contiguous()
     out = torch_npu.npu_fusion_attention(
         q, k, v, heads, ATTENTION_LAYOUT, atten_mask=atten_mask, scale=scale, keep_prob=1.0, sparse_mode=0
     )[0]  # (B, H, Lq, D)
@@ -56,6 +69,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Documented (x, gamma) dtype pairs: equal dtypes, or fp16/bf16 x with fp32 gamma; anything else is cast.
     gamma = weight if weight.dtype in (x.dtype, torch.float32) else weight.to(x.dtype)
     return import_torch_npu().npu_rms_norm(x, gamma, epsilon=eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one kernel; no backward, so inference only."""
+    y, _, summed = import_torch_npu().npu_add_rms_norm(x, residual, weight.to(x.dtype), epsilon=eps)
+    return y, summed
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -72,4 +93,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     # npu_swiglu splits its input in half along `dim` and applies silu to the first half: [gate, up].
-    return import_torch_npu().npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
+    return swiglu_packed(torch.cat([gate, up], dim=-1))
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """The fused [gate, up] projection's output as is: no cat (the layout `fuse_projections` makes)."""
+    return import_torch_npu().npu_swiglu(gate_up.contiguous(), dim=-1)

@@ -91,10 +91,27 @@ def swiglu_cases(generator: torch.Generator) -> list[OpCase]:
     return cases
 
 
+def add_rms_norm_cases(generator: torch.Generator) -> list[OpCase]:
+    cases = []
+    for b, length, channels in [(1, 1, 8), (2, 7, 32), (3, 13, 48)]:
+        x = 2 * torch.randn(b, length, channels, generator=generator)
+        residual = torch.randn(b, length, channels, generator=generator)
+        weight = 1 + 0.5 * torch.randn(channels, generator=generator)
+        cases.append(OpCase("add_rms_norm", f"x, residual ({b}, {length}, {channels})", (x, residual, weight, 1e-5)))
+    return cases
+
+
+def swiglu_packed_cases(generator: torch.Generator) -> list[OpCase]:
+    return [
+        OpCase("swiglu_packed", f"gate_up {shape}", (2 * torch.randn(shape, generator=generator),))
+        for shape in [(1, 1, 2), (2, 7, 160), (3, 13, 90)]
+    ]
+
+
 def op_cases(seed: int = 0) -> list[OpCase]:
     """Every op's cases: odd lengths, B > 1, several heads, padding with different lengths per row."""
     generator = torch.Generator().manual_seed(seed)
-    builders = (attention_cases, rms_norm_cases, rotary_cases, swiglu_cases)
+    builders = (attention_cases, rms_norm_cases, rotary_cases, swiglu_cases, add_rms_norm_cases, swiglu_packed_cases)
     return [case for build in builders for case in build(generator)]
 
 
@@ -109,19 +126,24 @@ def cast(case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu") -
     )
 
 
+def outputs(result: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """An op's outputs as a tuple (add_rms_norm returns two)."""
+    return result if isinstance(result, tuple) else (result,)
+
+
 def compare(
     fn: Callable, case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(implementation output, reference output), both fp32 on the CPU, on the same ``dtype`` inputs."""
+    """(implementation output, reference output), both fp32 on the CPU, on the same ``dtype`` inputs; an op with
+    several outputs gives them flattened one after the other."""
     args = cast(case, dtype, device)
-    got = fn(*args)
-    expected = getattr(reference, case.op)(*args)
-    if got.shape != expected.shape or got.dtype != expected.dtype:
+    got, expected = outputs(fn(*args)), outputs(getattr(reference, case.op)(*args))
+    shapes = [(t.dtype, tuple(t.shape)) for t in got]
+    if shapes != [(t.dtype, tuple(t.shape)) for t in expected]:
         raise AssertionError(
-            f"{case.op} [{case.name}] {dtype}: got {got.dtype} {tuple(got.shape)}, "
-            f"expected {expected.dtype} {tuple(expected.shape)}"
+            f"{case.op} [{case.name}] {dtype}: got {shapes}, expected {[(t.dtype, tuple(t.shape)) for t in expected]}"
         )
-    return got.float().cpu(), expected.float().cpu()
+    return (torch.cat([t.float().cpu().flatten() for t in ts]) for ts in (got, expected))
 
 
 def max_abs_error(fn: Callable, case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu") -> float:

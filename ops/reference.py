@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+def attention_mask(key_padding_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """The mask `attention` takes, made once per forward: here the key padding mask itself."""
+    return key_padding_mask
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
@@ -33,6 +38,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * weight.float()).to(x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a residual add that meets a norm; the sum is rounded to x's dtype."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -45,3 +58,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
+    """`swiglu` of a fused [gate, up] projection (gate first, as npu_swiglu splits it)."""
+    return swiglu(*gate_up.chunk(2, dim=-1))

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-OP_NAMES = ("attention", "rms_norm", "rotary", "swiglu")
+OP_NAMES = ("attention", "rms_norm", "rotary", "swiglu", "add_rms_norm", "swiglu_packed")
 
 _MODULES = {
     "reference": "dimoo_npu.ops.reference",
@@ -24,12 +24,19 @@ _DEFAULT_FOR_DEVICE = {"cpu": "torch", "cuda": "torch", "npu": "npu", "meta": "r
 
 @dataclass(frozen=True)
 class OpSet:
-    """The four op callables a model uses, plus the implementation name each came from."""
+    """The op callables a model uses, plus the implementation name each came from.
+
+    ``attention_mask`` is not an op of its own: it comes from the module of the chosen ``attention`` and turns the
+    key padding mask into that kernel's form once per forward.
+    """
 
     attention: Callable
     rms_norm: Callable
     rotary: Callable
     swiglu: Callable
+    add_rms_norm: Callable
+    swiglu_packed: Callable
+    attention_mask: Callable
     names: Mapping[str, str]
 
     def describe(self) -> str:
@@ -76,7 +83,8 @@ def resolve_ops(device_type: str = "cpu", overrides: Mapping[str, str] | str | N
     if "npu" in chosen.values():
         _require_torch_npu(chosen)
     fns = {op: getattr(importlib.import_module(_MODULES[impl]), op) for op, impl in chosen.items()}
-    return OpSet(**fns, names=chosen)
+    mask = importlib.import_module(_MODULES[chosen["attention"]]).attention_mask
+    return OpSet(**fns, attention_mask=mask, names=chosen)
 
 
 def _require_torch_npu(chosen: Mapping[str, str]) -> None:

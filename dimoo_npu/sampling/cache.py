@@ -32,8 +32,9 @@ class MLCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (full step, or positions None) or scatter the new rows at positions (B, K); return full K/V."""
         if self.full_step or positions is None:
-            self.keys[layer], self.values[layer] = k, v
-            return k, v
+            # contiguous: v may be a view into the fused [q; k; v] matmul output, which it would keep alive
+            self.keys[layer], self.values[layer] = k.contiguous(), v.contiguous()
+            return self.keys[layer], self.values[layer]
         index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, H, K, D)
         self.keys[layer].scatter_(2, index, k)
         self.values[layer].scatter_(2, index, v)

@@ -25,6 +25,9 @@ SCHEMAS = {
     'bool sync=False, str softmax_layout="", Tensor? sink=None, Tensor? dropout_mask=None, int seed=0, int offset=0) '
     "-> (Tensor, Tensor, Tensor, Tensor, int, int, int)",
     "npu_rms_norm": "npu_rms_norm(Tensor self, Tensor gamma, float epsilon=1e-06) -> (Tensor, Tensor)",
+    # The shape of the schema torchair's converters quote for the add_rms_norm family (npu_add_rms_norm_cast).
+    "npu_add_rms_norm": "npu_add_rms_norm(Tensor x1, Tensor x2, Tensor gamma, float epsilon=1e-06) "
+    "-> (Tensor, Tensor, Tensor)",
     "npu_rotary_mul": "npu_rotary_mul(Tensor self, Tensor r1, Tensor r2, str rotary_mode='half', Tensor? rotate=None) "
     "-> Tensor",
     "npu_swiglu": "npu_swiglu(Tensor self, int dim=-1) -> Tensor",
@@ -305,3 +308,16 @@ def test_no_cann_mode_fails_import_like_the_faq(fake_torch_npu_path, monkeypatch
 def test_fixture_leaves_no_torch_npu_behind():
     """Runs after the tests above (file order): their fixture teardown removed the fake and torch.npu."""
     assert "torch_npu" not in sys.modules and not hasattr(torch, "npu")
+
+
+def test_add_rms_norm_returns_norm_rstd_and_sum_and_has_no_backward(fake_torch_npu):
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.randn(2, 3, 8, generator=gen, requires_grad=True) for _ in range(2))
+    gamma = torch.randn(8, generator=gen)
+    y, rstd, x = fake_torch_npu.npu_add_rms_norm(x1, x2, gamma, epsilon=1e-5)
+    expected, _ = fake_torch_npu.npu_rms_norm(x1 + x2, gamma, epsilon=1e-5)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x, x1 + x2)
+    assert rstd.shape == (2, 3, 1) and rstd.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()

@@ -33,7 +33,7 @@ if _MODE == "accelerator_conflict":
 
 from torch_npu import npu  # noqa: E402
 from torch_npu._attention import npu_fusion_attention  # noqa: E402
-from torch_npu._ops import npu_rms_norm, npu_rotary_mul, npu_swiglu  # noqa: E402
+from torch_npu._ops import npu_add_rms_norm, npu_rms_norm, npu_rotary_mul, npu_swiglu  # noqa: E402
 
 
 def _expose_as_torch_npu() -> None:
@@ -47,4 +47,12 @@ def _expose_as_torch_npu() -> None:
 
 _expose_as_torch_npu()
 
-__all__ = ["__version__", "npu", "npu_fusion_attention", "npu_rms_norm", "npu_rotary_mul", "npu_swiglu"]
+__all__ = [
+    "__version__",
+    "npu",
+    "npu_add_rms_norm",
+    "npu_fusion_attention",
+    "npu_rms_norm",
+    "npu_rotary_mul",
+    "npu_swiglu",
+]

@@ -53,6 +53,43 @@ def npu_rms_norm(self, gamma, epsilon=1e-06):
     return (x * rstd * gamma.float()).to(self.dtype), rstd
 
 
+class _NoBackward(torch.autograd.Function):
+    """Identity forward whose backward fails like an op absent from derivatives.yaml."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("the derivative for 'npu_add_rms_norm' is not implemented (fake torch_npu)")
+
+
+def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
+    """Doc: Ascend/op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_add_rms_norm.md; op-plugin test
+    test/test_custom_ops/test_npu_add_rms_norm.py (its numpy reference).
+
+    x = x1 + x2 (in x1's dtype), y = x / sqrt(mean(x²) + eps) * gamma over gamma's trailing dims; returns
+    (y, rstd fp32 keepdim, x). No backward (test/test_base_ops/test_autograd_error_fallback.py): calling
+    ``.backward()`` through any output raises RuntimeError "not implemented".
+    """
+    check(1 <= x1.dim() <= 8, f"npu_add_rms_norm: x1 must have 1-8 dims, got {x1.dim()}")
+    check(x1.shape == x2.shape, f"npu_add_rms_norm: x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} differ")
+    for name, t in (("x1", x1), ("x2", x2), ("gamma", gamma)):
+        check(t.dtype in FLOAT_DTYPES, f"npu_add_rms_norm: {name} dtype {t.dtype} is not float16/bfloat16/float32")
+    check(x1.dtype == x2.dtype == gamma.dtype, "npu_add_rms_norm: x1, x2 and gamma must share one dtype")
+    check(
+        1 <= gamma.dim() <= x1.dim() and tuple(gamma.shape) == tuple(x1.shape[x1.dim() - gamma.dim() :]),
+        f"npu_add_rms_norm: gamma shape {tuple(gamma.shape)} must equal a trailing slice of x1 {tuple(x1.shape)}",
+    )
+    summed = x1 + x2
+    dims = tuple(range(summed.dim() - gamma.dim(), summed.dim()))
+    x = summed.float()
+    rstd = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + epsilon)
+    y = (x * rstd * gamma.float()).to(x1.dtype)
+    return tuple(_NoBackward.apply(t) for t in (y, rstd, summed))
+
+
 def _rotate(x: torch.Tensor, mode: str, rotate) -> torch.Tensor:
     if rotate is not None:
         return x @ rotate.float()  # doc: rotate(x) = x · rotate
