@@ -33,6 +33,8 @@ def check_positive(name: str, value: int) -> int:
 
 def check_seeds(seed: int, count: int = 1) -> int:
     """Request i uses ``seed + i``: every one of them must be a valid generator seed."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(f"seed {seed!r} is not an integer: pass a whole number such as 0")
     if not 0 <= seed <= SEED_LIMIT - count:
         raise InputError(
             f"seed {seed} is outside [0, 2^64 - {count}] for {count} request(s) (request i uses seed + i): "
@@ -42,7 +44,7 @@ def check_seeds(seed: int, count: int = 1) -> int:
 
 
 def check_image_dimension(name: str, value: int) -> int:
-    if value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InputError(f"{name} {value} must be a positive number of pixels (a multiple of 16, e.g. 512)")
     return value
 
@@ -76,6 +78,8 @@ def check_args(args: Mapping[str, Any]) -> None:
 
 def resolved(path: str | os.PathLike, what: str) -> Path:
     """The absolute path with every symlink followed; a symlink loop is refused by name."""
+    if "\0" in str(path):
+        raise InputError(f"{what} {path!r} contains a NUL character: name a real path")
     try:
         return Path(path).resolve()
     except (OSError, RuntimeError):
