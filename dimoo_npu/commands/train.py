@@ -105,6 +105,13 @@ def _pretokenize(args: argparse.Namespace) -> int:
         device=args.device,
     )
     summary = pretokenize(args.manifest, args.output, settings, args.chunk_size, args.workers)
+    if summary.samples == 0 and summary.chunks_skipped == 0:
+        from dimoo_npu.errors import InputError
+
+        raise InputError(
+            f"no sample written: all {summary.rejected} record(s) were rejected: see {args.output}/{REJECTED} "
+            "for each reason, fix the records or the limits (--max-length, --image-budget, --answer-length)"
+        )
     emit(
         f"{summary.samples} sample(s) written, {summary.rejected} rejected (see {args.output}/{REJECTED}), "
         f"{summary.chunks_skipped} shard(s) already done"

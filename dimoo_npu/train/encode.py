@@ -169,7 +169,13 @@ def check_record(record: Any) -> str:
     for key in REQUIRED[task]:
         if not record.get(key):
             raise InputError(f"a {task} record needs {key!r}")
-        if key != "answer" and not os.path.isfile(record[key]):
+        if key == "answer":
+            continue
+        if not isinstance(record[key], str):
+            raise InputError(f"{key} must be a path (a string), not {record[key]!r}")
+        if os.path.isdir(record[key]):
+            raise InputError(f"{key} {record[key]} is a folder: name an image file")
+        if not os.path.isfile(record[key]):
             raise InputError(f"missing image: {key} {record[key]} does not exist")
     return task
 

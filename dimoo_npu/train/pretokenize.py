@@ -237,7 +237,7 @@ def encode_chunk(encoder: RecordEncoder, chunk: Chunk, output: Path) -> tuple[in
                 continue
             except DimooError as err:
                 reason = str(err)
-            except (OSError, ValueError, RuntimeError) as err:  # a decoder or the VQ model choked on the file
+            except Exception as err:  # a record is data: whatever it does to a decoder or the VQ model, skip it
                 reason = f"unreadable: {type(err).__name__}: {err}"
         rejects.append({"line": number, "id": record.get("id") if record else None, "reason": reason})
     reject_path = output / REJECT_DIR / f"chunk-{chunk.index:06d}.jsonl"

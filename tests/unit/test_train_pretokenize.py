@@ -175,3 +175,40 @@ def test_the_folder_records_what_made_it(workspace, shards):
     assert record["settings"] == {"max_length": 400, "image_budget": None, "answer_length": 12, "chunk_size": 3}
     assert {"config.json", "tokenizer.json", "vqvae/diffusion_pytorch_model.safetensors"} <= set(record["files"])
     assert len(record["manifest_sha256"]) == 64
+
+
+def test_a_bad_record_of_any_kind_is_rejected_and_the_run_goes_on(workspace, settings, tmp_path, monkeypatch):
+    Image.new("RGB", (200, 200)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # huge.png is over twice this, a.png (48x64) is not
+    good = {"id": "good", "task": "t2i", "prompt": WORDS[0], "target_image": str(workspace / "a.png")}
+    bad = {
+        "bomb": {**good, "target_image": str(tmp_path / "huge.png")},
+        "number path": {**good, "target_image": 5},
+        "list path": {**good, "target_image": ["a.png"]},
+        "folder path": {**good, "target_image": str(workspace)},
+        "ratio text": {
+            "task": "inpaint",
+            "prompt": WORDS[4],
+            "target_image": str(workspace / "a.png"),
+            "mask_h_ratio": "half",
+        },  # fmt: skip
+    }
+    manifest = tmp_path / "manifest.jsonl"
+    lines = [json.dumps({**record, "id": name}) for name, record in bad.items()] + [json.dumps(good)]
+    manifest.write_text("\n".join(lines) + "\n")
+    summary = pretokenize(manifest, tmp_path / "out", settings, chunk_size=10)
+    rejected = {r["id"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / REJECTED).read_text().splitlines())}
+    assert (summary.samples, summary.rejected) == (1, len(bad)) and sorted(rejected) == sorted(bad)
+    assert "decompression bomb" in rejected["bomb"] and "is a folder: name an image file" in rejected["folder path"]
+    assert "must be a path" in rejected["list path"] and "must be a path" in rejected["number path"]
+
+
+def test_a_run_that_writes_no_sample_exits_non_zero(workspace, tmp_path, caplog):
+    from dimoo_npu.cli import main
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"id": "x", "task": "video", "prompt": "x"}) + "\n")
+    out = tmp_path / "out"
+    argv = ["pretokenize", str(manifest), str(out), "--checkpoint", str(workspace / "checkpoint")]
+    assert main(argv) == 2
+    assert "no sample written: all 1 record(s) were rejected" in caplog.text and REJECTED in caplog.text
