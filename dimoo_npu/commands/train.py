@@ -42,14 +42,23 @@ def _pretokenize_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("output", help="folder for shard-*.safetensors and rejected.jsonl (a rerun resumes)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder: text tokenizer, vqvae/, config.json")
-    parser.add_argument("--max-length", type=int, default=4096, help="reject samples longer than this (tokens)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="reject samples longer than this (tokens); default: the model's max_sequence_length",
+    )
     parser.add_argument(
         "--image-budget",
         type=int,
-        default=512,
-        help="crop images to the closest bucket of this size (pixels); 0 keeps their size",
+        help="crop images to the closest bucket of this size (pixels); 0 keeps their size; default: the "
+        "checkpoint's generation_defaults image_budget, else 512",
     )
-    parser.add_argument("--answer-length", type=int, default=256, help="understanding answers are padded to this")
+    parser.add_argument(
+        "--answer-length",
+        type=int,
+        help="understanding answers are padded to this; default: the checkpoint's generation_defaults gen_length, "
+        "else 256",
+    )
     parser.add_argument("--chunk-size", type=int, default=1000, help="records per shard")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
     parser.add_argument("--device", default="cpu", help="where the VQ encoder runs (cpu, cuda, npu)")
@@ -94,14 +103,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _pretokenize(args: argparse.Namespace) -> int:
+    from dimoo_npu.config import DiMOOConfig
     from dimoo_npu.train.encode import EncoderSettings
     from dimoo_npu.train.pretokenize import REJECTED, pretokenize
 
+    model = DiMOOConfig.from_json(args.checkpoint)  # limits the user leaves out are the checkpoint's own
+    tuned = model.generation_defaults
+    image_budget = args.image_budget if args.image_budget is not None else tuned.get("image_budget", 512)
     settings = EncoderSettings(
         checkpoint=args.checkpoint,
-        max_length=args.max_length,
-        image_budget=args.image_budget or None,
-        answer_length=args.answer_length,
+        max_length=args.max_length or model.max_sequence_length,
+        image_budget=image_budget or None,
+        answer_length=args.answer_length or tuned.get("gen_length", 256),
         device=args.device,
     )
     summary = pretokenize(args.manifest, args.output, settings, args.chunk_size, args.workers)

@@ -212,3 +212,18 @@ def test_a_run_that_writes_no_sample_exits_non_zero(workspace, tmp_path, caplog)
     argv = ["pretokenize", str(manifest), str(out), "--checkpoint", str(workspace / "checkpoint")]
     assert main(argv) == 2
     assert "no sample written: all 1 record(s) were rejected" in caplog.text and REJECTED in caplog.text
+
+
+def test_limits_left_out_are_the_checkpoints_own(workspace, tmp_path):
+    from dimoo_npu.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(workspace / "checkpoint", checkpoint, symlinks=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(max_sequence_length=300, generation_defaults={"image_budget": 64, "gen_length": 12})
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"task": "t2i", "prompt": WORDS[0], "target_image": str(workspace / "a.png")}))
+    assert main(["pretokenize", str(manifest), str(tmp_path / "out"), "--checkpoint", str(checkpoint)]) == 0
+    record = json.loads((tmp_path / "out" / "pretokenize.json").read_text())
+    assert record["settings"] == {"max_length": 300, "image_budget": 64, "answer_length": 12, "chunk_size": 1000}
