@@ -24,9 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_accelerator_argument(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="read the model's sizes from this folder's config.json")
-    source.add_argument(
-        "--preset", choices=sorted(PRESETS), help=f"built-in model sizes (default: {DEFAULT_PRESET})"
-    )
+    source.add_argument("--preset", choices=sorted(PRESETS), help=f"built-in model sizes (default: {DEFAULT_PRESET})")
     parser.add_argument("--width", type=int, default=1024, help="image width in pixels (a multiple of 16)")
     parser.add_argument("--height", type=int, default=1024, help="image height in pixels (a multiple of 16)")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance; > 0 adds a row")
@@ -70,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
     for name in ("width", "height"):
         value = getattr(args, name)
         if value < 16 or value % 16:
-            raise InputError(f"--{name} {value} is not a positive multiple of 16 pixels: use {max(16, value // 16 * 16)}")
+            raise InputError(
+                f"--{name} {value} is not a positive multiple of 16 pixels: use {max(16, value // 16 * 16)}"
+            )
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch} must be at least 1")
     if args.prompt_tokens < 0:

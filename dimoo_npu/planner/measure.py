@@ -53,9 +53,7 @@ def measure_kept_bytes(
     """Bytes alive after ``forward_loss()`` (one micro-batch through ``model`` and the loss), parameters excluded,
     and each live storage. Runs the backward afterwards, so the graph is freed.
     """
-    params = {
-        (p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr() for p in model.parameters()
-    }
+    params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr() for p in model.parameters()}
     tracker = LiveStorages()
     with tracker:
         loss = forward_loss()

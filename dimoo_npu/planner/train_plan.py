@@ -237,9 +237,7 @@ def fix_for(term: str, layout: Layout, model: DiMOOConfig) -> str:
     return "use more ranks (a larger dp shards further) or raise tensor/pipeline parallel sizes"
 
 
-def plan_training(
-    model: DiMOOConfig, layout: Layout, accelerator: Accelerator, every_rank: bool = True
-) -> TrainPlan:
+def plan_training(model: DiMOOConfig, layout: Layout, accelerator: Accelerator, every_rank: bool = True) -> TrainPlan:
     """The plan of ``layout``: every rank (``every_rank``), or only each stage's first rank, the largest one
     (chunks are largest at rank 0 of every dimension), which is what a sweep needs."""
     family = op_family("npu" if accelerator.name == "910b" else "cuda")
