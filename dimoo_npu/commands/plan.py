@@ -100,7 +100,7 @@ def plan_train(config: Any, args: argparse.Namespace) -> int:
     from dimoo_npu.train.layout import model_config_of, plan_layout
 
     world = envs.world_size()
-    model = model_config_of(config)
+    model = model_config_of(config, planning=True)
     device = accelerator(args.accelerator or ("h100" if config.device == "cuda" else "910b"))
     model_name = config.model.preset or config.model.init_from or "model.config"
     if args.sweep:

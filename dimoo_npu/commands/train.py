@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
         from dimoo_npu.train.layout import model_config_of, plan_layout
 
         world = envs.world_size()
-        dims, options = plan_layout(config, model_config_of(config), world)
+        dims, options = plan_layout(config, model_config_of(config, planning=True), world)
         emit(
             f"ok: world {world} = pp {dims.pp} x dp {dims.dp} x tp {dims.tp}, {options.microbatches} "
             f"micro-batch(es) of {config.gpt_args.micro_batch_size} per step"

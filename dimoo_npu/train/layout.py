@@ -18,18 +18,19 @@ from dimoo_npu.presets import preset_config
 from dimoo_npu.train.config import TrainConfig
 
 
-def model_config_of(config: TrainConfig) -> DiMOOConfig:
+def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:
     """The model's config: ``init_from``'s config.json, else ``model.preset``, else the ``model.config`` dict.
 
-    A preset stands in for a checkpoint folder that is not here (planning a cluster from a laptop)."""
+    When ``planning`` (--check, --plan), a preset stands in for an ``init_from`` folder that is not here, so a
+    cluster can be planned from a laptop; a run itself still needs the folder."""
     if config.model.init_from is not None:
-        if not Path(config.model.init_from).is_dir() and config.model.preset is not None:
+        if planning and config.model.preset is not None and not Path(config.model.init_from).is_dir():
             return preset_config(config.model.preset)
         if not Path(config.model.init_from).is_dir():
             raise ConfigError(
                 f"model.init_from {config.model.init_from} is not a folder: point it at a Hugging Face "
-                "checkpoint folder (config.json + *.safetensors), or set model.preset (e.g. lumina-dimoo-8b) to plan "
-                "without it"
+                "checkpoint folder (config.json + *.safetensors); --check/--plan without it need model.preset "
+                "(e.g. lumina-dimoo-8b)"
             )
         return DiMOOConfig.from_json(config.model.init_from)
     if config.model.preset is not None:

@@ -16,6 +16,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dimoo_npu.cli import main
 from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
@@ -25,6 +26,8 @@ from dimoo_npu.parallel.tensor_parallel import apply_tp
 from dimoo_npu.planner.activations import RECOMPUTE_MODES, stage_activation_terms
 from dimoo_npu.planner.measure import measure_kept_bytes
 from dimoo_npu.planner.train_plan import chunk_sizes
+from dimoo_npu.train.config import load_config
+from dimoo_npu.train.layout import model_config_of
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "dimoo_8b_ascend.yaml")
 
@@ -59,6 +62,13 @@ def test_8b_config_plans_16_ranks_without_its_checkpoint(plan_cli, tmp_path):
     assert "assumptions:" in out and "HCCS" in out and "bubble 3.0%" in out
     code, out = plan_cli(16, "train", CONFIG, "--check")
     assert code == 0 and "pp 2 x dp 2 x tp 4" in out
+
+
+def test_the_preset_stands_in_for_a_missing_checkpoint_only_when_planning():
+    config = load_config(CONFIG)
+    assert model_config_of(config, planning=True).d_model == 4096
+    with pytest.raises(ConfigError, match="is not a folder"):
+        model_config_of(config)  # a run still needs its weights: refused before any process group starts
 
 
 def test_a_rank_that_does_not_fit_exits_1_naming_the_term_and_the_fix(plan_cli):
