@@ -41,6 +41,10 @@ def format_plan(plan: TrainPlan, model_name: str) -> str:
     lines.append(f"  {'total':{width - 2}}" + "".join(f"{_gib(r.total):>20}" for r in columns))
     lines.append(f"  {'micro-batches in flight':{width - 2}}" + "".join(f"{r.in_flight:>20}" for r in columns))
     lines.append(f"  {'headroom':{width - 2}}" + "".join(f"{_gib(acc.memory_bytes - r.total):>20}" for r in columns))
+    lines.append("one micro-batch keeps, MiB:")
+    for stage, terms in plan.activation_terms.items():
+        parts = ", ".join(f"{name} {value / 2**20:,.1f}" for name, value in terms.items())
+        lines.append(f"  stage {stage} ({layout.recompute} recompute): {parts}")
     lines += [
         "",
         f"step: {step.step_s:.2f} s = {layout.microbatches + layout.pp - 1} x {step.microbatch_s * 1e3:.0f} ms per "
