@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dimoo_npu.atomic import replace_directory, write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
-from dimoo_npu.train.dcp_reader import SafeFileSystemReader
+from dimoo_npu.train.dcp_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +107,31 @@ class Checkpointer:
             for stale in self.root.glob(".tmp-step-*"):
                 logger.warning("removing %s, left by a save that did not finish", stale.name)
                 shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.root.glob(f".{LATEST}.tmp-*"):  # write_text_atomically's temp name
+                stale.unlink(missing_ok=True)
         _barrier()
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None when the run has none yet."""
+        """The newest intact checkpoint up to the one ``latest`` names, or None when the run has none yet.
+
+        A broken one (a file torn or missing) is skipped with a warning naming it.
+        """
         pointer = self.root / LATEST
         if not pointer.is_file():
             return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / STATE_FILE).is_file() or not (path / ".metadata").is_file():
-            raise CheckpointError(
-                f"{pointer} names {path.name}, which is incomplete or gone: point {LATEST} at "
-                "a complete step-* folder or delete it to start fresh"
-            )
-        return path
+        named = pointer.read_text().strip()
+        for path in sorted((p for p in self.root.glob("step-*") if p.name <= named), reverse=True):
+            problem = intact_problem(path)
+            if problem is None:
+                if path.name != named and self.rank == 0:
+                    logger.warning("resuming from %s, the newest intact checkpoint", path.name)
+                return path
+            if self.rank == 0:
+                logger.warning("checkpoint %s is broken (%s): skipping it", path.name, problem)
+        raise CheckpointError(
+            f"no intact checkpoint in {self.root} ({LATEST} names {named}): choose a new output_dir, "
+            "or delete the checkpoints folder to start fresh"
+        )
 
     def save(
         self,
@@ -173,6 +184,32 @@ class Checkpointer:
             set_optimizer_state_dict(_only_part(parts), optimizer, optim_full, options=_FLAT)
         logger.info("loaded checkpoint %s", path)
         return json.loads((path / STATE_FILE).read_text())
+
+
+def intact_problem(path: Path) -> str | None:
+    """What makes a checkpoint unusable (a file its DCP metadata names is missing or shorter than recorded,
+    or its JSON does not read), or None when it is intact. Crafted metadata raises instead."""
+    for name in (STATE_FILE, CONFIG_FILE):
+        try:
+            json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"{name} does not read: {err}"
+    try:
+        metadata = SafeFileSystemReader(str(path)).read_metadata()
+    except UnsafeCheckpointError:
+        raise
+    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+        return f".metadata does not read: {err}"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < size:
+            return f"{name} has {file.stat().st_size} bytes, its metadata records {size}"
+    return None
 
 
 def load_hf_weights(parts: list[nn.Module], folder: str | os.PathLike) -> None:

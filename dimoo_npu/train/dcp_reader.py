@@ -29,11 +29,15 @@ _ALLOWED: dict[str, set[str] | None] = {
 }
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """Metadata that names something DCP never writes: refused outright, never skipped as merely broken."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         allowed = _ALLOWED.get(module, set())
         if allowed is not None and name not in allowed:
-            raise CheckpointError(
+            raise UnsafeCheckpointError(
                 f"checkpoint metadata refers to {module}.{name}, which DCP metadata never contains: the "
                 "checkpoint was not written by DCP or was tampered with; refusing to load it"
             )
