@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,11 @@ class TrainConfig:
     def check(self) -> None:
         """Value checks that need no model and no world size."""
         g = self.gpt_args
+        for prefix, section in (("gpt_args.", g), ("data.", self.data), ("", self)):
+            for item in dataclasses.fields(section):
+                value = getattr(section, item.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{prefix}{item.name} is {value}: use a finite number")
         _check_choice("gpt_args.recompute_granularity", self.recompute, RECOMPUTE_CHOICES)
         _check_choice("gpt_args.lr_decay_style", g.lr_decay_style, DECAY_STYLES)
         _check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)

@@ -32,6 +32,7 @@ from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.errors import DimooError, InputError
 from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
 from dimoo_npu.train.shards import Sample, read_shard_metadata, shard_name, write_shard
+from dimoo_npu.validate import input_file
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,7 @@ def pretokenize(
     encoder_factory: EncoderFactory = RecordEncoder,
 ) -> Summary:
     """Write the shards of ``manifest`` into ``output`` (resuming what an earlier run left)."""
-    manifest, output = Path(manifest), Path(output)
-    if not manifest.is_file():
-        raise InputError(f"manifest {manifest} does not exist: pass a JSONL file, one record per line")
+    manifest, output = input_file(manifest, "manifest"), Path(output)
     if chunk_size < 1 or workers < 1:
         raise InputError("chunk_size and workers must be at least 1")
     claim_folder(output, run_record(manifest, settings, chunk_size))

@@ -50,6 +50,11 @@ def test_overrides_accept_bare_and_dotted_keys_and_yaml_numbers():
         ("micro_batch_size=0", "must be at least 1"),
         ("min_lr=1", "above lr"),
         ("model.init_from=/x", "exactly one of model.init_from"),
+        ("lr=.nan", "gpt_args.lr is nan: use a finite number"),
+        ("lr=.inf", "gpt_args.lr is inf: use a finite number"),
+        ("adam_eps=-.inf", "gpt_args.adam_eps is -inf"),
+        ("data.cond_drop_prob=.nan", "data.cond_drop_prob is nan"),
+        ("peak_tflops=.inf", "peak_tflops is inf"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(override, message):

@@ -227,3 +227,8 @@ def test_limits_left_out_are_the_checkpoints_own(workspace, tmp_path):
     assert main(["pretokenize", str(manifest), str(tmp_path / "out"), "--checkpoint", str(checkpoint)]) == 0
     record = json.loads((tmp_path / "out" / "pretokenize.json").read_text())
     assert record["settings"] == {"max_length": 300, "image_budget": 64, "answer_length": 12, "chunk_size": 1000}
+
+
+def test_a_folder_given_as_manifest_is_named_as_such(settings, tmp_path):
+    with pytest.raises(DimooError, match="manifest .* is a folder: name a file"):
+        pretokenize(tmp_path, tmp_path / "out", settings)
