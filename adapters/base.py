@@ -68,6 +68,10 @@ class Backend(ABC):
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__}
 
+    def compile_backend(self):
+        """What ``torch.compile(backend=...)`` takes for graph mode on this device."""
+        return "inductor"
+
 
 class AcceleratorBackend(Backend):
     """A backend whose torch device module (``torch.cuda``, ``torch.npu``) has the CUDA-style runtime API."""

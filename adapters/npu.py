@@ -24,6 +24,12 @@ def import_torch_npu():
     return importlib.import_module("torch_npu")
 
 
+def import_torchair():
+    """torchair, the graph-mode backend shipped inside torch_npu; torch_npu must be imported before it."""
+    import_torch_npu()
+    return importlib.import_module("torchair")
+
+
 class NpuBackend(AcceleratorBackend):
     name = "npu"
     device_type = "npu"
@@ -48,6 +54,11 @@ class NpuBackend(AcceleratorBackend):
     def runtime(self):
         import_torch_npu()  # registers torch.npu
         return torch.npu
+
+    def compile_backend(self):
+        """torchair's GE graph backend with its default config (torchair docs: ``get_npu_backend``)."""
+        torchair = import_torchair()
+        return torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
 
     def versions(self) -> dict[str, str]:
         torch_npu = import_torch_npu()

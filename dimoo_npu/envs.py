@@ -4,6 +4,8 @@
   ``attention=reference,rms_norm=torch``; implementations are ``reference``, ``torch``, ``npu``.
 - ``DIMOO_DEVICE``: the device ``auto`` resolves to when set (``cpu``, ``cuda``, ``npu``).
 - ``DIMOO_LOG_LEVEL``: logging level of the ``dimoo`` command (default ``INFO``).
+- ``DIMOO_COMPILE``: ``1`` runs the sampling forward in graph mode (``torch.compile(fullgraph=True)``: inductor on
+  CPU/CUDA, torchair on Ascend), like ``--compile``; see `dimoo_npu.sampling.graph`.
 - ``DIMOO_DEBUG``: ``1`` prints the full traceback of an unexpected error instead of writing it to a log file.
 - ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``XDG_CACHE_HOME``/huggingface/hub (``~/.cache``): the Hugging
   Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.hub_cache`; never downloaded).
@@ -28,6 +30,10 @@ def device_override() -> str:
 
 def debug() -> bool:
     return os.environ.get("DIMOO_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
+def compile_enabled() -> bool:
+    return os.environ.get("DIMOO_COMPILE", "").strip().lower() in ("1", "true", "yes")
 
 
 def log_level() -> str:

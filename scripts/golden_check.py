@@ -3,7 +3,11 @@
 The goldens were produced by the public Lumina-DiMOO reference code (tests/fixtures/tiny-dimoo/README.md).
 Use it to prove a new machine or backend gives the reference numbers:
 
-    python scripts/golden_check.py [--device auto|cpu|cuda|npu] [--ops reference|torch|npu]
+    python scripts/golden_check.py [--device auto|cpu|cuda|npu] [--ops reference|torch|npu] [--compile]
+
+``--compile`` also runs every sampling golden case, greedy, on the model as the sampling commands prepare it for
+graph mode (`dimoo_npu.sampling.graph.prepare_for_sampling`: fused layout, torch.compile with the device's backend),
+and requires the exact golden tokens. Inductor compiles a few graphs per case: minutes on a small CPU.
 
 Exit status 1 when a check is beyond its tolerance (fp32: cases.json; other dtypes: see tests/golden).
 """
@@ -31,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ops", default=None, help="force one op implementation: reference, torch or npu")
+    parser.add_argument("--compile", action="store_true", help="also the sampling goldens in graph mode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     _, device = resolve_device(args.device)
@@ -44,7 +49,56 @@ def main(argv: list[str] | None = None) -> int:
     for key, error in errors.items():
         verdict = "ok" if error <= tolerance[key] else "FAIL"
         sys.stdout.write(f"  {key:<18} max abs error {error:.3e}  (tolerance {tolerance[key]:.0e})  {verdict}\n")
-    return 0 if all(errors[k] <= tolerance[k] for k in errors) else 1
+    passed = all(errors[k] <= tolerance[k] for k in errors)
+    if args.compile:
+        passed &= _compiled_sampling(model, cases)
+    return 0 if passed else 1
+
+
+def _compiled_sampling(model, cases: dict) -> bool:
+    """Every sampling golden case, greedy, in graph mode: True when every token equals the golden."""
+    from dimoo_npu.sampling import sample_image, sample_text
+    from dimoo_npu.sampling.graph import prepare_for_sampling
+
+    golden = load_file(str(FIXTURES / "golden.safetensors"))
+    model = prepare_for_sampling(model, compile=True)
+    device = next(model.parameters()).device
+    sys.stdout.write(f"golden sampling on {device}, compiled (fullgraph, static shapes), greedy\n")
+    passed = True
+    for name, case in cases.items():
+        if case.get("kind") in ("t2i", "inpaint", "i2i"):
+            uncond = golden.get(f"{name}.uncond", golden.get(f"{name}.uncond_text"))
+            out = sample_image(
+                model,
+                golden[f"{name}.prompt"].to(device),
+                uncond_ids=uncond.to(device),
+                uncond_image_ids=golden[f"{name}.uncond_image"].to(device) if case["kind"] == "i2i" else None,
+                timesteps=case["timesteps"],
+                temperature=0.0,
+                cfg_scale=case["cfg_scale"],
+                cfg_img=case.get("cfg_img", 0.0),
+                use_cache=case.get("use_cache", False),
+                cache_ratio=case.get("cache_ratio", 0.9),
+                warmup_ratio=case.get("warmup_ratio", 0.3),
+                refresh_interval=case.get("refresh_interval", 5),
+            )
+            expected = golden[f"{name}.vq_ids"]
+        elif case.get("kind") == "mmu":
+            out = sample_text(
+                model,
+                golden[f"{name}.prompt"].to(device),
+                gen_length=case["gen_length"],
+                block_length=case["block_length"],
+                steps=case["steps"],
+                cfg_scale=case.get("cfg_scale", 0.0),
+            )
+            expected = golden[f"{name}.output"]
+        else:
+            continue
+        same = torch.equal(out.cpu(), expected)
+        passed &= same
+        sys.stdout.write(f"  {name:<18} tokens {'equal' if same else 'DIFFER'}\n")
+    return passed
 
 
 if __name__ == "__main__":

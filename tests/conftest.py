@@ -47,12 +47,12 @@ def tiny_model():
 
 
 def _forget_fake_torch_npu() -> None:
-    """Drop the fake torch_npu from sys.modules and ``torch.npu`` (a real torch_npu, if imported, is left alone)."""
+    """Drop the fake torch_npu and torchair from sys.modules and ``torch.npu`` (real ones are left alone)."""
 
     def is_fake(module) -> bool:
         return str(getattr(module, "__file__", "") or "").startswith(str(FAKES))
 
-    for name in [n for n in sys.modules if n == "torch_npu" or n.startswith("torch_npu.")]:
+    for name in [n for n in sys.modules if n.split(".")[0] in ("torch_npu", "torchair")]:
         if is_fake(sys.modules[name]):
             del sys.modules[name]
     if is_fake(sys.modules.get("torch.npu")):

@@ -23,9 +23,13 @@ class MLCache:
     def begin_step(self, full: bool) -> None:
         """Say what the next forward is: a full forward stores every layer's K/V, a cached one scatters rows.
 
-        Needed because the model hands its rotary positions to `update` on full forwards too.
+        Needed because the model hands its rotary positions to `update` on full forwards too. A full step starts
+        from empty dicts: the old K/V go before the new are made, and a compiled forward sees the same (empty)
+        cache on every full step, so it does not compile a second graph for the second refresh.
         """
         self.full_step = full
+        if full:
+            self.keys, self.values = {}, {}
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None

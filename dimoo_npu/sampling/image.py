@@ -26,6 +26,7 @@ from dimoo_npu.sampling.batching import (
     row_generators,
 )
 from dimoo_npu.sampling.cache import MLCache
+from dimoo_npu.sampling.graph import static_shapes
 from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, recompute_widths, refresh_steps
 from dimoo_npu.sampling.step import sample_codes, stay_masked
 
@@ -183,6 +184,7 @@ class _Run:
 
     def __init__(self, model, batch: ImageBatch, tokens, guide, temperature: float, generators):
         self.model, self.batch, self.guide = model, batch, guide
+        self.static = static_shapes(model)  # graph mode: the head sees every cell on every plain step
         self.temperature, self.generators = temperature, generators
         self.mask = tokens["mask"]
         self.offset = tokens["image_offset"]
@@ -211,7 +213,8 @@ class _Run:
 
     def step(self, bounds: list[int], keep: torch.Tensor, cache: MLCache, mode: str, recompute) -> None:
         """Sample every masked cell, then re-mask the least confident ones (keep[b] stay masked)."""
-        batch, width = self.batch, max(bounds)
+        batch = self.batch
+        width = batch.cells.shape[1] if self.static else max(bounds)
         masked = batch.cells == self.mask  # (B, N)
         slots = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # masked cells first
         live = torch.arange(width, device=masked.device) < masked.sum(dim=1, keepdim=True)  # (B, K)
