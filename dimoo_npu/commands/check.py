@@ -1,6 +1,8 @@
 """``dimoo check``: compare every layer of a checkpoint across backends; exit 1 beyond tolerance.
 
 Example: ``dimoo check --checkpoint ckpt --backends cpu-ref,npu --dtype bfloat16 --json out.json --plot out.png``
+``--layers N`` checks the first N blocks and the head only, reading only their weights (an 8B checkpoint on a
+host or device that cannot hold all of it).
 """
 
 from __future__ import annotations
