@@ -3,7 +3,7 @@
 A row is one CFG branch of one prompt (the samplers batch every branch as rows of one forward). Per row:
 
 - ML-Cache (``--use-cache``): every layer's K and V at every position, in the compute dtype, and the cached
-  image-code logits of every position (bf16) with their max (fp32);
+  image-code logits of every position and their max, in the compute dtype;
 - step logits: the image-code logits of the still-masked cells (all of them on the first step) in fp32,
   their softmax, and the raw compute-dtype logits; on a cache refresh also the full-length logits being
   replaced;
@@ -24,7 +24,6 @@ from dimoo_npu.planner.hardware import GIB, Accelerator
 
 PATCH = 16  # pixels per image code
 IMAGE_MARKERS = 4  # BOA BOI ... EOI EOA around the code rows
-IMAGE_CODES = 8192  # the head is asked for these logits only
 
 
 @dataclass(frozen=True)
@@ -131,13 +130,14 @@ def per_row_terms(model: DiMOOConfig, settings: SampleSettings) -> dict[str, flo
     """Bytes of one row (see the module docstring), by term."""
     length, cells, dtype = settings.sequence_length, settings.cells, settings.dtype_bytes
     d, h = model.d_model, model.mlp_hidden_size
+    codes = model.special_tokens["codebook_size"]  # the head is asked for these logits only
     terms: dict[str, float] = {}
     if settings.use_cache:
         terms["ML-Cache K/V"] = 2 * model.n_layers * length * d * dtype
-        terms["ML-Cache logits"] = length * (IMAGE_CODES * dtype + 4)
-    step_logits = cells * IMAGE_CODES * (4 + 4 + dtype)  # fp32 logits, their softmax, the raw ones
+        terms["ML-Cache logits"] = length * (codes + 1) * dtype  # and each position's max
+    step_logits = cells * codes * (4 + 4 + dtype)  # fp32 logits, their softmax, the raw ones
     if settings.use_cache:
-        step_logits += length * IMAGE_CODES * dtype  # a refresh's full-length logits beside the cached ones
+        step_logits += length * codes * dtype  # a refresh's full-length logits beside the cached ones
     terms["step logits"] = step_logits
     terms["forward working set"] = length * (dtype * (2 * d + 4 * d + 3 * h) + 4 * 2 * d)
     return terms

@@ -25,7 +25,9 @@ from dimoo_npu.parallel.recompute import apply_recompute
 from dimoo_npu.parallel.tensor_parallel import apply_tp
 from dimoo_npu.planner.activations import RECOMPUTE_MODES, stage_activation_terms
 from dimoo_npu.planner.measure import measure_kept_bytes
+from dimoo_npu.planner.sample_plan import SampleSettings, per_row_terms
 from dimoo_npu.planner.train_plan import chunk_sizes
+from dimoo_npu.sampling.cache import MLCache
 from dimoo_npu.train.config import load_config
 from dimoo_npu.train.layout import model_config_of
 
@@ -142,3 +144,20 @@ def test_activation_formula_under_tensor_and_sequence_parallel(mode):
     finally:
         dist.destroy_process_group()
     assert abs(planned - measured) / measured < 0.02, (measured, planned)
+
+
+def test_ml_cache_terms_are_what_the_cache_holds_after_a_refresh(checkpoint_dir):
+    config = DiMOOConfig.from_json(checkpoint_dir)
+    settings = SampleSettings(width=64, height=32, cfg_scale=4.0, use_cache=True, prompt_tokens=10)
+    model = DiMOOModel(config, resolve_ops("cpu")).to(torch.bfloat16)
+    rows, length = settings.branches, settings.sequence_length
+    offset, codes = config.special_tokens["image_offset"], config.special_tokens["codebook_size"]
+    cache = MLCache()
+    cache.begin_step(True)
+    with torch.no_grad():
+        ids = torch.randint(0, 1000, (rows, length))
+        cache.store_logits(model(ids, cache=cache, vocab_range=(offset, offset + codes)))
+    held = sum(t.nbytes for t in [*cache.keys.values(), *cache.values.values()])
+    planned = per_row_terms(config, settings)
+    assert held == rows * planned["ML-Cache K/V"]
+    assert cache.logits.nbytes + cache.max_logit.nbytes == rows * planned["ML-Cache logits"]
