@@ -18,11 +18,17 @@ from torch.utils._pytree import tree_flatten
 
 
 class LiveStorages(TorchDispatchMode):
-    """Remembers every plain tensor storage created under it; `live` lists those still alive."""
+    """Remembers every plain tensor storage created under it; `live` lists those still alive.
 
-    def __init__(self) -> None:
+    With ``peak_excluding`` (data pointers, e.g. the parameters') it also keeps ``peak``: the most bytes alive
+    after any op, which costs a pass over the storages per op (tiny models only).
+    """
+
+    def __init__(self, peak_excluding: set[int] | None = None) -> None:
         super().__init__()
         self.storages: dict[int, tuple[StorageWeakRef, int, tuple[int, ...]]] = {}
+        self.peak_excluding = peak_excluding
+        self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if any(issubclass(t, DTensor) for t in types):
@@ -36,6 +42,8 @@ class LiveStorages(TorchDispatchMode):
             known = self.storages.get(key)
             if key and (known is None or known[0].expired()):  # a freed address may be reused
                 self.storages[key] = (StorageWeakRef(storage), storage.nbytes(), tuple(tensor.shape))
+        if self.peak_excluding is not None:
+            self.peak = max(self.peak, sum(nbytes for nbytes, _ in self.live(self.peak_excluding)))
         return out
 
     def live(self, exclude: set[int]) -> list[tuple[int, tuple[int, ...]]]:
@@ -47,13 +55,25 @@ class LiveStorages(TorchDispatchMode):
         ]
 
 
+def _parameter_storages(model: torch.nn.Module) -> set[int]:
+    return {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def measure_peak_bytes(model: torch.nn.Module, run: Callable[[], object]) -> int:
+    """The most bytes alive at once (parameters excluded) while ``run()`` executes, e.g. a no-grad forward."""
+    tracker = LiveStorages(peak_excluding=_parameter_storages(model))
+    with tracker:
+        run()
+    return tracker.peak
+
+
 def measure_kept_bytes(
     model: torch.nn.Module, forward_loss: Callable[[], torch.Tensor]
 ) -> tuple[int, list[tuple[int, tuple[int, ...]]]]:
     """Bytes alive after ``forward_loss()`` (one micro-batch through ``model`` and the loss), parameters excluded,
     and each live storage. Runs the backward afterwards, so the graph is freed.
     """
-    params = {(p.to_local() if isinstance(p, DTensor) else p).untyped_storage().data_ptr() for p in model.parameters()}
+    params = _parameter_storages(model)
     tracker = LiveStorages()
     with tracker:
         loss = forward_loss()

@@ -7,8 +7,9 @@ A row is one CFG branch of one prompt (the samplers batch every branch as rows o
 - step logits: the image-code logits of the still-masked cells (all of them on the first step) in fp32,
   their softmax, and the raw compute-dtype logits; on a cache refresh also the full-length logits being
   replaced;
-- forward working set: one block at a time without gradients (residual, norm output, q/k/v, rotary in fp32,
-  attention output, gate/up/product).
+- forward working set: the most a no-grad forward holds at once besides the cache (one block at a time:
+  residual, norm intermediates, gate/up/silu/product, rotary tables), measured on CPU with the torch kernels:
+  18 bytes per d_model element, 8 per MLP element and 8 per head-dim element, per token.
 
 Weights are the whole model in the compute dtype. The VQ decoder runs after sampling, one image at a time,
 when the cache and the logits are freed, so it is not added.
@@ -112,8 +113,8 @@ class SamplePlan:
                 f"{self.model.max_sequence_length} (a training length; sampling warns and runs)"
             )
         lines.append(
-            "assumptions: flash attention (no L x L scores); one block's working set at a time; the first step's "
-            "logits (every cell masked) are the largest; the VQ decode runs after the cache is freed"
+            "assumptions: flash attention (no L x L scores); the working set as measured with the torch kernels; "
+            "the first step's logits (every cell masked) are the largest; the VQ decode runs after the cache is freed"
         )
         return "\n".join(lines)
 
@@ -139,7 +140,7 @@ def per_row_terms(model: DiMOOConfig, settings: SampleSettings) -> dict[str, flo
     if settings.use_cache:
         step_logits += length * codes * dtype  # a refresh's full-length logits beside the cached ones
     terms["step logits"] = step_logits
-    terms["forward working set"] = length * (dtype * (2 * d + 4 * d + 3 * h) + 4 * 2 * d)
+    terms["forward working set"] = length * (9 * dtype * d + 4 * dtype * h + 8 * model.head_dim)
     return terms
 
 

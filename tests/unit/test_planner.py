@@ -24,7 +24,7 @@ from dimoo_npu.parallel.loss import summed_cross_entropy
 from dimoo_npu.parallel.recompute import apply_recompute
 from dimoo_npu.parallel.tensor_parallel import apply_tp
 from dimoo_npu.planner.activations import RECOMPUTE_MODES, stage_activation_terms
-from dimoo_npu.planner.measure import measure_kept_bytes
+from dimoo_npu.planner.measure import measure_kept_bytes, measure_peak_bytes
 from dimoo_npu.planner.sample_plan import SampleSettings, per_row_terms
 from dimoo_npu.planner.train_plan import chunk_sizes
 from dimoo_npu.sampling.cache import MLCache
@@ -161,3 +161,18 @@ def test_ml_cache_terms_are_what_the_cache_holds_after_a_refresh(checkpoint_dir)
     planned = per_row_terms(config, settings)
     assert held == rows * planned["ML-Cache K/V"]
     assert cache.logits.nbytes + cache.max_logit.nbytes == rows * planned["ML-Cache logits"]
+
+
+@pytest.mark.parametrize("d_model, hidden", [(128, 352), (192, 704)])
+def test_sampling_working_set_is_the_peak_of_a_no_grad_forward(d_model, hidden):
+    codes = {"mask": 2999, "image_offset": 100, "codebook_size": 2048}
+    config = DiMOOConfig(
+        d_model=d_model, n_layers=2, n_heads=4, mlp_hidden_size=hidden, embedding_size=3000, special_tokens=codes
+    )
+    settings = SampleSettings(width=128, height=128, cfg_scale=0.0, use_cache=False, prompt_tokens=20)
+    model = DiMOOModel(config, resolve_ops("cpu")).to(torch.bfloat16)
+    ids = torch.randint(0, 2000, (1, settings.sequence_length))
+    with torch.no_grad():
+        peak = measure_peak_bytes(model, lambda: model(ids, vocab_range=(100, 101)))  # one logit: blocks dominate
+    planned = per_row_terms(config, settings)["forward working set"]
+    assert abs(planned - peak) / peak < 0.03, (peak, planned)
