@@ -12,6 +12,7 @@ from typing import Any
 
 from dimoo_npu.errors import InputError
 
+NAME_MAX = 255  # bytes in one file name on Linux file systems
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
 DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda|npu)(:\d+)?")
 # Flags that count things: zero or a negative value would silently do nothing.
@@ -91,16 +92,18 @@ def input_file(path: str | os.PathLike, what: str) -> Path:
     file = resolved(path, what)
     if file.is_dir():
         raise InputError(f"{what} {path} is a folder: name a file")
+    if file.exists() and not file.is_file():
+        raise InputError(f"{what} {path} is not a regular file (a device, pipe or socket): name a file")
     if not file.is_file():
         raise InputError(f"{what} {path} does not exist: check the path")
     return Path(path)
 
 
 def read_text_file(path: str | os.PathLike, what: str) -> str:
-    """A UTF-8 text file's contents."""
+    """A UTF-8 text file's contents (a byte-order mark, as some editors write, is dropped)."""
     input_file(path, what)
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"{what} {path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
 
@@ -108,6 +111,8 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
 def output_file(path: str | os.PathLike, what: str = "output", suffix: str | None = None) -> Path:
     """A file we may create: not a folder, every existing parent a folder, the expected suffix."""
     path = Path(path)
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise InputError(f"{what} name {path.name[:40]}... is longer than {NAME_MAX} bytes: choose a shorter name")
     if suffix and path.suffix.lower() != suffix:
         raise InputError(f"{what} {path} does not end in {suffix}: outputs are {suffix[1:].upper()} files")
     if resolved(path, what).is_dir():

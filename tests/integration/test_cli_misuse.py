@@ -86,6 +86,11 @@ BAD = {
         "is a file, not a folder",
     ),
     "decompression bomb": (EDIT, "more pixels than Pillow reads safely"),
+    "output name too long": ([*T2I, "--output", "x" * 300 + ".png"], "is longer than 255 bytes"),
+    "device file as image": (
+        ["edit", "--prompt", "x", "--image", "/dev/zero"],
+        "image /dev/zero is not a regular file (a device, pipe or socket)",
+    ),
 }
 
 
@@ -114,6 +119,13 @@ def test_misuse_is_one_clear_error_before_any_work(case, cli, tmp_path, fixture_
     assert code == 2 and message.format(**names) in log, log
     assert log.count("ERROR") == 1 and "Traceback" not in log
     assert sorted(os.listdir(tmp_path)) == before, "nothing written"
+
+
+def test_a_batch_file_with_a_byte_order_mark_is_read(tmp_path):
+    from dimoo_npu.batch_requests import build_requests
+
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a red cat"}\n')
+    assert build_requests("t2i", {}, str(tmp_path / "bom.jsonl"))[0]["prompt"] == "a red cat"
 
 
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
