@@ -11,7 +11,8 @@ A row is one CFG branch of one prompt (the samplers batch every branch as rows o
   residual, norm intermediates, gate/up/silu/product, rotary tables), measured on CPU with the torch kernels:
   18 bytes per d_model element, 8 per MLP element and 8 per head-dim element, per token.
 
-Weights are the whole model in the compute dtype. The VQ decoder runs after sampling, one image at a time,
+A row's peak is its cache plus the larger of the working set and the step logits (the logits come after the
+last block). Weights are the whole model in the compute dtype. The VQ decoder runs after sampling, one image at a time,
 when the cache and the logits are freed, so it is not added.
 """
 
@@ -72,7 +73,7 @@ class SamplePlan:
 
     @property
     def total(self) -> float:
-        return self.weights + self.rows * sum(self.per_row.values()) + self.accelerator.reserve_gib * GIB
+        return self.weights + self.rows * row_peak(self.per_row) + self.accelerator.reserve_gib * GIB
 
     @property
     def fits(self) -> bool:
@@ -85,6 +86,7 @@ class SamplePlan:
             "sequence_length": self.settings.sequence_length,
             "weights": self.weights,
             "per_row": self.per_row,
+            "per_row_peak": row_peak(self.per_row),
             "rows": self.rows,
             "batch": self.batch,
             "total": self.total,
@@ -102,6 +104,7 @@ class SamplePlan:
         ]
         for name, value in self.per_row.items():
             lines.append(f"  {name + ' per row':44} {value / GIB:8.3f} GiB")
+        lines.append(f"  {'per row at the peak (cache + the larger other)':44} {row_peak(self.per_row) / GIB:8.3f} GiB")
         lines.append(f"  {RESERVE_LINE:44} {acc.reserve_gib:8.2f} GiB")
         lines.append(
             f"batch {self.batch} = {self.rows} rows: {self.total / GIB:.1f} GiB "
@@ -144,10 +147,17 @@ def per_row_terms(model: DiMOOConfig, settings: SampleSettings) -> dict[str, flo
     return terms
 
 
+def row_peak(per_row: dict[str, float]) -> float:
+    """A row's bytes at the peak: the cache always, and the larger of the forward's working set and the step's
+    logits, which do not coexist (the logits come after the last block)."""
+    cache = sum(v for k, v in per_row.items() if k.startswith("ML-Cache"))
+    return cache + max(per_row["forward working set"], per_row["step logits"])
+
+
 def plan_sampling(model: DiMOOConfig, settings: SampleSettings, accelerator: Accelerator) -> SamplePlan:
     weights = parameter_count(model) * settings.dtype_bytes
     per_row = per_row_terms(model, settings)
     free = accelerator.usable_bytes - weights
-    largest = max(0, int(free // (settings.branches * sum(per_row.values()))))
+    largest = max(0, int(free // (settings.branches * row_peak(per_row))))
     batch = settings.batch if settings.batch is not None else max(largest, 1)
     return SamplePlan(model, settings, accelerator, weights, per_row, largest, batch)
