@@ -163,9 +163,10 @@ def interrupt_while_writing(error: BaseException):
     [
         (KeyboardInterrupt(), 130, "interrupted: no partial output was kept"),
         (OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device: free some space"),
+        (OSError(errno.EROFS, "Read-only file system"), 2, "Read-only file system: the file system is read-only"),
         (RuntimeError("boom"), 1, "unexpected error RuntimeError: boom; the full traceback is in "),
     ],
-    ids=["ctrl-c", "disk full", "bug"],
+    ids=["ctrl-c", "disk full", "read-only", "bug"],
 )
 def test_exit_codes_and_nothing_partial_left(error, code, message, cli, tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", interrupt_while_writing(error))

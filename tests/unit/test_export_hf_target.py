@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,3 +53,17 @@ def test_overwrite_swaps_in_a_whole_new_folder(checkpoints, tmp_path):
 def test_an_empty_target_folder_is_fine(checkpoints, tmp_path):
     (tmp_path / "empty").mkdir()
     assert dimoo_npu.load_model(export_hf(checkpoints, tmp_path / "empty", torch.float32)).config.n_layers == 2
+
+
+def test_a_full_disk_mid_export_leaves_the_old_folder_and_no_staging(checkpoints, tmp_path, monkeypatch):
+    target = old_model_folder(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def disk_full(state, config, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("dimoo_npu.checkpoint.save_pretrained", disk_full)
+    assert main(["export-hf", str(checkpoints), str(target), "--overwrite"]) == 2
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
