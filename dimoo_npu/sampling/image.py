@@ -189,6 +189,13 @@ class _Run:
         self.mask = tokens["mask"]
         self.offset = tokens["image_offset"]
         self.codes = (self.offset, self.offset + tokens["codebook_size"])
+        # Greedy ML-Cache: each cell's code and score from the guided logits last computed for it (B, N), and the
+        # cell at each row position (R, L), -1 off the grid; a cached step redoes only the cells it recomputed.
+        cells = batch.cells.shape[1]
+        self.cell_code = torch.zeros_like(batch.cells)
+        self.cell_score = torch.zeros(batch.cells.shape, device=batch.cells.device)
+        index = torch.arange(cells, device=batch.cells.device).expand_as(batch.cell_pos)
+        self.cell_at = torch.full_like(batch.seq, -1).scatter_(1, batch.cell_pos, index)
 
     def steps(self, modes: list[str], cache: MLCache, compute_ratio: float, progress: bool) -> None:
         masked = (self.batch.cells == self.mask).sum(dim=1).tolist()  # the one host read of the setup
@@ -219,9 +226,38 @@ class _Run:
         slots = torch.sort((~masked).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # masked cells first
         live = torch.arange(width, device=masked.device) < masked.sum(dim=1, keepdim=True)  # (B, K)
         batch.write_cells()
-        logits = _forward(self.model, batch, batch.positions(slots), cache, mode, recompute, self.codes)
-        guided = self.guide(logits.view(batch.branches, -1, *logits.shape[1:]))  # (B, K, C)
-        sampled, score = sample_codes(guided, self.temperature, self.generators, bounds)
+        greedy = self.temperature == 0
+        if mode == "cached" and greedy:
+            sampled, score = self._cached_greedy(cache, recompute, slots)
+        else:
+            logits = _forward(self.model, batch, batch.positions(slots), cache, mode, recompute, self.codes)
+            guided = self.guide(logits.view(batch.branches, -1, *logits.shape[1:]))  # (B, K, C)
+            sampled, score = sample_codes(guided, self.temperature, self.generators, bounds)
+            if mode == "store" and greedy:  # what the cached steps after it start from
+                self.cell_code.scatter_(1, slots, sampled)
+                self.cell_score.scatter_(1, slots, score)
         stay = stay_masked(score, live, keep)
         fresh = torch.where(stay, self.mask, sampled + self.offset)
         batch.cells.scatter_(1, slots, torch.where(live, fresh, batch.cells.gather(1, slots)))
+
+    def _cached_greedy(self, cache: MLCache, recompute: torch.Tensor, slots: torch.Tensor):
+        """Code and score (B, K) of slots on a greedy cached step, guiding only the cells whose logits changed.
+
+        A cell's greedy code and score depend only on its logits in every branch, and a cached step changes the
+        logits at its recomputed positions only: so the step guides, samples and scores the cells at those
+        positions (width branches * Kc, fixed per call) instead of every masked cell (width up to N). Positions
+        off the grid stand for cell 0, redone from its current logits: the same values again.
+        """
+        batch = self.batch
+        cache.begin_step(full=False)
+        ids = batch.seq.gather(1, recompute)  # (R, Kc)
+        logits = self.model(ids, batch.real, positions=recompute, cache=cache, vocab_range=self.codes, check_ids=False)
+        cache.merge_logits(recompute, logits)
+        cells = self.cell_at.gather(1, recompute).clamp_min(0)  # (R, Kc)
+        cells = cells.view(batch.branches, -1, cells.shape[1]).transpose(0, 1).flatten(1)  # (B, branches * Kc)
+        redone = cache.logits_at(batch.positions(cells)).float()  # (R, W, C)
+        guided = self.guide(redone.view(batch.branches, -1, *redone.shape[1:]))  # (B, W, C)
+        code, score = sample_codes(guided, 0.0, self.generators, [cells.shape[1]] * cells.shape[0])
+        self.cell_code.scatter_(1, cells, code)
+        self.cell_score.scatter_(1, cells, score)
+        return self.cell_code.gather(1, slots), self.cell_score.gather(1, slots)
