@@ -17,6 +17,8 @@ SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
 DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda|npu)(:\d+)?")
 # Flags that count things: zero or a negative value would silently do nothing.
 POSITIVE_FLAGS = ("batch_size", "chunk_size", "workers", "max_length", "answer_length")
+# Flags where 0 means "all" or "keep": a negative value would be read as something else.
+NOT_NEGATIVE_FLAGS = ("limit", "image_budget")
 
 
 def check_finite(name: str, value: float) -> float:
@@ -71,6 +73,9 @@ def check_args(args: Mapping[str, Any]) -> None:
     for name in POSITIVE_FLAGS:
         if isinstance(args.get(name), int):
             check_positive(f"--{name.replace('_', '-')}", args[name])
+    for name in NOT_NEGATIVE_FLAGS:
+        if isinstance(args.get(name), int) and args[name] < 0:
+            raise InputError(f"--{name.replace('_', '-')}={args[name]} must not be negative (0 means all / keep)")
     if isinstance(args.get("seed"), int):
         check_seeds(args["seed"])
     if isinstance(args.get("device"), str):

@@ -86,6 +86,7 @@ BAD = {
         "is a file, not a folder",
     ),
     "decompression bomb": (EDIT, "more pixels than Pillow reads safely"),
+    "negative image budget": ([*EDIT, "--image-budget", "-32"], "--image-budget=-32 must not be negative"),
     "output name too long": ([*T2I, "--output", "x" * 300 + ".png"], "is longer than 255 bytes"),
     "device file as image": (
         ["edit", "--prompt", "x", "--image", "/dev/zero"],
@@ -119,6 +120,13 @@ def test_misuse_is_one_clear_error_before_any_work(case, cli, tmp_path, fixture_
     assert code == 2 and message.format(**names) in log, log
     assert log.count("ERROR") == 1 and "Traceback" not in log
     assert sorted(os.listdir(tmp_path)) == before, "nothing written"
+
+
+def test_other_commands_share_the_flag_checks(cli):
+    assert cli("eval", "shapes", "--limit", "-1")[0] == 2
+    assert cli("eval", "shapes", "--cfg-scale", "nan")[0] == 2
+    code, log = cli("pretokenize", "m.jsonl", "out", "--workers", "0")
+    assert code == 2 and "--workers=0 must be at least 1" in log
 
 
 def test_a_batch_file_with_a_byte_order_mark_is_read(tmp_path):
