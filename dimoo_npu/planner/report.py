@@ -65,8 +65,13 @@ def format_plan(plan: TrainPlan, model_name: str) -> str:
 
 def format_sweep(plans: list[TrainPlan], valid: int, world: int, top: int = 15) -> str:
     """The fastest layouts that fit, one line each."""
+    if not valid:
+        return (
+            f"no layout is valid for world {world}: global_batch_size must be a multiple of micro_batch_size x dp "
+            "(dp = world / (tp x pp)) and tp must divide the heads; raise global_batch_size or use fewer ranks"
+        )
     if not plans:
-        return f"none of the {valid} valid layouts for world {world} fits"
+        return f"none of the {valid} valid layouts for world {world} fits: use more ranks or a larger accelerator"
     head = f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>3} {'micro':>5} {'m':>4} {'recompute':>9} {'peak GiB':>9} "
     head += f"{'step s':>7} {'bubble':>7} {'tokens/s':>9} {'MFU':>6}"
     lines = [f"{len(plans)} of {valid} valid layouts for world {world} fit; fastest first:", head]
