@@ -29,11 +29,10 @@ from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
-from dimoo_npu.parallel.loss import summed_cross_entropy
 from dimoo_npu.parallel.recompute import apply_recompute
 from dimoo_npu.parallel.tensor_parallel import apply_tp
 from dimoo_npu.planner.activations import BLOCK, RECOMPUTE_MODES, Widths, stage_activation_terms
-from dimoo_npu.planner.measure import measure_kept_bytes
+from dimoo_npu.planner.measure import measure_kept_bytes, summed_loss
 
 log = logging.getLogger("bench_activations")
 
@@ -67,7 +66,7 @@ def measure(sizes: dict, layers: int, mode: str, tp: int, sequence_parallel: boo
         ids = torch.randint(0, config.embedding_size - 2, (batch, length))
         positions = torch.arange(length).expand(batch, length)
         with loss_parallel() if tp > 1 else contextlib.nullcontext():
-            _, live = measure_kept_bytes(model, lambda: summed_cross_entropy(model(ids, positions=positions), ids))
+            _, live = measure_kept_bytes(model, lambda: summed_loss(model(ids, positions=positions), ids))
         return live
     finally:
         dist.destroy_process_group()

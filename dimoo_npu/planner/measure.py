@@ -81,3 +81,9 @@ def measure_kept_bytes(
     (loss.to_local() if isinstance(loss, DTensor) else loss).backward()
     model.zero_grad(set_to_none=True)
     return sum(nbytes for nbytes, _ in live), live
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy over every position, as the training loss computes it when all are labelled
+    (vocabulary-sharded DTensor logits need `loss_parallel`); what it keeps is what the planner counts."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")

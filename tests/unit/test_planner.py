@@ -20,11 +20,10 @@ from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
-from dimoo_npu.parallel.loss import summed_cross_entropy
 from dimoo_npu.parallel.recompute import apply_recompute
 from dimoo_npu.parallel.tensor_parallel import apply_tp
 from dimoo_npu.planner.activations import RECOMPUTE_MODES, stage_activation_terms
-from dimoo_npu.planner.measure import measure_kept_bytes, measure_peak_bytes
+from dimoo_npu.planner.measure import measure_kept_bytes, measure_peak_bytes, summed_loss
 from dimoo_npu.planner.sample_plan import SampleSettings, per_row_terms
 from dimoo_npu.planner.train_plan import chunk_sizes
 from dimoo_npu.sampling.cache import MLCache
@@ -123,7 +122,7 @@ def _measured_and_planned(mode: str, tp: int, sequence_parallel: bool) -> tuple[
     ids = torch.randint(0, 300, (batch, length))
     positions = torch.arange(length).expand(batch, length)
     with loss_parallel() if tp > 1 else contextlib.nullcontext():
-        measured, _ = measure_kept_bytes(model, lambda: summed_cross_entropy(model(ids, positions=positions), ids))
+        measured, _ = measure_kept_bytes(model, lambda: summed_loss(model(ids, positions=positions), ids))
     planned = stage_activation_terms(TINY, batch * length, 2, tp, sequence_parallel, mode, "torch", last_stage=True)
     return measured, sum(planned.values())
 
