@@ -25,7 +25,10 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Backend(ABC):
-    """A device kind: availability, devices, dtype, collectives, sync, memory and random generators."""
+    """A device kind: availability, devices, dtype, collectives, sync, memory and random generators.
+
+    Runtime calls go to the device's torch module (`torch.get_device_module`), whose API is CUDA's on every device.
+    """
 
     name: str
     device_type: str
@@ -45,21 +48,33 @@ class Backend(ABC):
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device(self.device_type, local_rank)
 
-    def set_device(self, local_rank: int = 0) -> None:
-        """Bind this process to its local device (no-op where there is nothing to bind)."""
+    def runtime(self):
+        """The torch device module (``torch.cpu``, ``torch.cuda``) whose runtime calls every backend makes."""
+        return torch.get_device_module(self.device_type)
 
     def device_count(self) -> int:
-        return 1
+        return self.runtime().device_count()
+
+    def set_device(self, local_rank: int = 0) -> None:
+        """Bind this process to its local device (a no-op on CPU)."""
+        self.runtime().set_device(local_rank)
 
     def synchronize(self) -> None:
         """Wait for queued device work (timings must call this)."""
+        self.runtime().synchronize()
 
     def memory_stats(self) -> dict[str, int]:
-        """Bytes allocated / reserved / peak on the device; empty where the backend does not track them."""
-        return {}
+        """Bytes allocated / reserved / peak on the device."""
+        runtime = self.runtime()
+        return {
+            "allocated": runtime.memory_allocated(),
+            "reserved": runtime.memory_reserved(),
+            "peak_allocated": runtime.max_memory_allocated(),
+        }
 
     def reset_peak_memory(self) -> None:
         """Start a new peak-memory window."""
+        self.runtime().reset_peak_memory_stats()
 
     def generator(self, seed: int, local_rank: int = 0) -> torch.Generator:
         """A seeded generator on this backend's device, independent of the global RNG."""
@@ -71,31 +86,3 @@ class Backend(ABC):
     def compile_backend(self):
         """What ``torch.compile(backend=...)`` takes for graph mode on this device."""
         return "inductor"
-
-
-class AcceleratorBackend(Backend):
-    """A backend whose torch device module (``torch.cuda``, ``torch.npu``) has the CUDA-style runtime API."""
-
-    @abstractmethod
-    def runtime(self):
-        """The torch device module, imported and ready."""
-
-    def device_count(self) -> int:
-        return self.runtime().device_count()
-
-    def set_device(self, local_rank: int = 0) -> None:
-        self.runtime().set_device(local_rank)
-
-    def synchronize(self) -> None:
-        self.runtime().synchronize()
-
-    def memory_stats(self) -> dict[str, int]:
-        runtime = self.runtime()
-        return {
-            "allocated": runtime.memory_allocated(),
-            "reserved": runtime.memory_reserved(),
-            "peak_allocated": runtime.max_memory_allocated(),
-        }
-
-    def reset_peak_memory(self) -> None:
-        self.runtime().reset_peak_memory_stats()

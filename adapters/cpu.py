@@ -22,5 +22,8 @@ class CpuBackend(Backend):
         return torch.device("cpu")
 
     def memory_stats(self) -> dict[str, int]:
-        # ru_maxrss is in KiB on Linux: the process's peak resident memory so far.
+        """torch.cpu keeps no memory statistics: ru_maxrss (KiB on Linux) is the process's peak resident memory."""
         return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    def reset_peak_memory(self) -> None:
+        """The peak resident memory of a process cannot be reset."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dimoo_npu.adapters.base import AcceleratorBackend, Availability
+from dimoo_npu.adapters.base import Availability, Backend
 
 
-class CudaBackend(AcceleratorBackend):
+class CudaBackend(Backend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
@@ -20,16 +20,13 @@ class CudaBackend(AcceleratorBackend):
                 "this torch build has no CUDA support",
                 "install a CUDA build of torch==2.13.0 (pip install torch==2.13.0 on Linux x86_64)",
             )
-        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        if not self.runtime().is_available() or self.device_count() == 0:
             return Availability(
                 False,
                 "no CUDA device is visible",
                 "check nvidia-smi, the driver, and CUDA_VISIBLE_DEVICES",
             )
         return Availability(True)
-
-    def runtime(self):
-        return torch.cuda
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "cuda": str(torch.version.cuda)}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
-from dimoo_npu.adapters.base import AcceleratorBackend, Availability
+from dimoo_npu import envs
+from dimoo_npu.adapters.base import Availability, Backend
 
 INSTALL_FIX = "pip install 'dimoo_npu[npu]' (torch-npu==2.13.0 beside the CPU build of torch==2.13.0)"
 CANN_FIX = "install CANN 9.x and run: source /usr/local/Ascend/ascend-toolkit/set_env.sh"
@@ -30,7 +30,7 @@ def import_torchair():
     return importlib.import_module("torchair")
 
 
-class NpuBackend(AcceleratorBackend):
+class NpuBackend(Backend):
     name = "npu"
     device_type = "npu"
     dist_backend = "hccl"
@@ -45,15 +45,16 @@ class NpuBackend(AcceleratorBackend):
             return Availability(False, f"torch_npu cannot load CANN ({err})", CANN_FIX)
         except RuntimeError as err:  # e.g. a CUDA build of torch next to torch_npu
             return Availability(False, f"torch_npu refused to load ({err})", INSTALL_FIX)
-        if os.environ.get("ASCEND_RT_VISIBLE_DEVICES", None) == "":
+        if envs.ascend_visible_devices() == "":
             return Availability(False, "ASCEND_RT_VISIBLE_DEVICES is empty, so no NPU is visible", DEVICE_FIX)
-        if not torch.npu.is_available() or torch.npu.device_count() == 0:
+        if not self.runtime().is_available() or self.device_count() == 0:
             return Availability(False, "no NPU device is visible", DEVICE_FIX)
         return Availability(True)
 
     def runtime(self):
-        import_torch_npu()  # registers torch.npu
-        return torch.npu
+        """torch_npu's own ``npu`` module, not `torch.get_device_module`: that caches its answer per process, and
+        a torch_npu that cannot rename the privateuse1 device (the tests' fake) never registers "npu" there."""
+        return import_torch_npu().npu
 
     def compile_backend(self):
         """torchair's GE graph backend with its default config (torchair docs: ``get_npu_backend``)."""
@@ -62,5 +63,5 @@ class NpuBackend(AcceleratorBackend):
 
     def versions(self) -> dict[str, str]:
         torch_npu = import_torch_npu()
-        cann = os.environ.get("ASCEND_TOOLKIT_HOME", "")
+        cann = next(iter(envs.cann_homes()), "")
         return {"torch": torch.__version__, "torch_npu": getattr(torch_npu, "__version__", "?"), "cann_home": cann}

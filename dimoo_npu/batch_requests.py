@@ -118,18 +118,6 @@ def check_request_values(request: Request) -> None:
         check_seeds(request["seed"])
 
 
-def process_share() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when run alone."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    except ValueError:
-        raise InputError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"RANK {rank} is not in [0, WORLD_SIZE={world}): launch through torchrun")
-    return rank, world, local_rank
-
-
 def my_share(requests: list[Request], rank: int, world: int) -> list[Request]:
     """Requests rank, rank + world, ...: disjoint across ranks and covering all of them."""
     return requests[rank::world]

@@ -1,4 +1,4 @@
-"""Every DIMOO_* environment variable, documented in one place and read through these functions.
+"""Every environment variable this package reads, documented in one place and read through these functions only.
 
 - ``DIMOO_OPS``: force op implementations for debugging: ``reference`` (all ops) or
   ``attention=reference,rms_norm=torch``; implementations are ``reference``, ``torch``, ``npu``.
@@ -9,7 +9,11 @@
 - ``DIMOO_DEBUG``: ``1`` prints the full traceback of an unexpected error instead of writing it to a log file.
 - ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``XDG_CACHE_HOME``/huggingface/hub (``~/.cache``): the Hugging
   Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.hub_cache`; never downloaded).
-- ``WORLD_SIZE`` (set by torchrun): the number of ranks ``dimoo train --check/--plan`` lays out (default 1).
+- ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (set by torchrun): this process's rank, the number of ranks (also what
+  ``dimoo train --check/--plan`` lays out; default 1) and the device index on its node (default: the rank).
+  ``MASTER_ADDR``/``MASTER_PORT`` are read by torch.distributed's ``env://`` rendezvous itself, never here.
+- ``ASCEND_RT_VISIBLE_DEVICES``: the NPUs torch_npu sees (empty: none, reported by the npu backend with the fix);
+  ``ASCEND_HOME_PATH``/``ASCEND_TOOLKIT_HOME``: the CANN install `dimoo doctor` reads its version from.
 - ``DIMOO_MAX_LENGTH``: the longest sequence (tokens) to run, as ``--max-length`` (default: 8192, or the
   checkpoint's max_sequence_length when that is larger).
 """
@@ -60,6 +64,40 @@ def world_size() -> int:
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(f"WORLD_SIZE={text!r} is not a positive integer: set it to the number of ranks, e.g. 16")
     return int(text)
+
+
+def torchrun_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a process run alone."""
+    from dimoo_npu.errors import ConfigError
+
+    world = world_size()
+    rank_text = os.environ.get("RANK", "0").strip()
+    local_text = os.environ.get("LOCAL_RANK", rank_text).strip()
+    for name, text in (("RANK", rank_text), ("LOCAL_RANK", local_text)):
+        if not text.isdigit() or (name == "RANK" and int(text) >= world):
+            raise ConfigError(
+                f"{name}={text!r} is not an integer in [0, WORLD_SIZE={world}): launch through torchrun, "
+                "which sets RANK, LOCAL_RANK and WORLD_SIZE"
+            )
+    return int(rank_text), world, int(local_text)
+
+
+def ascend_visible_devices() -> str | None:
+    """ASCEND_RT_VISIBLE_DEVICES as set (``""`` hides every NPU), or None when unset."""
+    return os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+
+
+def cann_homes() -> list[str]:
+    """The CANN install folders named by ASCEND_HOME_PATH, then ASCEND_TOOLKIT_HOME (those set)."""
+    return [path for path in (os.environ.get("ASCEND_HOME_PATH"), os.environ.get("ASCEND_TOOLKIT_HOME")) if path]
+
+
+REPORTED = ("DIMOO_DEVICE", "DIMOO_OPS", "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ASCEND_HOME_PATH")
+
+
+def reported() -> dict[str, str]:
+    """The variables that change which device and kernels run, those set (`dimoo doctor` prints them)."""
+    return {name: os.environ[name] for name in REPORTED if name in os.environ}
 
 
 def hf_hub_cache() -> Path:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
 import platform
 from pathlib import Path
 
+from dimoo_npu import envs
 from dimoo_npu.commands import emit
 
-ENV_VARS = ("DIMOO_DEVICE", "DIMOO_OPS", "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ASCEND_HOME_PATH")
 PACKAGES = ("torch", "torch_npu", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers", "safetensors")
 # Where CANN installs put ascend_<component>_install.info (torch_npu's collect_env reads the same files).
 CANN_ROOTS = ("/usr/local/Ascend/cann", "/usr/local/Ascend/ascend-toolkit/latest")
@@ -56,7 +55,7 @@ def collect() -> dict:
         "backends": backends,
         "auto": _auto_backend(),
         "versions": versions(),
-        "environment": {name: os.environ[name] for name in ENV_VARS if name in os.environ},
+        "environment": envs.reported(),
     }
 
 
@@ -116,8 +115,7 @@ def versions() -> dict[str, str | None]:
 
 def cann_version() -> str | None:
     """The CANN version from ``ascend_*_install.info`` under ASCEND_HOME_PATH / ASCEND_TOOLKIT_HOME / default roots."""
-    roots = [os.environ.get("ASCEND_HOME_PATH"), os.environ.get("ASCEND_TOOLKIT_HOME"), *CANN_ROOTS]
-    for root in filter(None, roots):
+    for root in [*envs.cann_homes(), *CANN_ROOTS]:
         for info in sorted(Path(root).glob("ascend_*_install.info")) + sorted(
             Path(root).glob("*/ascend_*_install.info")
         ):

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share, output_paths, process_share
+from dimoo_npu import envs
+from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share, output_paths
 from dimoo_npu.generation_settings import ImageSettings, TextSettings
 from dimoo_npu.outputs import save_text
 from dimoo_npu.prompts import EDIT_TYPES
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {key: value for key, value in vars(args).items() if key not in ("seed", "output")}
     requests = build_requests(task, flags, args.batch_file)
     assign_seeds(requests, args.seed)
-    rank, world, local_rank = process_share()
+    rank, world, local_rank = envs.torchrun_ranks()
     mine = my_share(requests, rank, world)
     logger.info("%s: %d request(s) in all, %d on rank %d of %d", task, len(requests), len(mine), rank, world)
     if task == "understand":

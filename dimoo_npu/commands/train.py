@@ -8,7 +8,6 @@ dimoo export-hf runs/dimoo-8b/checkpoints runs/dimoo-8b/hf
 from __future__ import annotations
 
 import argparse
-import os
 
 from dimoo_npu import envs
 from dimoo_npu.commands import emit
@@ -97,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     from dimoo_npu.train.trainer import run_training
 
     losses = run_training(config)
-    if losses and os.environ.get("RANK", "0") == "0":
+    if losses and envs.torchrun_ranks()[0] == 0:
         emit(f"trained {len(losses)} step(s); last loss {losses[-1]:.4f}; metrics in {config.output_dir}/metrics.jsonl")
     return 0
 

@@ -37,6 +37,18 @@ def test_cpu_is_always_available():
     backend.synchronize()
 
 
+def test_cpu_and_cuda_runtime_calls_go_through_their_torch_device_module(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cpu, "synchronize", lambda *a: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cpu, "set_device", lambda index: calls.append(("set_device", index)))
+    backend = CpuBackend()
+    backend.synchronize()
+    backend.set_device(0)
+    assert calls == ["synchronize", ("set_device", 0)]
+    assert backend.device_count() == torch.cpu.device_count()
+    assert CudaBackend().runtime() is torch.get_device_module("cuda")
+
+
 def test_collective_backend_names_and_default_dtypes():
     assert {name: cls.dist_backend for name, cls in BACKENDS.items()} == {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
     assert {name: cls.default_dtype for name, cls in BACKENDS.items()} == {
