@@ -62,8 +62,8 @@ def _real_rank(layout: Layout, stage: int, tp_rank: int, dp_rank: int):
             sequence_parallel=True, recompute=layout.recompute, data_parallel="fsdp",
             microbatches=layout.microbatches, pp_schedule="1F1B", param_dtype=torch.bfloat16,
         )  # fmt: skip
-        part = parallelize(model, dims, mesh, options, torch.device("cpu")).parts[0]
-        return rank, part
+        result = parallelize(model, dims, mesh, options, torch.device("cpu"))
+        return rank, getattr(result, "parts", [result])[0]  # a ParallelModel wrapper, or the rank's module itself
     finally:
         dist.destroy_process_group()
 
