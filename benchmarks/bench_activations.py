@@ -29,9 +29,9 @@ from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
-from dimoo_npu.parallel.recompute import apply_recompute
+from dimoo_npu.parallel.recompute import RECOMPUTE_MODES, apply_recompute
 from dimoo_npu.parallel.tensor_parallel import apply_tp
-from dimoo_npu.planner.activations import BLOCK, RECOMPUTE_MODES, Widths, stage_activation_terms
+from dimoo_npu.planner.activations import BLOCK, Widths, stage_activation_terms
 from dimoo_npu.planner.measure import measure_kept_bytes, summed_loss
 
 log = logging.getLogger("bench_activations")

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from dimoo_npu.config import DiMOOConfig
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 OP_FAMILIES = ("torch", "npu")
 
 

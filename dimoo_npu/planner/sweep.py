@@ -6,12 +6,11 @@ import dataclasses
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import ConfigError
+from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.planner.hardware import Accelerator
 from dimoo_npu.planner.train_plan import TrainPlan, layout_of, plan_training
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.layout import plan_layout
-
-RECOMPUTE_ORDER = ("none", "selective", "full")
 
 
 def _divisors(n: int) -> list[int]:
@@ -30,7 +29,7 @@ def candidate_configs(config: TrainConfig, world: int) -> list[TrainConfig]:
             dp = world // (tp * pp)
             per_rank = config.gpt_args.global_batch_size // dp if config.gpt_args.global_batch_size % dp == 0 else 0
             for micro in (m for m in _divisors(per_rank) if m & (m - 1) == 0):
-                for recompute in RECOMPUTE_ORDER:
+                for recompute in RECOMPUTE_MODES:
                     gpt_args = dataclasses.replace(
                         config.gpt_args,
                         tensor_model_parallel_size=tp,

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.parallel.pipeline_parallel import stage_layer_counts
 from dimoo_npu.planner.activations import BLOCK, op_family, stage_activation_terms, working_set_terms
 from dimoo_npu.planner.hardware import GIB, Accelerator
 
@@ -50,11 +51,6 @@ def chunk_sizes(length: int, parts: int) -> list[int]:
     """Sizes ``torch.chunk`` (and so DTensor ``Shard`` and FSDP2) gives ``parts`` ranks; trailing ranks may get 0."""
     size = math.ceil(length / parts) if length else 0
     return [max(0, min(size, length - index * size)) for index in range(parts)]
-
-
-def stage_layer_counts(n_layers: int, stages: int) -> list[int]:
-    base, extra = divmod(n_layers, stages)
-    return [base + (1 if stage < extra else 0) for stage in range(stages)]
 
 
 def stage_parameters(config: DiMOOConfig, stage: int, stages: int) -> list[ParamSpec]:

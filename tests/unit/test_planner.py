@@ -20,9 +20,9 @@ from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
-from dimoo_npu.parallel.recompute import apply_recompute
+from dimoo_npu.parallel.recompute import RECOMPUTE_MODES, apply_recompute
 from dimoo_npu.parallel.tensor_parallel import apply_tp
-from dimoo_npu.planner.activations import RECOMPUTE_MODES, stage_activation_terms
+from dimoo_npu.planner.activations import stage_activation_terms
 from dimoo_npu.planner.measure import measure_kept_bytes, measure_peak_bytes, summed_loss
 from dimoo_npu.planner.sample_plan import SampleSettings, per_row_terms
 from dimoo_npu.planner.train_plan import chunk_sizes
