@@ -29,12 +29,12 @@ from dimoo_npu.train.trainer import build_optimizer
 
 MODEL = preset_config("lumina-dimoo-8b")
 
-# (tp, pp, dp, recompute, micro-batches): world 16 as the shipped config, and two 64-rank layouts whose vocabulary
-# and FSDP shards come out uneven (134548 / 8 tp ranks, then 16819 / 4 dp ranks).
+# (tp, pp, dp, recompute, micro-batches): world 16 as the shipped config (the vocabulary's FSDP shards are uneven:
+# 33637 rows per tp rank split 16819 / 16818), and a 64-rank layout whose tensor-parallel shards are uneven too
+# (134548 / 8 tp ranks: 16819 x 7 and 16815, then over 4 dp ranks).
 LAYOUTS = {
     "w16-tp4-pp2-dp2-full": (4, 2, 2, "full", 32),
     "w64-tp8-pp2-dp4-selective": (8, 2, 4, "selective", 8),
-    "w64-tp4-pp4-dp4-full": (4, 4, 4, "full", 8),
 }
 
 
@@ -62,8 +62,7 @@ def _real_rank(layout: Layout, stage: int, tp_rank: int, dp_rank: int):
             sequence_parallel=True, recompute=layout.recompute, data_parallel="fsdp",
             microbatches=layout.microbatches, pp_schedule="1F1B", param_dtype=torch.bfloat16,
         )  # fmt: skip
-        result = parallelize(model, dims, mesh, options, torch.device("cpu"))
-        return rank, getattr(result, "parts", [result])[0]  # a ParallelModel wrapper, or the rank's module itself
+        return rank, parallelize(model, dims, mesh, options, torch.device("cpu"))
     finally:
         dist.destroy_process_group()
 
