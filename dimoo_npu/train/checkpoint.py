@@ -147,12 +147,17 @@ class Checkpointer:
             shutil.rmtree(tmp)
         _barrier()
         state = {"model": model_state(parts), "optim": _tensors_only(_optimizer_state(parts, optimizer))}
-        with _dcp_call():
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        if self.rank == 0:
-            _write_json(tmp / STATE_FILE, trainer_state)
-            _write_json(tmp / CONFIG_FILE, model_config.to_hf_dict())
-            self._commit(tmp, final)
+        try:
+            with _dcp_call():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            if self.rank == 0:
+                _write_json(tmp / STATE_FILE, trainer_state)
+                _write_json(tmp / CONFIG_FILE, model_config.to_hf_dict())
+                self._commit(tmp, final)
+        except KeyboardInterrupt:
+            if self.rank == 0:  # Ctrl-C leaves no half-written save behind (``latest`` still names the last one)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         _barrier()
         return final
 

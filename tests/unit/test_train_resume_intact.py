@@ -89,3 +89,18 @@ def test_metadata_naming_a_global_outside_the_allowlist_is_refused_before_it_run
         Trainer(tiny_run_config(run, "train_iters=4")).close()
     assert not (run / "PWNED").exists()
     json.loads((step / "trainer_state.json").read_text())  # untouched
+
+
+def test_ctrl_c_during_a_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import torch
+
+    def interrupted(state, checkpoint_id, **kwargs):
+        Path(checkpoint_id).mkdir()
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("torch.distributed.checkpoint.save", interrupted)
+    part = torch.nn.Linear(2, 2)
+    with pytest.raises(KeyboardInterrupt):
+        Checkpointer(tmp_path).save(2, [part], torch.optim.AdamW(part.parameters()), {}, None)
+    assert list(tmp_path.iterdir()) == []
