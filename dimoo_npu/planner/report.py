@@ -73,13 +73,17 @@ def format_sweep(plans: list[TrainPlan], valid: int, world: int, top: int = 15) 
     if not plans:
         return f"none of the {valid} valid layouts for world {world} fits: use more ranks or a larger accelerator"
     head = f"{'#':>3} {'tp':>3} {'pp':>3} {'dp':>3} {'micro':>5} {'m':>4} {'recompute':>9} {'peak GiB':>9} "
-    head += f"{'step s':>7} {'bubble':>7} {'tokens/s':>9} {'MFU':>6}"
-    lines = [f"{len(plans)} of {valid} valid layouts for world {world} fit; fastest first:", head]
+    head += f"{'step s':>7} {'bubble':>7} {'dp traffic s':>12} {'tokens/s':>9} {'MFU':>6}"
+    lines = [
+        f"{len(plans)} of {valid} valid layouts for world {world} fit; fastest first (dp traffic: the data-parallel "
+        "time per step that the prediction assumes compute hides, see --plan):",
+        head,
+    ]
     for index, plan in enumerate(plans[:top], 1):
         lay, step = plan.layout, plan.step
         lines.append(
             f"{index:>3} {lay.tp:>3} {lay.pp:>3} {lay.dp:>3} {lay.micro_batch:>5} {lay.microbatches:>4} "
             f"{lay.recompute:>9} {plan.worst.total / GIB:>9.1f} {step.step_s:>7.2f} {step.bubble_fraction:>7.1%} "
-            f"{step.tokens_per_s:>9,.0f} {step.mfu:>6.1%}"
+            f"{step.dp_comm_s:>12.2f} {step.tokens_per_s:>9,.0f} {step.mfu:>6.1%}"
         )
     return "\n".join(lines)
