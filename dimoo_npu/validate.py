@@ -126,5 +126,9 @@ def output_file(path: str | os.PathLike, what: str = "output", suffix: str | Non
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):  # also false on a read-only mount, even for root
+                raise InputError(
+                    f"{what} {path} cannot be written: {parent} is read-only or not yours: choose another folder"
+                )
             break
     return path

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,24 @@ def test_other_commands_share_the_flag_checks(cli):
     assert cli("eval", "shapes", "--cfg-scale", "nan")[0] == 2
     code, log = cli("pretokenize", "m.jsonl", "out", "--workers", "0")
     assert code == 2 and "--workers=0 must be at least 1" in log
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_sampling(cli, tmp_path, monkeypatch):
+    """A read-only mount: access(2) says so even to root, so it is simulated through os.access here."""
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: Path(path).resolve() != (tmp_path / "ro").resolve() and real_access(path, mode)
+    )
+    code, log = cli(*T2I, *SMALL, "--output", "ro/x.png")
+    assert code == 2 and "ro is read-only or not yours: choose another folder" in log, log
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a chmod 0500 folder; see the test above")
+def test_a_folder_without_write_permission_is_refused_before_sampling(cli, tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    code, log = cli(*T2I, *SMALL, "--output", "ro/x.png")
+    assert code == 2 and "is read-only or not yours" in log, log
 
 
 def test_a_batch_file_with_a_byte_order_mark_is_read(tmp_path):
