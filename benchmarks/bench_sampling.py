@@ -4,6 +4,9 @@ The naive baseline has the public reference code's structure: one prompt at a ti
 forwards, full-vocabulary logits sliced afterwards. Ours runs every prompt and branch in one padded forward and
 asks the head only for the image-code logits it needs. Both are greedy here, so their outputs must be identical
 (checked). A second table times the ML-Cache on a larger image (default 32 x 32 = 1024 tokens, 64 steps).
+Ours runs on the model as the sampling commands prepare it (`prepare_for_sampling`: fused projections). With
+``--compile``, both tables add graph mode (torch.compile, fullgraph, static shapes; inductor on CPU/CUDA): one
+untimed warm-up run per configuration compiles the graphs, and its seconds are reported as the compile time.
 
 Model: random weights, the real vocabulary (134548) and a small body (sizes are options), fp32 by default.
 
@@ -11,6 +14,8 @@ Model: random weights, the real vocabulary (134548) and a small body (sizes are 
                                                              # shared machine (two stall behind other jobs)
     python benchmarks/bench_sampling.py --device cuda --d-model 2048 --layers 16 --heads 16 --grid 32 \
         --cache-batches 1 4
+    python benchmarks/bench_sampling.py --threads 1 --layers 8 --tables cache --cache-timesteps 20 \
+        --cache-temperature 0 --repeats 3 [--compile]   # the ML-Cache ratio on the d512 x 8 model
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.sampling import cosine_keep_masked, sample_image
+from dimoo_npu.sampling.graph import prepare_for_sampling
 
 VOCAB = 134548
 write = sys.stdout.write
 
 
-def build_model(args, device: torch.device) -> DiMOOModel:
+def build_model(args, device: torch.device, compile: bool = False) -> DiMOOModel:
     config = DiMOOConfig(
         d_model=args.d_model,
         n_layers=args.layers,
@@ -45,7 +51,7 @@ def build_model(args, device: torch.device) -> DiMOOModel:
     )
     torch.manual_seed(0)
     model = DiMOOModel(config, ops=resolve_ops(device.type))
-    return model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
+    return prepare_for_sampling(model.to(device=device, dtype=getattr(torch, args.dtype)).eval(), compile=compile)
 
 
 def t2i_prompts(tokens, batch: int, grid: int, prompt_len: int, device) -> tuple[list, list]:
@@ -123,11 +129,29 @@ def ours(model, prompts, uncond, timesteps: int, cfg_scale: float, temperature: 
     )
 
 
-def batching_table(args, model, backend, device) -> bool:
+def variants(models: dict) -> list[tuple[str, DiMOOModel, bool]]:
+    """(label, model, cache) of every configuration of ours: eager, then compiled when asked."""
+    return [
+        (f"ours, {kind}, cache {'on' if cache else 'off'}", model, cache)
+        for kind, model in models.items()
+        for cache in (False, True)
+    ]
+
+
+def timed_ours(backend, run, repeats: int, compiled: bool) -> tuple[float, torch.Tensor, float]:
+    """(median seconds, output, warm-up seconds): a compiled configuration first runs once untimed to compile."""
+    warmup = timed(backend, run, 1)[0] if compiled else 0.0
+    seconds, out = timed(backend, run, repeats)
+    return seconds, out, warmup
+
+
+def batching_table(args, models, backend, device) -> bool:
     """Naive vs ours (cache off and on), greedy; returns whether ours without cache equals naive everywhere."""
+    model = models["eager"]
     write(
         f"\n## naive vs batched: {args.grid}x{args.grid} grid, {args.timesteps} steps, cfg {args.cfg}, greedy\n"
-        "| batch | sampler | seconds | images/s | vs naive | greedy output |\n|---|---|---|---|---|---|\n"
+        "| batch | sampler | seconds | images/s | vs naive | greedy output | compile s |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     identical = True
     for batch in args.batches:
@@ -135,38 +159,46 @@ def batching_table(args, model, backend, device) -> bool:
         naive_s, naive_out = timed(backend, partial(naive_batch, model, prompts, uncond, args.timesteps, args.cfg), 1)
         write(
             f"| {batch} | naive (per prompt, cond+uncond, full vocab) | {naive_s:.2f} | {batch / naive_s:.3f} "
-            "| 1.00x | reference |\n"
+            "| 1.00x | reference | |\n"
         )
-        for cache in (False, True):
-            run = partial(ours, model, prompts, uncond, args.timesteps, args.cfg, 0.0, cache)
-            seconds, out = timed(backend, run, args.repeats)
+        for label, variant, cache in variants(models):
+            run = partial(ours, variant, prompts, uncond, args.timesteps, args.cfg, 0.0, cache)
+            seconds, out, warmup = timed_ours(backend, run, args.repeats, variant is not model)
             same = torch.equal(out, naive_out)
             identical &= same or cache
             check = "identical" if same else f"{(out == naive_out).float().mean().item():.1%} of tokens agree"
+            compile_s = f"{warmup:.1f}" if warmup else ""
             write(
-                f"| {batch} | ours, cache {'on' if cache else 'off'} | {seconds:.2f} | {batch / seconds:.3f} | "
-                f"{naive_s / seconds:.2f}x | {check} |\n"
+                f"| {batch} | {label} | {seconds:.2f} | {batch / seconds:.3f} | "
+                f"{naive_s / seconds:.2f}x | {check} | {compile_s} |\n"
             )
     return identical
 
 
-def cache_table(args, model, backend, device) -> None:
+def cache_table(args, models, backend, device) -> None:
     grid, steps = args.cache_grid, args.cache_timesteps
     write(
         f"\n## ML-Cache: {grid}x{grid} grid ({grid * grid} image tokens), {steps} steps, cfg {args.cfg}, "
-        f"temperature {args.cache_temperature}, cache_ratio 0.9 warmup 0.3 refresh 5\n"
-        "| batch | cache off s | cache on s | images/s off | images/s on | speedup |\n|---|---|---|---|---|---|\n"
+        f"temperature {args.cache_temperature}, cache_ratio 0.9 warmup 0.3 refresh 5; seconds: median of "
+        f"{args.repeats} (min-max)\n"
+        "| batch | forward | cache off s | cache on s | images/s off | images/s on | speedup |\n"
+        "|---|---|---|---|---|---|---|\n"
     )
     for batch in args.cache_batches:
-        prompts, uncond = t2i_prompts(model.config.special_tokens, batch, grid, args.prompt_len, device)
-        seconds = {}
-        for cache in (False, True):
-            run = partial(ours, model, prompts, uncond, steps, args.cfg, args.cache_temperature, cache)
-            seconds[cache], _ = timed(backend, run, args.repeats)
-        write(
-            f"| {batch} | {seconds[False]:.2f} | {seconds[True]:.2f} | {batch / seconds[False]:.3f} | "
-            f"{batch / seconds[True]:.3f} | {seconds[False] / seconds[True]:.2f}x |\n"
-        )
+        prompts, uncond = t2i_prompts(models["eager"].config.special_tokens, batch, grid, args.prompt_len, device)
+        for kind, model in models.items():
+            seconds, spread = {}, {}
+            for cache in (False, True):
+                run = partial(ours, model, prompts, uncond, steps, args.cfg, args.cache_temperature, cache)
+                if kind != "eager":
+                    timed(backend, run, 1)  # compile
+                times = [timed(backend, run, 1)[0] for _ in range(args.repeats)]
+                seconds[cache], spread[cache] = statistics.median(times), f"{min(times):.2f}-{max(times):.2f}"
+            write(
+                f"| {batch} | {kind} | {seconds[False]:.2f} ({spread[False]}) | {seconds[True]:.2f} ({spread[True]}) "
+                f"| {batch / seconds[False]:.3f} | {batch / seconds[True]:.3f} "
+                f"| {seconds[False] / seconds[True]:.2f}x |\n"
+            )
 
 
 def parse_args(argv=None):
@@ -188,6 +220,8 @@ def parse_args(argv=None):
     parser.add_argument("--cache-temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=1, help="runs of our sampler per cell (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="also time graph mode (torch.compile)")
+    parser.add_argument("--tables", default="batching,cache", help="which tables: batching, cache or both")
     return parser.parse_args(argv)
 
 
@@ -196,16 +230,22 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backend, device = resolve_device(args.device)
-    model = build_model(args, device)
+    models = {"eager": build_model(args, device)}
+    if args.compile:
+        models["compiled"] = build_model(args, device, compile=True)
+    model = models["eager"]
     write(
         f"device {device}, {torch.get_num_threads()} threads, {args.dtype}; model d_model {args.d_model}, "
         f"{args.layers} layers, {args.heads} heads, mlp {model.config.mlp_hidden_size}, vocab {VOCAB}; "
         f"load average {os.getloadavg()[0]:.1f} (other jobs on this machine slow every figure alike)\n"
     )
+    tables = args.tables.split(",")
+    identical = True
     with torch.inference_mode():
-        identical = batching_table(args, model, backend, device)
-        if args.cache_grid:
-            cache_table(args, model, backend, device)
+        if "batching" in tables:
+            identical = batching_table(args, models, backend, device)
+        if args.cache_grid and "cache" in tables:
+            cache_table(args, models, backend, device)
     write(
         f"\ngreedy output of ours (cache off) identical to naive: {identical}; "
         f"load average at the end {os.getloadavg()[0]:.1f}\n"
