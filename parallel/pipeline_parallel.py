@@ -16,7 +16,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
 
-SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
+SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
 
 
 def stage_layer_counts(n_layers: int, stages: int, explicit: list[int] | None = None) -> list[int]:

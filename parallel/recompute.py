@@ -14,7 +14,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from dimoo_npu.model import DiMOOModel
 
-RECOMPUTE_MODES = ("none", "full", "selective")
+RECOMPUTE_MODES = ("none", "selective", "full")  # by memory saved, the order the planner sweeps them
 
 # Op names (namespace dropped) whose outputs selective recompute keeps.
 _SAVED_OPS = frozenset(

@@ -25,9 +25,7 @@ from typing import Any
 
 from dimoo_npu.errors import ConfigError
 
-RECOMPUTE_CHOICES = ("none", "full", "selective")
 DECAY_STYLES = ("cosine", "linear", "constant")
-PIPELINE_SCHEDULES = ("1F1B", "GPipe")
 RESUME_CHOICES = ("auto", "never")
 
 
@@ -93,24 +91,20 @@ class TrainConfig:
         return self.gpt_args.recompute_granularity or "none"
 
     def check(self) -> None:
-        """Value checks that need no model and no world size."""
+        """Value checks that need no model and no world size; the parallel layout is `train.layout.plan_layout`'s."""
         g = self.gpt_args
         for prefix, section in (("gpt_args.", g), ("data.", self.data), ("", self)):
             for item in dataclasses.fields(section):
                 value = getattr(section, item.name)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f"{prefix}{item.name} is {value}: use a finite number")
-        _check_choice("gpt_args.recompute_granularity", self.recompute, RECOMPUTE_CHOICES)
-        _check_choice("gpt_args.lr_decay_style", g.lr_decay_style, DECAY_STYLES)
-        _check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
-        _check_choice("resume", self.resume, RESUME_CHOICES)
+        check_choice("gpt_args.lr_decay_style", g.lr_decay_style, DECAY_STYLES)
+        check_choice("resume", self.resume, RESUME_CHOICES)
         positive = {
             "micro_batch_size": g.micro_batch_size,
             "global_batch_size": g.global_batch_size,
             "train_iters": g.train_iters,
             "log_interval": g.log_interval,
-            "tensor_model_parallel_size": g.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": g.pipeline_model_parallel_size,
         }
         for name, value in positive.items():
             if value < 1:
@@ -144,7 +138,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} is {value!r}; choose one of {', '.join(choices)}")
 

@@ -1,12 +1,14 @@
 """From a run config and a world size to parallel degrees and options, refusing what cannot run.
 
-Every check here runs before a process group, a model or a batch exists, so a wrong config costs
-seconds, not a queued cluster job. Degrees follow Megatron: dp = world / (tp * pp); the per-step
-micro-batch count is global_batch / (micro_batch * dp).
+`plan_layout` holds every layout rule (degrees, widths, batch split, schedule, sequence and data parallelism);
+`dimoo_npu.parallel` applies its answer unchecked. Every check runs before a process group, a model or a batch
+exists, so a wrong config costs seconds, not a queued cluster job. Degrees follow Megatron: dp = world / (tp * pp);
+the per-step micro-batch count is global_batch / (micro_batch * dp).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -14,8 +16,10 @@ import torch
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.parallel import ParallelDims, ParallelOptions
+from dimoo_npu.parallel.pipeline_parallel import SCHEDULES
+from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.presets import preset_config
-from dimoo_npu.train.config import TrainConfig
+from dimoo_npu.train.config import TrainConfig, check_choice
 
 
 def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:
@@ -39,40 +43,100 @@ def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:
 
 
 def plan_layout(config: TrainConfig, model: DiMOOConfig, world_size: int) -> tuple[ParallelDims, ParallelOptions]:
-    """Parallel degrees and options for ``world_size`` processes; `ConfigError` naming the fix otherwise."""
+    """Parallel degrees and options for ``world_size`` processes; `ConfigError` naming the fix otherwise.
+
+    The one place that checks a layout: `dimoo_npu.parallel` applies what this returns without checking it.
+    """
     g = config.gpt_args
     tp, pp = g.tensor_model_parallel_size, g.pipeline_model_parallel_size
+    check_choice("gpt_args.recompute_granularity", config.recompute, RECOMPUTE_MODES)
+    check_choice("pipeline_schedule", config.pipeline_schedule, tuple(SCHEDULES))
+    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        if value < 1:
+            raise ConfigError(f"gpt_args.{name} is {value}; it must be at least 1")
     if world_size % (tp * pp):
         raise ConfigError(
             f"world size {world_size} is not a multiple of tensor_model_parallel_size * pipeline_model_parallel_size"
             f" = {tp}*{pp}: launch a multiple of {tp * pp} processes, or change tp/pp"
         )
     dims = ParallelDims(pp=pp, dp=world_size // (tp * pp), tp=tp)
-    dims.validate(model, world_size)
+    _check_model_split(dims, model)
     per_pass = g.micro_batch_size * dims.dp
     if g.global_batch_size % per_pass:
         raise ConfigError(
             f"global_batch_size {g.global_batch_size} is not divisible by micro_batch_size * dp = "
             f"{g.micro_batch_size}*{dims.dp} = {per_pass}: make it a multiple of {per_pass}"
         )
-    seq_length = config.data.seq_length
-    if pp > 1 and seq_length is None:
+    microbatches = g.global_batch_size // per_pass
+    if pp > 1 and config.pipeline_schedule == "1F1B" and microbatches < pp:
         raise ConfigError(
-            "pipeline parallelism needs fixed-shape batches: set data.seq_length (at least the "
-            "longest pre-tokenized sample)"
+            f"the 1F1B schedule needs at least as many micro-batches as pipeline stages: microbatches "
+            f"{microbatches} < pp {pp}; raise global_batch_size / micro_batch_size or use GPipe"
         )
-    if g.sequence_parallel and seq_length is not None and seq_length % tp:
-        raise ConfigError(f"sequence_parallel needs data.seq_length ({seq_length}) divisible by tp {tp}")
-    if g.sequence_parallel and seq_length is None:
-        raise ConfigError("sequence_parallel needs fixed-shape batches: set data.seq_length (a multiple of tp)")
+    _check_sequence(config, dims)
+    _check_data_parallel(config, dims)
     options = ParallelOptions(
         sequence_parallel=g.sequence_parallel,
         recompute=config.recompute,
         data_parallel="fsdp" if g.use_distributed_optimizer else "ddp",
-        microbatches=g.global_batch_size // per_pass,
+        microbatches=microbatches,
         pp_schedule=config.pipeline_schedule,
         param_dtype=torch.bfloat16 if g.bf16 else None,
         reduce_dtype=torch.float32,
     )
-    options.validate(dims)
     return dims, options
+
+
+def _check_model_split(dims: ParallelDims, model: DiMOOConfig) -> None:
+    """Tensor parallelism splits heads and MLP columns evenly; every pipeline stage needs a layer."""
+    widths = {"n_heads": model.n_heads, "d_model": model.d_model, "mlp_hidden_size": model.mlp_hidden_size}
+    for name, width in widths.items():
+        if width % dims.tp:
+            common = math.gcd(*widths.values())
+            divisors = [d for d in range(1, common + 1) if common % d == 0]
+            raise ConfigError(
+                f"tensor_model_parallel_size {dims.tp} does not divide the model's {name} ({width}): "
+                f"tensor parallelism splits heads and MLP columns evenly; choose tp among {divisors}"
+            )
+    if dims.pp > model.n_layers:
+        raise ConfigError(
+            f"pipeline_model_parallel_size {dims.pp} is larger than the model's {model.n_layers} layers: "
+            f"every stage needs at least one layer; use at most {model.n_layers}"
+        )
+
+
+def _check_sequence(config: TrainConfig, dims: ParallelDims) -> None:
+    """Pipeline and sequence parallelism need fixed-shape batches; sequence parallelism splits them over tp."""
+    seq_length = config.data.seq_length
+    if dims.pp > 1 and seq_length is None:
+        raise ConfigError(
+            "pipeline parallelism needs fixed-shape batches: set data.seq_length (at least the "
+            "longest pre-tokenized sample)"
+        )
+    if not config.gpt_args.sequence_parallel:
+        return
+    if dims.tp == 1:
+        raise ConfigError("sequence_parallel needs tensor_model_parallel_size > 1; set it to false for tp=1")
+    if seq_length is None:
+        raise ConfigError("sequence_parallel needs fixed-shape batches: set data.seq_length (a multiple of tp)")
+    if seq_length % dims.tp:
+        raise ConfigError(f"sequence_parallel needs data.seq_length ({seq_length}) divisible by tp {dims.tp}")
+
+
+def _check_data_parallel(config: TrainConfig, dims: ParallelDims) -> None:
+    """DDP (use_distributed_optimizer: false) replicates plain tensors of real weights, one stage per rank."""
+    if config.gpt_args.use_distributed_optimizer:
+        return
+    ddp, fix = "data_parallel 'ddp' (use_distributed_optimizer: false)", "use_distributed_optimizer: true (FSDP2)"
+    if dims.tp > 1:
+        raise ConfigError(f"{ddp} does not take tensor-parallel DTensors: {fix} with tp > 1")
+    if dims.dp == 1:
+        return
+    if dims.pp > 1:
+        # Measured with torch 2.13: the pipeline's first-step shape inference breaks DDP's gradient buckets.
+        raise ConfigError(f"{ddp} is not supported with pipeline parallelism: {fix} with pp > 1")
+    if config.model.init_from is not None:
+        raise ConfigError(
+            f"{ddp} cannot start from model.init_from at dp {dims.dp}: the model is built on the meta device and DDP "
+            f"broadcasts real weights when it wraps it; {fix}, or a single data-parallel rank"
+        )

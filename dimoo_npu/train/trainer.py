@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +20,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dimoo_npu import envs
 from dimoo_npu.adapters import resolve_device
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, ConfigError
 from dimoo_npu.lengths import LengthLimit
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
-from dimoo_npu.parallel import ParallelModel, build_mesh, parallelize
+from dimoo_npu.parallel import build_mesh, parallelize
 from dimoo_npu.run_lock import RunFolderBusyError, hold_run_folder
 from dimoo_npu.train.checkpoint import CONFIG_FILE, Checkpointer, load_hf_weights
 from dimoo_npu.train.config import TrainConfig
@@ -37,6 +37,7 @@ from dimoo_npu.train.masking import Objective
 from dimoo_npu.train.metrics import MetricsLog, flops_per_token, measure_peak_flops
 from dimoo_npu.train.schedule import learning_rate
 from dimoo_npu.train.shards import ShardDataset
+from dimoo_npu.train.step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ class DistEnv:
 
     @classmethod
     def from_environment(cls) -> DistEnv:
-        read = os.environ.get
-        return cls(int(read("RANK", 0)), int(read("WORLD_SIZE", 1)), int(read("LOCAL_RANK", 0)))
+        return cls(*envs.torchrun_ranks())
 
 
 def build_optimizer(parts: list[torch.nn.Module], config: TrainConfig) -> torch.optim.AdamW:
@@ -102,8 +102,10 @@ class Trainer:
                 f"{self.output} already holds checkpoints ({resume_from.name}) and resume is 'never': "
                 "choose a new output_dir, or resume=auto to continue that run"
             )
+        self.mesh = build_mesh(self.dims, self.device.type)
         self.model = self._build_model(load_weights=resume_from is None)
-        self.optimizer = build_optimizer(self.model.parts, config)
+        self.step_runner = TrainStep(self.model, self.dims, self.mesh, self.options, self.device)
+        self.optimizer = build_optimizer([self.model], config)
         self.step, self.consumed = 0, 0
         if resume_from is not None:
             self._restore(resume_from)
@@ -117,7 +119,7 @@ class Trainer:
 
     @property
     def dp_rank(self) -> int:
-        return 0 if self.model.mesh is None else self.model.mesh.get_local_rank("dp")
+        return 0 if self.mesh is None else self.mesh.get_local_rank("dp")
 
     def _init_distributed(self) -> None:
         if self.env.world_size == 1 or dist.is_initialized():
@@ -125,22 +127,21 @@ class Trainer:
         self.backend.set_device(self.env.local_rank)
         dist.init_process_group(self.backend.dist_backend)
 
-    def _build_model(self, load_weights: bool) -> ParallelModel:
-        """A fresh model (seeded, built whole on every rank) or ``init_from``'s weights (built on meta)."""
+    def _build_model(self, load_weights: bool) -> torch.nn.Module:
+        """This rank's part of a fresh model (seeded, built whole on every rank) or of ``init_from``'s weights
+        (built on meta, so only this rank's shards are ever allocated)."""
         ops = resolve_ops(self.device.type, self.config.model.ops)
-        mesh = build_mesh(self.dims, self.device.type)
         if self.config.model.init_from is None:
             torch.manual_seed(self.config.gpt_args.seed)
-            model = parallelize(DiMOOModel(self.model_config, ops), self.dims, mesh, self.options, self.device)
+            part = parallelize(DiMOOModel(self.model_config, ops), self.dims, self.mesh, self.options, self.device)
         else:
             with torch.device("meta"):
                 model = DiMOOModel(self.model_config, ops)
-            model = parallelize(model, self.dims, mesh, self.options, self.device)
-            for part in model.parts:
-                part.to_empty(device=self.device)
+            part = parallelize(model, self.dims, self.mesh, self.options, self.device)
+            part.to_empty(device=self.device)
             if load_weights:
-                load_hf_weights(model.parts, self.config.model.init_from)
-        return model.train()
+                load_hf_weights([part], self.config.model.init_from)
+        return part.train()
 
     def _restore(self, path: Path) -> None:
         saved = DiMOOConfig.from_json(path / CONFIG_FILE)
@@ -149,7 +150,7 @@ class Trainer:
                 f"{path} holds a model with another config ({saved.n_layers} layers, d_model {saved.d_model}) than "
                 "this run's: choose a new output_dir, or restore the model settings it was trained with"
             )
-        state = self.checkpointer.load(path, self.model.parts, self.optimizer)
+        state = self.checkpointer.load(path, [self.model], self.optimizer)
         self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
         if state.get("seed") != self.config.gpt_args.seed:
             logger.warning(
@@ -177,9 +178,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return self.checkpointer.save(
-            self.step, self.model.parts, self.optimizer, self.trainer_state(), self.model_config
-        )
+        return self.checkpointer.save(self.step, [self.model], self.optimizer, self.trainer_state(), self.model_config)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics line."""
@@ -189,8 +188,8 @@ class Trainer:
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.model.forward_backward(batch.input_ids, batch.labels, batch.attention_mask)
-        grad_norm = self.model.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else math.inf)
+        loss = self.step_runner.forward_backward(batch.input_ids, batch.labels, batch.attention_mask)
+        grad_norm = self.step_runner.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         real, computed = self._global_tokens(batch.real_tokens, batch.input_ids.numel())

@@ -22,6 +22,7 @@ from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.parallel import ParallelDims, ParallelOptions, build_mesh, parallelize
+from dimoo_npu.train.step import TrainStep
 
 STEPS = 5
 GLOBAL_BATCH, LENGTH = 8, 16
@@ -113,17 +114,18 @@ def replica_mesh(dims: ParallelDims) -> tuple[int, DeviceMesh]:
 
 
 def parallel_run(dims: ParallelDims, options: ParallelOptions, mesh: DeviceMesh) -> dict[str, list[float]]:
-    pm = parallelize(tiny_model(), dims, mesh, options, torch.device("cpu"))
-    optimizer = torch.optim.AdamW([p for part in pm.parts for p in part.parameters()], lr=LR)
+    part = parallelize(tiny_model(), dims, mesh, options, torch.device("cpu"))
+    runner = TrainStep(part, dims, mesh, options, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(part.parameters(), lr=LR)
     dp_rank, rows = mesh.get_local_rank("dp"), GLOBAL_BATCH // dims.dp
     losses, norms = [], []
     for step in range(STEPS):
         input_ids, labels, mask = (t[dp_rank * rows : (dp_rank + 1) * rows] for t in global_batch(step))
-        losses.append(float(pm.forward_backward(input_ids, labels, mask)))
-        norms.append(float(pm.clip_grad_norm(MAX_NORM)))
+        losses.append(float(runner.forward_backward(input_ids, labels, mask)))
+        norms.append(float(runner.clip_grad_norm(MAX_NORM)))
         optimizer.step()
         optimizer.zero_grad()
-    dtypes = sorted({str(p.dtype) for part in pm.parts for p in part.parameters()})
+    dtypes = sorted({str(p.dtype) for p in part.parameters()})
     return {"losses": losses, "norms": norms, "master_dtypes": dtypes}
 
 

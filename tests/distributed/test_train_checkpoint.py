@@ -46,5 +46,5 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_with_the_same_next_losses(tp2_runs
     from dimoo_npu import load_model
 
     reference = load_model(gathered).state_dict()
-    for name, value in trainer.model.parts[0].state_dict().items():
+    for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-6, msg=name)

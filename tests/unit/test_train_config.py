@@ -13,7 +13,7 @@ from dimoo_npu.errors import ConfigError
 from dimoo_npu.train.config import load_config
 from dimoo_npu.train.layout import model_config_of, plan_layout
 from dimoo_npu.train.schedule import learning_rate
-from tests.unit.train_support import TINY_CONFIG
+from tests.unit.train_support import TINY_CONFIG, small_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
 
@@ -45,7 +45,6 @@ def test_overrides_accept_bare_and_dotted_keys_and_yaml_numbers():
         ("gpt_args.tensor_parallel=2", "did you mean 'gpt_args.tensor_model_parallel_size'"),
         ("train_iters=many", "must be int"),
         ("lr", "is not key=value"),
-        ("recompute_granularity=partial", "choose one of none, full, selective"),
         ("lr_decay_style=step", "choose one of cosine, linear, constant"),
         ("micro_batch_size=0", "must be at least 1"),
         ("min_lr=1", "above lr"),
@@ -72,12 +71,46 @@ def test_bad_values_are_refused_with_the_key_named(override, message):
         (["pipeline_model_parallel_size=2"], 2, "set data.seq_length"),
         (["sequence_parallel=true", "data.seq_length=64"], 1, "needs tensor_model_parallel_size > 1"),
         (["tensor_model_parallel_size=2", "sequence_parallel=true", "data.seq_length=63"], 2, "divisible by tp"),
+        (["tensor_model_parallel_size=0"], 1, "tensor_model_parallel_size is 0; it must be at least 1"),
+        (["recompute_granularity=partial"], 1, "choose one of none, selective, full"),
+        (["pipeline_schedule=ZB"], 1, "choose one of 1F1B, GPipe"),
+        (["pipeline_model_parallel_size=2", "data.seq_length=64", "global_batch_size=2"], 2, "at least as many micro"),
+        (["use_distributed_optimizer=false", "tensor_model_parallel_size=2"], 2, "does not take tensor-parallel"),
+        (
+            [
+                "use_distributed_optimizer=false",
+                "pipeline_model_parallel_size=2",
+                "data.seq_length=64",
+                "micro_batch_size=1",
+            ],
+            4,
+            "not supported with pipeline",
+        ),  # fmt: skip
     ],
 )
 def test_invalid_layouts_are_refused_before_anything_starts(overrides, world, message):
     config = load_config(TINY_CONFIG, overrides)
     with pytest.raises(ConfigError, match=message):
         plan_layout(config, model_config_of(config), world)
+
+
+def test_tp_must_divide_every_width_it_splits():
+    config = load_config(TINY_CONFIG, ["tensor_model_parallel_size=3"])
+    with pytest.raises(ConfigError, match=r"does not divide the model's mlp_hidden_size \(100\).*among \[1, 2\]"):
+        plan_layout(config, small_config(mlp_hidden_size=100), 3)  # 6 heads of 8 split in 3, the MLP does not
+
+
+def test_ddp_from_init_from_weights_is_refused_with_the_fix(tmp_path):
+    """``init_from`` builds the model on meta, which DDP cannot broadcast (it crashed in DDP's constructor)."""
+    ddp = ["use_distributed_optimizer=false", "model.config=null", f"model.init_from={tmp_path}"]
+    with pytest.raises(ConfigError, match="cannot start from model.init_from at dp 2.*use_distributed_optimizer: true"):
+        plan_layout(load_config(TINY_CONFIG, ddp), small_config(), 2)
+    dims, options = plan_layout(load_config(TINY_CONFIG, ddp), small_config(), 1)  # one replica: no DDP wrapper
+    assert (dims.dp, options.data_parallel) == (1, "ddp")
+    fsdp = load_config(TINY_CONFIG, [*ddp, "use_distributed_optimizer=true"])
+    assert plan_layout(fsdp, small_config(), 2)[1].data_parallel == "fsdp"
+    fresh = load_config(TINY_CONFIG, ["use_distributed_optimizer=false"])  # a seeded model is real on every rank
+    assert plan_layout(fresh, model_config_of(fresh), 2)[0].dp == 2
 
 
 def test_cli_reports_a_bad_layout_without_a_traceback(monkeypatch, capsys, caplog):

@@ -87,7 +87,7 @@ def test_a_process_killed_during_save_leaves_the_last_good_checkpoint(reference,
 def test_export_to_hugging_face_layout_and_initialise_from_it(reference, tmp_path):
     run_dir, _ = reference
     trainer = Trainer(tiny_run_config(run_dir, f"train_iters={STEPS}"))  # resumes the finished run: no step left
-    trained = {name: p.detach().clone() for name, p in trainer.model.parts[0].state_dict().items()}
+    trained = {name: p.detach().clone() for name, p in trainer.model.state_dict().items()}
     folder = export_hf(run_dir / "run" / "checkpoints", tmp_path / "hf", dtype=torch.float32)
     model = dimoo_npu.load_model(folder)
     assert model.config.special_tokens == trainer.model_config.special_tokens
@@ -123,6 +123,6 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_master_weights_and_optimizer_state
     _, fp32_losses = reference
     trainer = Trainer(tiny_run_config(tmp_path, "bf16=true", "train_iters=2"))
     losses = trainer.train()
-    assert {p.dtype for p in trainer.model.parts[0].parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
     assert {state["exp_avg"].dtype for state in trainer.optimizer.state.values()} == {torch.float32}
     assert losses != fp32_losses[:2] and losses == pytest.approx(fp32_losses[:2], rel=2e-2)

@@ -6,10 +6,26 @@ from pathlib import Path
 
 import torch
 
+from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.train.config import TrainConfig, load_config
 from dimoo_npu.train.shards import Sample, write_shard
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny_cpu.yaml"
+
+
+def small_config(**overrides) -> DiMOOConfig:
+    """A 4-layer model whose widths take tp 1, 2, 3 and 6 (6 heads of 8)."""
+    sizes = dict(d_model=48, n_layers=4, n_heads=6, mlp_hidden_size=96, embedding_size=256, rope_theta=1e4)
+    sizes.update(overrides)
+    return DiMOOConfig(**sizes, max_sequence_length=32, special_tokens={"mask": 250, "vocab": 256})
+
+
+def masked_batch(rows: int = 4, length: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) of `small_config`'s vocabulary: about half the positions masked and labelled."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 240, (rows, length), generator=gen)
+    masked = torch.rand(rows, length, generator=gen) < 0.5
+    return torch.where(masked, 250, ids), torch.where(masked, ids, -100)
 
 
 def tiny_special_tokens() -> dict[str, int]:
