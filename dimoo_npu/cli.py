@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(vars(args))
         return int(args._module.run(args) or 0)
-    except (Exception, KeyboardInterrupt) as err:  # the one place exceptions become exit codes
+    except BaseException as err:  # the one place exceptions become exit codes (DCP's are BaseExceptions)
+        if isinstance(err, (SystemExit, GeneratorExit)):
+            raise
         return exit_code(err, sys.argv[1:] if argv is None else argv)
 
 
@@ -87,10 +89,11 @@ def exit_code(err: BaseException, argv: list[str]) -> int:
     if where is None:  # asked for, or the temp folder cannot take it: print it in full
         log.error("unexpected error", exc_info=err)
         return 1
+    first_line = (str(err).strip().splitlines() or [""])[0][:300]
     log.error(
         "unexpected error %s: %s; the full traceback is in %s (report it, or set DIMOO_DEBUG=1 to print it)",
         type(err).__name__,
-        err,
+        first_line,
         where,
     )
     return 1

@@ -154,9 +154,11 @@ class Checkpointer:
                 _write_json(tmp / STATE_FILE, trainer_state)
                 _write_json(tmp / CONFIG_FILE, model_config.to_hf_dict())
                 self._commit(tmp, final)
-        except KeyboardInterrupt:
-            if self.rank == 0:  # Ctrl-C leaves no half-written save behind (``latest`` still names the last one)
+        except BaseException as err:  # DCP wraps what interrupts it (Ctrl-C too) in a CheckpointException
+            if self.rank == 0:  # no half-written save is left behind (``latest`` still names the last one)
                 shutil.rmtree(tmp, ignore_errors=True)
+            if _interrupted(err):
+                raise KeyboardInterrupt from err
             raise
         _barrier()
         return final
@@ -215,6 +217,13 @@ def intact_problem(path: Path) -> str | None:
         if file.stat().st_size < size:
             return f"{name} has {file.stat().st_size} bytes, its metadata records {size}"
     return None
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Ctrl-C, whether raised as is or wrapped by DCP (its CheckpointException lists each rank's exception)."""
+    failures = getattr(err, "failures", None)
+    wrapped = [pair[0] for pair in failures.values()] if isinstance(failures, dict) else []
+    return isinstance(err, KeyboardInterrupt) or any(isinstance(exc, KeyboardInterrupt) for exc in wrapped)
 
 
 def load_hf_weights(parts: list[nn.Module], folder: str | os.PathLike) -> None:

@@ -179,7 +179,10 @@ def interrupt_while_writing(error: BaseException):
     """A PNG encoder that writes half a file, then meets ``error``."""
 
     def save(image, file, *args, **kwargs):
-        file.write(b"\x89PNG half")
+        if isinstance(file, (str, os.PathLike)):
+            Path(file).write_bytes(b"\x89PNG half")
+        else:
+            file.write(b"\x89PNG half")
         raise error
 
     return save
@@ -207,6 +210,17 @@ def test_exit_codes_and_nothing_partial_left(error, code, message, cli, tmp_path
     if code == 1:
         trace = re.search(r"the full traceback is in (\S+) ", log).group(1)
         assert "Traceback" in open(trace).read() and "boom" in open(trace).read()
+
+
+def test_a_base_exception_from_a_library_is_still_one_line(cli, monkeypatch):
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    def fail(args):
+        raise CheckpointException("load failed", {0: (ValueError("shape"), None)})
+
+    monkeypatch.setattr("dimoo_npu.commands.generate.run", fail)
+    code, log = cli(*T2I)
+    assert code == 1 and "unexpected error CheckpointException" in log and "Traceback" not in log
 
 
 def test_debug_prints_the_traceback(cli, tmp_path, monkeypatch):

@@ -91,13 +91,15 @@ def test_metadata_naming_a_global_outside_the_allowlist_is_refused_before_it_run
     json.loads((step / "trainer_state.json").read_text())  # untouched
 
 
-def test_ctrl_c_during_a_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("wrapped", [False, True], ids=["raised", "wrapped by DCP"])
+def test_ctrl_c_during_a_save_leaves_no_temporary_folder(wrapped, tmp_path, monkeypatch):
     import torch
+    from torch.distributed.checkpoint.api import CheckpointException
 
     def interrupted(state, checkpoint_id, **kwargs):
         Path(checkpoint_id).mkdir()
         (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
-        raise KeyboardInterrupt
+        raise CheckpointException("save failed", {0: (KeyboardInterrupt(), None)}) if wrapped else KeyboardInterrupt
 
     monkeypatch.setattr("torch.distributed.checkpoint.save", interrupted)
     part = torch.nn.Linear(2, 2)
