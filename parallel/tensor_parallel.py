@@ -119,8 +119,3 @@ def apply_tp(model: DiMOOModel, tp_mesh: DeviceMesh, sequence_parallel: bool = F
     for block in tr.blocks.values():
         parallelize_module(block, tp_mesh, _block_plan(sequence_parallel))
     return model
-
-
-def is_vocab_parallel(logits: torch.Tensor) -> bool:
-    """Whether logits come sharded on the vocabulary (compute the loss under `loss_parallel`)."""
-    return isinstance(logits, DTensor) and any(p.is_shard(logits.ndim - 1) for p in logits.placements)
