@@ -11,7 +11,8 @@
   Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.hub_cache`; never downloaded).
 - ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (set by torchrun): this process's rank, the number of ranks (also what
   ``dimoo train --check/--plan`` lays out; default 1) and the device index on its node (default: the rank).
-  ``MASTER_ADDR``/``MASTER_PORT`` are read by torch.distributed's ``env://`` rendezvous itself, never here.
+  ``MASTER_ADDR``/``MASTER_PORT`` are read by torch.distributed's ``env://`` rendezvous itself, never here
+  (``scripts/train_ascend.sh`` turns NNODES, NODE_RANK, NPUS_PER_NODE, MASTER_ADDR, MASTER_PORT into torchrun flags).
 - ``ASCEND_RT_VISIBLE_DEVICES``: the NPUs torch_npu sees (empty: none, reported by the npu backend with the fix);
   ``ASCEND_HOME_PATH``/``ASCEND_TOOLKIT_HOME``: the CANN install `dimoo doctor` reads its version from.
 - ``DIMOO_MAX_LENGTH``: the longest sequence (tokens) to run, as ``--max-length`` (default: 8192, or the
