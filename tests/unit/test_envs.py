@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from dimoo_npu import envs
@@ -40,3 +43,14 @@ def test_bad_torchrun_values_are_refused_with_the_fix(monkeypatch, values, messa
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
         envs.torchrun_ranks()
+
+
+def test_no_module_of_the_package_reads_the_environment_itself():
+    root = Path(__file__).resolve().parents[2]
+    readers = [
+        str(path.relative_to(root))
+        for folder in ("dimoo_npu", "adapters", "ops", "parallel")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path.name != "envs.py" and re.search(r"os\.environ|getenv\(", path.read_text())
+    ]
+    assert readers == [], "read environment variables through dimoo_npu.envs"
