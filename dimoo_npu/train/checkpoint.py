@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dimoo_npu.atomic import replace_directory, write_text_atomically
+from dimoo_npu.atomic import fsync, replace_directory, write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
 from dimoo_npu.train.dcp_reader import SafeFileSystemReader, UnsafeCheckpointError
@@ -168,7 +168,7 @@ class Checkpointer:
         if final.exists():  # a save of this step from before a crash that ``latest`` never named
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync(self.root)
         write_text_atomically(self.root / LATEST, final.name)
         logger.info("saved checkpoint %s", final)
         if self.keep:
@@ -242,14 +242,6 @@ def load_hf_weights(parts: list[nn.Module], folder: str | os.PathLike) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomically(path, json.dumps(data, indent=2))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 TOKENIZER_ASSETS = (
