@@ -22,36 +22,44 @@ logger = logging.getLogger(__name__)
 VQ_SUBFOLDER = "vqvae"
 
 
+def load_vq_model(folder: str | os.PathLike) -> torch.nn.Module:
+    """The diffusers ``VQModel`` of a checkpoint's ``vqvae/`` folder: safetensors only, fp32, CPU, eval, no grad.
+
+    The one VQ loader: the image tokenizer and the ONNX exporter both read the folder through it.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            f"no image tokenizer in {folder} (config.json missing): pass the checkpoint's vqvae/ folder, "
+            "with config.json and diffusion_pytorch_model.safetensors"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{folder} has no .safetensors weights (pickled .bin files are not loaded): convert them to safetensors"
+        )
+    from diffusers import VQModel
+
+    try:
+        model = VQModel.from_pretrained(
+            str(folder), use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"cannot load the VQ model in {folder}: {err}") from None
+    return model.eval().requires_grad_(False)
+
+
 class ImageTokenizer:
     """Pixels <-> code indices through a diffusers VQModel, kept in fp32 (it is small and quantisation-sensitive)."""
 
     def __init__(self, vq_model: torch.nn.Module):
-        self.vq = vq_model.eval().requires_grad_(False)
+        self.vq = vq_model.eval().requires_grad_(False)  # also for a model built here rather than loaded
         self.scale_factor = 2 ** (len(vq_model.config.block_out_channels) - 1)
         self.codebook_size = int(vq_model.config.num_vq_embeddings)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
         """Load ``<checkpoint>/vqvae`` (safetensors only)."""
-        folder = Path(checkpoint) / VQ_SUBFOLDER
-        if not (folder / "config.json").is_file():
-            raise CheckpointError(
-                f"no image tokenizer in {folder} (config.json missing): the checkpoint needs its "
-                "vqvae/ subfolder with config.json and diffusion_pytorch_model.safetensors"
-            )
-        if not any(folder.glob("*.safetensors")):
-            raise CheckpointError(
-                f"{folder} has no .safetensors weights (pickled .bin files are not loaded): convert them to safetensors"
-            )
-        from diffusers import VQModel
-
-        try:
-            model = VQModel.from_pretrained(
-                str(folder), use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
-            )
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"cannot load the VQ model in {folder}: {err}") from None
-        return cls(model.to(device))
+        return cls(load_vq_model(Path(checkpoint) / VQ_SUBFOLDER).to(device))
 
     @property
     def device(self) -> torch.device:

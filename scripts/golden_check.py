@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import dimoo_npu
 from dimoo_npu.adapters import resolve_device
-from dimoo_npu.golden import forward_errors
+from dimoo_npu.numerics.golden import forward_errors
 from dimoo_npu.ops import resolve_ops
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-dimoo"

@@ -2,9 +2,10 @@
 
     python scripts/op_parity_table.py [--device cpu|cuda|npu] [--seed 0]
 
-Inputs and tolerances are `dimoo_npu.ops.parity`'s, the ones tests/unit/test_ops_parity.py checks. Each cell is the
-largest |implementation - reference| over that op's cases (odd lengths, B > 1, several heads, key padding of
-different lengths per row, a row with no real key), both run on the same inputs in that dtype. The row
+Inputs and tolerances are `dimoo_npu.numerics.op_parity`'s and `dimoo_npu.numerics.tolerances`' ``op`` row, the ones
+tests/unit/test_ops_parity.py checks. Each cell is the largest |implementation - reference| over that op's cases
+(odd lengths, B > 1, several heads, key padding of different lengths per row, a row with no real key), both run on
+the same inputs in that dtype. The row
 "reference, rounding alone" is the reference in that dtype against the fp32 reference on the same rounded inputs:
 the error the dtype itself costs, for scale. Without a real torch_npu, the npu rows run the fake torch_npu of
 tests/fakes on CPU tensors and are labelled so: they check the calling convention, not Ascend numerics.
@@ -30,8 +31,8 @@ def _npu_label(device: str) -> str:
 
 
 def _rounding_alone(case, dtype, device) -> float:
+    from dimoo_npu.numerics.op_parity import cast, outputs
     from dimoo_npu.ops import reference
-    from dimoo_npu.ops.parity import cast, outputs
 
     rounded = cast(case, dtype, device)
     widened = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in rounded)
@@ -46,8 +47,9 @@ def _cell(errors: list[float], failures: list[str]) -> str:
 
 
 def parity_rows(device: str, seed: int) -> list[str]:
+    from dimoo_npu.numerics.op_parity import DTYPES, max_abs_error, op_cases, parity_failure
+    from dimoo_npu.numerics.tolerances import TOLERANCES
     from dimoo_npu.ops import OP_NAMES, resolve_ops
-    from dimoo_npu.ops.parity import DTYPES, TOLERANCES, max_abs_error, op_cases, parity_failure
 
     npu_label = _npu_label(device)
     cases = op_cases(seed)
@@ -65,7 +67,7 @@ def parity_rows(device: str, seed: int) -> list[str]:
                 errors = [max_abs_error(fn, c, dtype, where) for c in op_cases_]
                 cells.append(_cell(errors, [f for c in op_cases_ if (f := parity_failure(fn, c, dtype, where))]))
             rows.append(f"| {op} | {label} | " + " | ".join(cells) + " |")
-    tolerances = ", ".join(f"{str(d).removeprefix('torch.')} {a:g} + {r:.2g}*|ref|" for d, (a, r) in TOLERANCES.items())
+    tolerances = ", ".join(f"{d} {t.atol:g} + {t.rtol:.2g}*|ref|" for d, t in TOLERANCES["op"].items())
     rows.append("")
     rows.append(f"Max abs error vs the reference on {device} (seed {seed}); tested bound per element: {tolerances}.")
     return rows

@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from dimoo_npu.numerics.backends import parse_targets
     from dimoo_npu.numerics.check import dtype_name, run_check
-    from dimoo_npu.numerics.compare import tolerance_for
     from dimoo_npu.numerics.report import format_table, write_json, write_plot
+    from dimoo_npu.numerics.tolerances import tolerance_for
 
     targets = parse_targets(args.backends)
     dtype = dtype_name(args.dtype)

@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
 def _export_transformer(args: argparse.Namespace, path: Path) -> bool:
     import dimoo_npu
     from dimoo_npu.export.onnx import example_transformer_inputs, export_transformer
-    from dimoo_npu.export.runtime import verify_transformer
     from dimoo_npu.numerics.check import DTYPES
+    from dimoo_npu.numerics.onnx_check import verify_transformer
 
     model = dimoo_npu.load_model(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype])
     vocab_range = _vocab_range(args.vocab_range, model.config)
@@ -76,11 +76,12 @@ def _export_transformer(args: argparse.Namespace, path: Path) -> bool:
 def _export_vq_decoder(args: argparse.Namespace, path: Path) -> bool:
     import torch
 
-    from dimoo_npu.export.onnx import export_vq_decoder, load_vqvae
-    from dimoo_npu.export.runtime import verify_vq_decoder
+    from dimoo_npu.export.onnx import export_vq_decoder
     from dimoo_npu.hub_cache import resolve_checkpoint
+    from dimoo_npu.image_tokenizer import VQ_SUBFOLDER, load_vq_model
+    from dimoo_npu.numerics.onnx_check import verify_vq_decoder
 
-    vqvae = load_vqvae(resolve_checkpoint(args.checkpoint) / "vqvae")
+    vqvae = load_vq_model(resolve_checkpoint(args.checkpoint) / VQ_SUBFOLDER)
     export_vq_decoder(vqvae, path, opset=args.opset, overwrite=args.overwrite)
     emit(f"wrote {path}\n  ops: {_op_types(path)}")
     if args.no_verify:

@@ -1,1 +1,2 @@
-"""ONNX export of the transformer and the VQ decoder, and their checks in onnxruntime (needs the onnx extra)."""
+"""ONNX export of the transformer and the VQ decoder (needs the onnx extra); `dimoo_npu.numerics.onnx_check` checks
+what it writes."""

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dimoo_npu.atomic import fsync
+from dimoo_npu.block_outputs import LOGITS, block_name, capture_blocks
 from dimoo_npu.errors import InputError
 from dimoo_npu.model import DiMOOModel
-from dimoo_npu.numerics.capture import LOGITS, block_name, capture_blocks
 from dimoo_npu.ops import resolve_ops
 
 logger = logging.getLogger(__name__)
@@ -124,18 +125,6 @@ def export_transformer(
     return _save(program, path, _parameter_bytes(model))
 
 
-def load_vqvae(folder: str | os.PathLike) -> nn.Module:
-    """The diffusers VQModel of a checkpoint's ``vqvae/`` folder (safetensors only), fp32 CPU, eval mode."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{folder} has no config.json: pass the checkpoint's vqvae/ folder")
-    from diffusers import VQModel
-
-    return (
-        VQModel.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=False).eval().requires_grad_(False)
-    )
-
-
 @contextmanager
 def _traceable(model: DiMOOModel, vocab_range: tuple[int, int] | None) -> Iterator[None]:
     """Reference ops (plain tensor ops) and, for a vocab range, only those head rows; restored afterwards.
@@ -211,13 +200,16 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _save(program, path: Path, weight_bytes: int) -> Path:
-    """Save into a temporary folder beside ``path``, then move the .onnx (and its .data) into place."""
+    """Save into a temporary folder beside ``path``, then move the .onnx (and its .data) into place, flushed to disk
+    as `dimoo_npu.atomic` does (the graph names its .data file, so the file cannot be written under a temp name)."""
     external = weight_bytes > EXTERNAL_DATA_BYTES
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        program.save(staging / path.name, external_data=external)
+        program.save(staging / path.name, external_data=external)  # .data is named after the .onnx: no temp name
         for produced in sorted(staging.iterdir(), key=lambda p: p.suffix == ".onnx"):  # .onnx last
+            fsync(produced)
             os.replace(produced, path.parent / produced.name)
+        fsync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s%s", path, " (+ external weights)" if external else "")

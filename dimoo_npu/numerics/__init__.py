@@ -1,1 +1,3 @@
-"""Cross-backend numerical checks: per-layer capture, error metrics with per-dtype tolerances, reports."""
+"""Every numerical comparison: one tolerance table (`tolerances`), layer metrics (`compare`), `dimoo check` across
+backends (`backends`, `check`, `report`), ops against their reference (`op_parity`), the model against the public
+goldens (`golden`) and exported ONNX files in onnxruntime (`onnx_check`)."""

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from dimoo_npu.adapters import BACKENDS, Availability, BackendUnavailableError
+from dimoo_npu.block_outputs import LOGITS, run_with_capture
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import InputError
-from dimoo_npu.numerics.capture import LOGITS, run_with_capture
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def check_onnx_plan(
     if dtype != torch.float32:
         raise InputError(f"the onnxruntime backend runs the fp32 graph only; use --dtype float32 (got {dtype})")
     if onnx_file is not None:
-        from dimoo_npu.export.runtime import validate_transformer_onnx
+        from dimoo_npu.numerics.onnx_check import validate_transformer_onnx
 
         signature = validate_transformer_onnx(onnx_file, config, checkpoint)
         if signature.outputs[LOGITS][-1] != config.embedding_size:
@@ -149,7 +149,7 @@ def check_onnx_plan(
 
 def _run_onnxruntime(slot: ModelSlot, inputs, onnx_file: Path | None):
     from dimoo_npu.export.onnx import export_transformer
-    from dimoo_npu.export.runtime import read_signature, run_transformer_onnx
+    from dimoo_npu.numerics.onnx_check import read_signature, run_transformer_onnx
 
     if onnx_file is not None:  # validated by check_onnx_plan
         blocks = read_signature(onnx_file).block_outputs

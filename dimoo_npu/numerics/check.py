@@ -13,21 +13,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dimoo_npu.block_outputs import layer_names
 from dimoo_npu.checkpoint import with_max_layers
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import InputError
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.lengths import length_cap
 from dimoo_npu.numerics.backends import ModelSlot, Target, check_onnx_plan, require_available, run_target
-from dimoo_npu.numerics.capture import layer_names
-from dimoo_npu.numerics.compare import (
-    DEFAULT_TOLERANCES,
-    LayerDiff,
-    Tolerance,
-    compare_runs,
-    first_failure,
-    real_positions,
-)
+from dimoo_npu.numerics.compare import LayerDiff, compare_runs, first_failure, real_positions
+from dimoo_npu.numerics.tolerances import Tolerance, tolerance_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -139,7 +133,7 @@ def run_check(
     require_available(targets)
     onnx_path = Path(onnx_file) if onnx_file else None
     check_onnx_plan(targets, config, folder, DTYPES[dtype], onnx_path)
-    tolerance = tolerance or DEFAULT_TOLERANCES[dtype]
+    tolerance = tolerance or tolerance_for(dtype)
     inputs = make_check_inputs(config, batch, length, seed)
     names = layer_names(config.n_layers)
     slot = ModelSlot(folder, max_layers)

@@ -1,73 +1,19 @@
 """Layer-by-layer comparison of two runs: max abs error, max relative error, cosine similarity, pass/fail.
 
 A layer passes when every value is finite in both runs, ``max_abs <= atol + rtol * ref_scale`` and
-``cosine >= min_cosine``, where ``ref_scale`` is the reference layer's largest magnitude. The error is
-judged against the layer's scale, not element by element, because hidden states of large
-transformers hold a few huge activations next to many near-zero ones: an element-wise relative error
-is dominated by values that do not matter. ``max_rel`` reports the same ratio, ``max_abs / ref_scale``.
+``cosine >= min_cosine``, where ``ref_scale`` is the reference layer's largest magnitude (why: see
+`dimoo_npu.numerics.tolerances`). ``max_rel`` reports the same ratio, ``max_abs / ref_scale``.
 Only real (unpadded) token positions are compared: a fused kernel may leave padded queries undefined.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
-from dimoo_npu.errors import InputError
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    rtol: float
-    min_cosine: float
-
-
-# Judgement calls, about 16-20 units of round-off of each dtype relative to the layer's scale (fp32 2^-24,
-# fp16 2^-11, bf16 2^-8). Measured on tiny-dimoo (2 layers), cpu vs cpu-ref, lengths 16-256: fp32 max_rel
-# 2e-6; fp16 up to 3.5e-3 (cosine 0.999999); bf16 up to 2.8e-2 (cosine 0.99992) at the logits. Deeper models
-# accumulate more: calibrate on the real checkpoint and change them per run with --atol/--rtol/--min-cosine.
-DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "float32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
-    "float16": Tolerance(atol=1e-3, rtol=1e-2, min_cosine=0.9999),
-    "bfloat16": Tolerance(atol=1e-2, rtol=6e-2, min_cosine=0.999),
-}
-
-
-def parse_per_dtype(spec: str | None, option: str) -> dict[str, float]:
-    """``"1e-3"`` (every dtype) or ``"float32=1e-4,bfloat16=2e-2"`` -> {dtype: value}."""
-    if not spec:
-        return {}
-    try:
-        if "=" not in spec:
-            return dict.fromkeys(DEFAULT_TOLERANCES, float(spec))
-        values = {}
-        for item in spec.split(","):
-            dtype, _, value = item.partition("=")
-            dtype = dtype.strip()
-            if dtype not in DEFAULT_TOLERANCES:
-                raise InputError(f"{option}: unknown dtype {dtype!r}; use one of {', '.join(DEFAULT_TOLERANCES)}")
-            values[dtype] = float(value)
-        return values
-    except ValueError as err:
-        if isinstance(err, InputError):
-            raise
-        raise InputError(f"{option} {spec!r} is not a number or dtype=number list, e.g. 'bfloat16=2e-2'") from None
-
-
-def tolerance_for(
-    dtype: str, atol: str | None = None, rtol: str | None = None, min_cosine: float | None = None
-) -> Tolerance:
-    """The default tolerance of ``dtype`` with any command-line overrides applied."""
-    tol = DEFAULT_TOLERANCES[dtype]
-    overrides = {
-        "atol": parse_per_dtype(atol, "--atol").get(dtype),
-        "rtol": parse_per_dtype(rtol, "--rtol").get(dtype),
-        "min_cosine": min_cosine,
-    }
-    return replace(tol, **{key: value for key, value in overrides.items() if value is not None})
+from dimoo_npu.numerics.tolerances import Tolerance
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from dimoo_npu.adapters import BackendUnavailableError, CudaBackend
+from dimoo_npu.block_outputs import layer_names, run_with_capture
 from dimoo_npu.errors import InputError
 from dimoo_npu.numerics.backends import TARGETS, ModelSlot, parse_targets, require_available
-from dimoo_npu.numerics.capture import layer_names, run_with_capture
 from dimoo_npu.numerics.check import make_check_inputs, run_check
-from dimoo_npu.numerics.compare import DEFAULT_TOLERANCES, Tolerance, compare_layer, real_positions, tolerance_for
+from dimoo_npu.numerics.compare import compare_layer, real_positions
 from dimoo_npu.numerics.report import format_table, write_json, write_plot
+from dimoo_npu.numerics.tolerances import TOLERANCES, Tolerance, tolerance_for
 from dimoo_npu.ops import resolve_ops
 
 TOL = Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
@@ -60,11 +61,11 @@ def test_shape_mismatch_fails():
 
 
 def test_tolerance_overrides_per_dtype():
-    assert tolerance_for("float32") == DEFAULT_TOLERANCES["float32"]
+    assert tolerance_for("float32") == TOLERANCES["layer"]["float32"]
     assert tolerance_for("bfloat16", atol="3e-2").atol == 3e-2
     per_dtype = tolerance_for("float32", atol="float32=5e-5,bfloat16=1e-1", rtol="0", min_cosine=0.9)
     assert (per_dtype.atol, per_dtype.rtol, per_dtype.min_cosine) == (5e-5, 0.0, 0.9)
-    assert tolerance_for("float16", atol="bfloat16=1e-1").atol == DEFAULT_TOLERANCES["float16"].atol
+    assert tolerance_for("float16", atol="bfloat16=1e-1").atol == TOLERANCES["layer"]["float16"].atol
 
 
 @pytest.mark.parametrize(("spec", "needle"), [("int8=1e-3", "unknown dtype 'int8'"), ("lots", "not a number")])
@@ -142,7 +143,7 @@ def test_check_passes_cpu_against_reference_and_fails_with_zero_tolerance(checkp
 
 def test_check_runs_in_bfloat16_with_its_tolerance(checkpoint_dir):
     report = run_check(checkpoint_dir, parse_targets("cpu-ref,cpu"), "bf16", length=16)
-    assert report.dtype == "bfloat16" and report.tolerance == DEFAULT_TOLERANCES["bfloat16"]
+    assert report.dtype == "bfloat16" and report.tolerance == TOLERANCES["layer"]["bfloat16"]
     assert report.passed, format_table(report)
 
 

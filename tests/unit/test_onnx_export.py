@@ -7,21 +7,21 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dimoo_npu.block_outputs import layer_names
 from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.export.onnx import (
     example_transformer_inputs,
     export_transformer,
     export_vq_decoder,
-    load_vqvae,
 )
-from dimoo_npu.export.runtime import (
+from dimoo_npu.image_tokenizer import load_vq_model
+from dimoo_npu.numerics.onnx_check import (
     read_signature,
     run_transformer_onnx,
     validate_transformer_onnx,
     verify_transformer,
     verify_vq_decoder,
 )
-from dimoo_npu.numerics.capture import layer_names
 
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'dimoo_npu[onnx]'")
 pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'dimoo_npu[onnx]'")
@@ -33,7 +33,7 @@ TRACED = (2, 16)  # example_transformer_inputs' default shape, used for tracing
 def exported(tmp_path_factory, tiny_model, checkpoint_dir):
     """Transformer (with block outputs) and VQ decoder exported once per session from the fixture checkpoint."""
     folder = tmp_path_factory.mktemp("onnx")
-    vqvae = load_vqvae(checkpoint_dir / "vqvae")
+    vqvae = load_vq_model(checkpoint_dir / "vqvae")
     with pytest.MonkeyPatch.context() as patch:  # the decoder goes through the > 1 GiB path: weights in a .data file
         patch.setattr("dimoo_npu.export.onnx.EXTERNAL_DATA_BYTES", 0)
         vq_decoder = export_vq_decoder(vqvae, folder / "vq_decoder.onnx")
@@ -84,7 +84,7 @@ def test_vq_decoder_matches_torch_within_1e4(exported, shape):
     codes = torch.randint(0, vqvae.config.num_vq_embeddings, shape, generator=torch.Generator().manual_seed(3))
     diff = verify_vq_decoder(vqvae, exported["vq_decoder"], codes)
     assert diff.passed and diff.max_abs <= 1e-4, diff
-    from dimoo_npu.export.runtime import OrtSession
+    from dimoo_npu.numerics.onnx_check import OrtSession
 
     (image,) = OrtSession(exported["vq_decoder"]).run(codes=codes).values()
     factor = 2 ** (len(vqvae.config.block_out_channels) - 1)
@@ -148,8 +148,8 @@ def test_export_never_overwrites_and_checks_its_arguments(exported, tiny_model, 
         export_transformer(tiny_model, tmp_path / "old.onnx", opset=16)
     with pytest.raises(InputError, match="vocab range"):
         export_transformer(tiny_model, tmp_path / "v.onnx", vocab_range=(5, 5))
-    with pytest.raises(InputError, match="vqvae/ folder"):
-        load_vqvae(tmp_path)
+    with pytest.raises(CheckpointError, match="vqvae/ folder"):
+        load_vq_model(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
 
 

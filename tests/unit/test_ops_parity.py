@@ -1,7 +1,7 @@
 """Every op implementation against the reference: shapes, dtypes, key padding; and proof the check can fail.
 
 The npu implementation runs on the documented fake torch_npu (tests/fakes/torch_npu, CPU tensors).
-Tolerances: `dimoo_npu.ops.parity.TOLERANCES` (fp32 1e-5; bf16/fp16 two roundings of the dtype, relative).
+Tolerances: the ``op`` row of `dimoo_npu.numerics.tolerances` (fp32 1e-5; bf16/fp16 two roundings, relative).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 import dimoo_npu
 from dimoo_npu.adapters.npu import import_torch_npu
-from dimoo_npu.golden import forward_errors
+from dimoo_npu.numerics.golden import forward_errors
+from dimoo_npu.numerics.op_parity import DTYPES, OpCase, cast, op_cases, outputs, parity_failure
 from dimoo_npu.ops import OP_NAMES, reference, resolve_ops
-from dimoo_npu.ops.parity import DTYPES, OpCase, cast, op_cases, outputs, parity_failure
 from tests.conftest import CHECKPOINT
 
 CASES = op_cases()

@@ -1,4 +1,4 @@
-"""Running exported ONNX files in onnxruntime, checking them against a checkpoint and against torch.
+"""Exported ONNX files in onnxruntime: their signature against a checkpoint, their outputs against torch.
 
 `validate_transformer_onnx` reads only the graph's signature and metadata (never the weights), so a
 file made for another model is refused with the mismatch named before anything is run.
@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dimoo_npu.block_outputs import LOGITS, block_name, run_with_capture
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.export.onnx import INPUT_NAMES, META_PREFIX, VQ_INPUT, VQ_OUTPUT, VQDecoderForExport
-from dimoo_npu.numerics.capture import LOGITS, block_name, run_with_capture
-from dimoo_npu.numerics.compare import DEFAULT_TOLERANCES, LayerDiff, Tolerance, compare_layer
+from dimoo_npu.numerics.compare import LayerDiff, compare_layer
+from dimoo_npu.numerics.tolerances import tolerance
 
 REEXPORT_FIX = "re-export it from this checkpoint: dimoo export-onnx --checkpoint {checkpoint} --output FOLDER"
 
@@ -130,13 +131,6 @@ def run_transformer_onnx(path: str | os.PathLike, input_ids: torch.Tensor, atten
     return OrtSession(path).run(input_ids=input_ids.long(), attention_mask=attention_mask.long())
 
 
-# onnxruntime vs torch: fp32 within 1e-4 absolute; fp16 graphs by the fp16 rule of `dimoo check`.
-EXPORT_TOLERANCES = {
-    "float32": Tolerance(atol=1e-4, rtol=0.0, min_cosine=0.99999),
-    "float16": DEFAULT_TOLERANCES["float16"],
-}
-
-
 def verify_transformer(
     model, path: str | os.PathLike, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> list[LayerDiff]:
@@ -152,8 +146,8 @@ def verify_transformer(
     got = run_transformer_onnx(path, input_ids, attention_mask)
     lo, hi = read_signature(path).vocab_range(expected[LOGITS].shape[-1])
     expected[LOGITS] = expected[LOGITS][..., lo:hi]
-    tolerance = _export_tolerance(next(model.parameters()).dtype)
-    return [compare_layer(name, expected[name], got[name], tolerance) for name in got]
+    tol = tolerance("onnxruntime", next(model.parameters()).dtype)
+    return [compare_layer(name, expected[name], got[name], tol) for name in got]
 
 
 def verify_vq_decoder(vqvae, path: str | os.PathLike, codes: torch.Tensor) -> LayerDiff:
@@ -161,11 +155,4 @@ def verify_vq_decoder(vqvae, path: str | os.PathLike, codes: torch.Tensor) -> La
     with torch.no_grad():
         expected = VQDecoderForExport(vqvae)(codes)
     (image,) = OrtSession(path).run(**{VQ_INPUT: codes.long()}).values()
-    return compare_layer(VQ_OUTPUT, expected.float(), image, _export_tolerance(next(vqvae.parameters()).dtype))
-
-
-def _export_tolerance(dtype: torch.dtype) -> Tolerance:
-    name = str(dtype).removeprefix("torch.")
-    if name not in EXPORT_TOLERANCES:
-        raise InputError(f"onnxruntime cannot check a {name} graph on CPU; export float32 (or float16)")
-    return EXPORT_TOLERANCES[name]
+    return compare_layer(VQ_OUTPUT, expected.float(), image, tolerance("onnxruntime", next(vqvae.parameters()).dtype))

@@ -14,20 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from dimoo_npu.model import rotary_tables
+from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.ops import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Allowed |impl - reference| <= atol + rtol * |reference|, inputs in the same dtype. fp32: the reference accumulates
-# in fp32 as well, so only summation order differs (measured <= 3e-7). Reduced precision: the reference rounds once;
-# an implementation may round an intermediate too (torch's swiglu rounds silu(gate) before the product), so allow
-# two roundings: 2 * 2^-8 for bf16 (8 significant bits) and 2 * 2^-11 for fp16, plus an atol for values near 0.
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.bfloat16: (1e-2, 2 * 2**-8),
-    torch.float16: (1e-3, 2 * 2**-11),
-}
-
 
 @dataclass(frozen=True)
 class OpCase:
@@ -152,8 +142,9 @@ def max_abs_error(fn: Callable, case: OpCase, dtype: torch.dtype, device: str | 
 
 
 def parity_failure(fn: Callable, case: OpCase, dtype: torch.dtype, device: str | torch.device = "cpu") -> str | None:
-    """None when ``fn`` matches the reference within `TOLERANCES`, else what went wrong (errors included)."""
-    atol, rtol = TOLERANCES[dtype]
+    """None when ``fn`` matches the reference within the ``op`` tolerance, else what went wrong (errors included)."""
+    tol = tolerance("op", dtype)
+    atol, rtol = tol.atol, tol.rtol
     try:
         got, expected = compare(fn, case, dtype, device)
     except (AssertionError, RuntimeError, ValueError) as err:

@@ -1,8 +1,9 @@
-"""Per-layer output capture with forward hooks, shared by `dimoo check` and the ONNX exporter.
+"""The model's named outputs (``block.<i>``, ``logits``) and the one forward hook that collects them.
 
-Every block of ``model.transformer.blocks`` reports its output under ``block.<i>``; the model's
-final output is stored by the caller under ``logits``. The same names are the extra outputs of an
-ONNX file exported with layer outputs, so torch and onnxruntime results line up by name.
+Every block of ``model.transformer.blocks`` reports its output under ``block.<i>``; the model's final
+output is stored under ``logits``. The same names are the extra outputs of an ONNX file exported with
+layer outputs, so torch and onnxruntime results line up by name. Used by every comparison in
+`dimoo_npu.numerics` (`dimoo check`, goldens) and by the ONNX exporter, which sits below them.
 """
 
 from __future__ import annotations

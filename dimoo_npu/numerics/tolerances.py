@@ -1,0 +1,101 @@
+"""Every numerical tolerance of the package, in one table: which error each check accepts, per dtype.
+
+A check compares an output against a reference run on the same inputs. The rows differ in what they
+measure, so each says how its numbers are applied:
+
+- ``op``: one op against its reference kernel, element by element: ``|out - ref| <= atol + rtol * |ref|``.
+- ``layer``, ``onnxruntime``, ``golden``: a whole layer or the logits, against the layer's scale:
+  ``max|out - ref| <= atol + rtol * max|ref|`` and ``cosine(out, ref) >= min_cosine``
+  (`dimoo_npu.numerics.compare.compare_layer`). Hidden states hold a few huge activations next to many
+  near-zero ones, so an element-wise relative error would be dominated by values that do not matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from dimoo_npu.errors import InputError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    min_cosine: float = -1.0  # -1: no bound on the cosine
+
+
+# `dimoo check`, backend against backend: judgement calls of about 16-20 units of round-off of each dtype relative to
+# the layer's scale. Deeper models accumulate more: calibrate on the real checkpoint and change them per run with
+# --atol/--rtol/--min-cosine.
+_LAYER = {
+    "float32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
+    "float16": Tolerance(atol=1e-3, rtol=1e-2, min_cosine=0.9999),
+    "bfloat16": Tolerance(atol=1e-2, rtol=6e-2, min_cosine=0.999),
+}
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    # fp32: the reference accumulates in fp32 too, so only summation order differs. Reduced precision: the
+    # reference rounds once, an implementation may round an intermediate too (torch's swiglu rounds silu(gate)
+    # before the product), so two roundings of the dtype, plus an atol for values near 0.
+    "op": {
+        "float32": Tolerance(atol=1e-5, rtol=1e-5),
+        "bfloat16": Tolerance(atol=1e-2, rtol=2 * 2**-8),  # 8 significant bits
+        "float16": Tolerance(atol=1e-3, rtol=2 * 2**-11),  # 11 significant bits
+    },
+    "layer": _LAYER,
+    # onnxruntime against torch (same dtype, reference ops): fp16 graphs by the layer rule; onnxruntime's CPU
+    # kernels run no bfloat16 graph.
+    "onnxruntime": {"float32": Tolerance(atol=1e-4, rtol=0.0, min_cosine=0.99999), "float16": _LAYER["float16"]},
+    # The tiny model against the public reference code's goldens (fp32 logits and hidden states: cases.json
+    # forward.atol_fp32). Reduced precision, image logits only: about a dozen roundings per block add up to a few
+    # percent of the logit range in bf16 (8 significant bits), 8x less in fp16; the cosine catches errors spread
+    # over many logits that the max-abs bound alone would let pass.
+    "golden": {
+        "float32": Tolerance(atol=2e-4, rtol=0.0),
+        "bfloat16": Tolerance(atol=0.0, rtol=0.06, min_cosine=0.999),
+        "float16": Tolerance(atol=0.0, rtol=0.008, min_cosine=0.99999),
+    },
+}
+GOLDEN_LOSS_ATOL = 1e-4  # cases.json loss.atol_fp32: the scalar loss against the golden's
+
+
+def tolerance(check: str, dtype: torch.dtype | str) -> Tolerance:
+    """The row of ``check`` for ``dtype``; a dtype the check cannot judge is refused with the ones it can."""
+    name, rows = (dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")), TOLERANCES[check]
+    if name not in rows:
+        raise InputError(f"the {check} check has no tolerance for {name}: use one of {', '.join(rows)}")
+    return rows[name]
+
+
+def parse_per_dtype(spec: str | None, option: str) -> dict[str, float]:
+    """``"1e-3"`` (every dtype) or ``"float32=1e-4,bfloat16=2e-2"`` -> {dtype: value}."""
+    if not spec:
+        return {}
+    try:
+        if "=" not in spec:
+            return dict.fromkeys(_LAYER, float(spec))
+        values = {}
+        for item in spec.split(","):
+            dtype, _, value = item.partition("=")
+            dtype = dtype.strip()
+            if dtype not in _LAYER:
+                raise InputError(f"{option}: unknown dtype {dtype!r}; use one of {', '.join(_LAYER)}")
+            values[dtype] = float(value)
+        return values
+    except ValueError as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{option} {spec!r} is not a number or dtype=number list, e.g. 'bfloat16=2e-2'") from None
+
+
+def tolerance_for(
+    dtype: str, atol: str | None = None, rtol: str | None = None, min_cosine: float | None = None
+) -> Tolerance:
+    """The ``layer`` tolerance of ``dtype`` with any command-line overrides applied (`dimoo check`)."""
+    overrides = {
+        "atol": parse_per_dtype(atol, "--atol").get(dtype),
+        "rtol": parse_per_dtype(rtol, "--rtol").get(dtype),
+        "min_cosine": min_cosine,
+    }
+    return replace(tolerance("layer", dtype), **{key: value for key, value in overrides.items() if value is not None})
