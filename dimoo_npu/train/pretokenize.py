@@ -22,6 +22,8 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,9 @@ from tqdm.auto import tqdm
 
 from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.errors import DimooError, InputError
+from dimoo_npu.safetensors_io import read_metadata
 from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
-from dimoo_npu.train.shards import Sample, read_shard_metadata, shard_name, write_shard
+from dimoo_npu.train.shards import Sample, shard_name, write_shard
 from dimoo_npu.validate import input_file
 
 logger = logging.getLogger(__name__)
@@ -177,7 +180,7 @@ def _is_done(path: Path, digest: str) -> bool:
     if not path.is_file():
         return False
     try:
-        same = read_shard_metadata(path).get("digest") == digest
+        same = read_metadata(path).get("digest") == digest
     except Exception:  # an unreadable shard is redone, never trusted
         same = False
     if not same:
@@ -211,6 +214,10 @@ def _init_worker(settings: EncoderSettings, factory: EncoderFactory) -> None:
     global _WORKER_ENCODER
     import torch
 
+    # Ctrl-C is the parent's to handle (it stops the pool); the pool's SIGTERM then unwinds a worker through
+    # its cleanup (a shard being written leaves no temporary file) and exits it without a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     torch.set_num_threads(1)  # the pool already uses every core
     _WORKER_ENCODER = factory(settings)
 
