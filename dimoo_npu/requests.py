@@ -1,0 +1,243 @@
+"""One request type per generation task: the single description of what a user may ask for.
+
+The CLI flags of ``dimoo t2i | edit | inpaint | outpaint | understand``, the fields of a batch-file line and the
+server's API schema are all derived from these dataclasses (their fields, annotations and ``help`` metadata).
+A field the user did not give is ``None``; `resolve` fills it from one table of defaults, in this order: the
+public inference scripts' values (`DEFAULTS`), then the checkpoint's ``generation_defaults``, then the user's.
+`check` refuses a bad value with an `InputError` before any model loads. Torch-free, so help and schemas are fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+from dimoo_npu.errors import InputError
+from dimoo_npu.generation_settings import ImageSettings, TextSettings, check_image_settings, check_text_settings
+from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
+from dimoo_npu.validate import check_finite, check_image_dimension, check_seeds, check_text
+
+PIXELS_PER_CELL = 16  # one image token per 16 x 16 pixels
+
+
+def _field(help: str, required: bool = False) -> Any:
+    """A request field: None until given or resolved; ``help`` feeds the CLI and the API schema."""
+    return field(default=None, metadata={"help": help, "required": required})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What every task shares: a seed (request i of a batch defaults to the base seed + i)."""
+
+    task: ClassVar[str]
+    seed: int | None = _field("random seed (default: --seed + the request's index)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRequest(Request):
+    """A task that samples an image: a prompt, an output PNG and the image sampler's settings."""
+
+    prompt: str | None = _field("text prompt")
+    output: str | None = _field("output PNG (default: <task>_<index>_seed<seed>.png under --output-dir)")
+    timesteps: int | None = _field("sampling steps")
+    temperature: float | None = _field("sampling temperature (0 = greedy)")
+    cfg_scale: float | None = _field("text guidance scale (0 = off)")
+    use_cache: bool | None = _field("ML-Cache: reuse confident positions between steps")
+    cache_ratio: float | None = _field("ML-Cache: share of positions reused on cached steps, in [0, 1]")
+    warmup_ratio: float | None = _field("ML-Cache: share of first steps always computed in full, in [0, 1]")
+    refresh_interval: int | None = _field("ML-Cache: full refresh every N steps after warm-up")
+
+    def image_settings(self) -> ImageSettings:
+        """The sampler's settings of a resolved request (tasks without an image guidance branch: cfg_img 0)."""
+        names = [f.name for f in dataclasses.fields(ImageSettings) if f.name != "cfg_img"]
+        return ImageSettings(**{name: getattr(self, name) for name in names}, cfg_img=getattr(self, "cfg_img", 0.0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextToImageRequest(ImageRequest):
+    task: ClassVar[str] = "t2i"
+    prompt: str | None = _field("text prompt", required=True)
+    width: int | None = _field("image width, a multiple of 16 pixels")
+    height: int | None = _field("image height, a multiple of 16 pixels; width x height / 256 tokens must fit")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditRequest(ImageRequest):
+    task: ClassVar[str] = "edit"
+    image: str | None = _field("input image", required=True)
+    ref_image: str | None = _field("style reference image (edit type image_ref_transfer)")
+    edit_type: str | None = _field(f"{', '.join(EDIT_TYPES)} or multi_view_<view>")
+    cfg_img: float | None = _field("image guidance scale (0 = off)")
+    image_budget: int | None = _field("crop inputs to the closest aspect bucket of about N x N pixels")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InpaintRequest(ImageRequest):
+    task: ClassVar[str] = "inpaint"
+    prompt: str | None = _field("text prompt", required=True)
+    image: str | None = _field("input image", required=True)
+    mask: str | None = _field("mask image of the input's size: white = regenerate (replaces the box)")
+    mask_h_ratio: float | None = _field("centred box height / image height, in (0, 1]")
+    mask_w_ratio: float | None = _field("centred box width / image width, in (0, 1]")
+    image_budget: int | None = _field(
+        "crop the input to the closest aspect bucket of about N x N pixels (unset: keep the size, cropped to "
+        "multiples of 16)"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutpaintRequest(InpaintRequest):
+    """Inpainting's fields; the region outside the box (or the mask's white region) is regenerated."""
+
+    task: ClassVar[str] = "outpaint"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnderstandRequest(Request):
+    task: ClassVar[str] = "understand"
+    question: str | None = _field("question about the image", required=True)
+    image: str | None = _field("input image", required=True)
+    image_budget: int | None = _field("crop the image to the closest aspect bucket of about N x N pixels")
+    gen_length: int | None = _field("answer tokens (stops early at EOS)")
+    block_length: int | None = _field("answer block length (divides gen_length)")
+    steps: int | None = _field("sampling steps over the whole answer (a multiple of gen_length / block_length)")
+    temperature: float | None = _field("sampling temperature (0 = greedy)")
+    cfg_scale: float | None = _field("guidance scale (0 = off)")
+
+    def text_settings(self) -> TextSettings:
+        names = [f.name for f in dataclasses.fields(TextSettings)]
+        return TextSettings(**{name: getattr(self, name) for name in names})
+
+
+TASKS: dict[str, type[Request]] = {
+    cls.task: cls for cls in (TextToImageRequest, EditRequest, InpaintRequest, OutpaintRequest, UnderstandRequest)
+}
+
+# The public inference scripts' values (inference_t2i.py, inference_i2i.py, inference_mmu.py; the painting boxes
+# are the public README's examples): the first layer of every request's defaults.
+_IMAGE_SAMPLING = {
+    "timesteps": 64,
+    "temperature": 1.0,
+    "cfg_scale": 4.0,
+    "use_cache": False,
+    "cache_ratio": 0.9,
+    "warmup_ratio": 0.3,
+    "refresh_interval": 5,
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "t2i": {**_IMAGE_SAMPLING, "width": 1024, "height": 1024},
+    "edit": {**_IMAGE_SAMPLING, "cfg_scale": 2.5, "cfg_img": 4.0, "image_budget": 512, "edit_type": "edit"},
+    "inpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 0.5, "mask_w_ratio": 0.5},
+    "outpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 1.0, "mask_w_ratio": 0.2},
+    "understand": {
+        "gen_length": 1024,
+        "block_length": 256,
+        "steps": 128,
+        "temperature": 0.0,
+        "cfg_scale": 0.0,
+        "image_budget": 1024,
+    },
+}
+
+
+def field_type(cls: type[Request], name: str) -> type:
+    """The value type of a field (``int | None`` -> ``int``): what the CLI parses and a batch line must hold."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def resolve(request: Request, checkpoint_defaults: Mapping[str, Any] | None = None) -> Request:
+    """Every field the user left out, from the checkpoint's ``generation_defaults``, else `DEFAULTS`.
+
+    Optional inputs without a default (ref_image, mask, output, painting's image_budget, the seed) stay None.
+    """
+    layers = {**DEFAULTS[request.task], **(checkpoint_defaults or {})}
+    names = {f.name for f in dataclasses.fields(request)}
+    filled = {name: layers[name] for name in names & set(layers) if name != "seed" and getattr(request, name) is None}
+    return dataclasses.replace(request, **filled)
+
+
+def from_mapping(task: str, values: Mapping[str, Any], where: str) -> Request:
+    """A request from JSON-like values (a batch-file line, flags, an API body), each typed by its annotation."""
+    cls = TASKS[task]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(
+            f"{where} has unknown field(s) {', '.join(unknown)} for {task}: use {', '.join(sorted(known))}"
+        )
+    for name, value in values.items():
+        if value is not None:
+            check_type(cls, name, value, where)
+    return cls(**values)
+
+
+def check_type(cls: type[Request], name: str, value: Any, where: str) -> None:
+    """JSON numbers where numbers are meant (integers for counts), booleans for switches, strings otherwise."""
+    kind = field_type(cls, name)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+        raise InputError(f"{where}: {name} must be {expected}, not {value!r}")
+    if kind is float:
+        check_finite(f"{where}: {name}", value)
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Generated sides must be positive multiples of 16 pixels (one image token per 16 x 16)."""
+    for name, value in (("width", width), ("height", height)):
+        check_image_dimension(name, value)
+        if value % PIXELS_PER_CELL:
+            lower = max(PIXELS_PER_CELL, value // PIXELS_PER_CELL * PIXELS_PER_CELL)
+            upper = lower + PIXELS_PER_CELL if value > lower else lower
+            nearest = f"{lower} or {upper}" if upper != lower else f"{lower}"
+            raise InputError(f"{name} {value} is not a multiple of 16 pixels: use {nearest}")
+
+
+def check(request: Request, where: str = "the request") -> Request:
+    """Every check that needs no model, tokenizer or file: a resolved request passes or an InputError names the fix."""
+    for f in dataclasses.fields(request):
+        value = getattr(request, f.name)
+        if f.metadata["required"] and value in (None, ""):
+            flag = "--" + f.name.replace("_", "-")
+            raise InputError(f"{where} has no {f.name}: pass {flag} (or set it in every line of the batch file)")
+        if isinstance(value, float):
+            check_finite(f"{where}: {f.name}", value)
+    for name in ("prompt", "question"):
+        check_text(f"{name} of {where}", getattr(request, name, None))
+    if isinstance(request, TextToImageRequest):
+        check_image_size(request.width, request.height)
+    if isinstance(request, EditRequest):
+        check_edit_type(request.edit_type)
+    budget = getattr(request, "image_budget", None)
+    if budget is not None and (budget <= 0 or budget % 32):
+        raise InputError(f"image budget {budget} of {where} must be a positive multiple of 32 (e.g. 512 or 1024)")
+    if request.seed is not None:
+        check_seeds(request.seed)
+    if isinstance(request, ImageRequest):
+        settings = dataclasses.asdict(request.image_settings())
+        del settings["use_cache"]
+        check_image_settings(**settings)
+    if isinstance(request, UnderstandRequest):
+        check_text_settings(**dataclasses.asdict(request.text_settings()))
+    return request
+
+
+def sampling_key(request: Request) -> tuple:
+    """Requests with equal keys can share one forward (with their grid): their sampler settings."""
+    if isinstance(request, ImageRequest):
+        return tuple(dataclasses.astuple(request.image_settings()))
+    if isinstance(request, UnderstandRequest):
+        return tuple(dataclasses.astuple(request.text_settings()))
+    raise TypeError(f"no sampler for {type(request).__name__}")
