@@ -82,6 +82,7 @@ BAD = {
     "image is a folder": (["edit", "--prompt", "x", "--image", "{folder}"], "image {folder} is a folder: name a file"),
     "output parent is a file": ([*T2I, "--output", "{file}/x.png"], "{file} is a file, not a folder"),
     "output is a symlink loop": ([*T2I, "--output", "{loop}"], "is a symlink loop"),
+    "image is a symlink loop": (["edit", "--prompt", "x", "--image", "{loop}"], "image {loop} is a symlink loop"),
     "answers parent is a file": (
         ["understand", "--image", "{source}", "--question", "q", "--output", "{file}/a.jsonl"],
         "is a file, not a folder",

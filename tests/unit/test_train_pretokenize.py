@@ -186,6 +186,8 @@ def test_a_bad_record_of_any_kind_is_rejected_and_the_run_goes_on(workspace, set
         "number path": {**good, "target_image": 5},
         "list path": {**good, "target_image": ["a.png"]},
         "folder path": {**good, "target_image": str(workspace)},
+        "device file": {**good, "target_image": "/dev/zero"},  # read only as given: never followed into a device
+        "no shell expansion": {**good, "target_image": "$HOME/../" + str(workspace / "a.png")},
         "ratio text": {
             "task": "inpaint",
             "prompt": WORDS[4],
