@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dimoo_npu.errors import BackendUnavailableError
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -18,10 +20,6 @@ class Availability:
 
     def __bool__(self) -> bool:
         return self.ok
-
-
-class BackendUnavailableError(RuntimeError):
-    """Raised when a backend is asked for on a machine that cannot run it."""
 
 
 class Backend(ABC):

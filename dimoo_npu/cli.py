@@ -18,8 +18,7 @@ import traceback
 from pathlib import Path
 
 from dimoo_npu import envs
-from dimoo_npu.adapters import BackendUnavailableError
-from dimoo_npu.errors import DimooError
+from dimoo_npu.errors import BackendUnavailableError, DimooError
 from dimoo_npu.validate import check_args
 
 # command name -> (module under dimoo_npu.commands, one-line help)

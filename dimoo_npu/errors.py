@@ -15,3 +15,7 @@ class CheckpointError(DimooError):
 
 class InputError(DimooError):
     """Token ids, masks, images or settings that the model or a sampler cannot take."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a backend is asked for on a machine that cannot run it (torch-free, so the CLI can name it)."""
