@@ -113,7 +113,7 @@ def test_each_task_has_its_layout_answer_mask_and_drop_span(shards, tokenizer):
     assert answer[len(WORDS[3].split())] == tokens["eoa"] and answer[-1] == tokens["answer_pad"]
 
 
-def test_a_rerun_resumes_without_duplicates_and_redoes_changed_chunks(workspace, settings, shards):
+def test_a_rerun_resumes_without_duplicates(workspace, settings, shards):
     resumed = workspace / "resumed"
     shutil.copytree(shards, resumed)
     (resumed / "shard-000001.safetensors").unlink()  # interrupted before chunk 1 was written
