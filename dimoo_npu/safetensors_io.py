@@ -50,7 +50,17 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> list[TensorEntry]:
-    """Parse and check a safetensors header, allocating nothing for the tensors.
+    """The tensors of a checked safetensors file (see `_parse`), allocating nothing for them."""
+    return _parse(path)[0]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a checked safetensors file (see `_parse`); {} when it has none."""
+    return _parse(path)[1]
+
+
+def _parse(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Parse and check a safetensors header: its tensor entries and its metadata.
 
     The rules are the safetensors library's (``Metadata::validate`` and ``read_metadata``): the header
     is at most ``MAX_HEADER_BYTES``; every tensor's ``data_offsets`` span is exactly numel * itemsize
@@ -79,7 +89,10 @@ def read_header(path: Path) -> list[TensorEntry]:
     base = 8 + header_len
     entries = [_entry(path, name, info, base) for name, info in header.items() if name != "__metadata__"]
     _check_tiling(path, entries, base, size)
-    return entries
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: its __metadata__ is not a map of strings: the file is corrupt; write it again")
+    return entries, metadata
 
 
 def _is_count(value: object) -> bool:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.errors import DimooError, InputError
 from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
-from dimoo_npu.train.shards import Sample, read_shard_metadata, shard_name, write_shard
+from dimoo_npu.safetensors_io import read_metadata
+from dimoo_npu.train.shards import Sample, shard_name, write_shard
 from dimoo_npu.validate import input_file
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _is_done(path: Path, digest: str) -> bool:
     if not path.is_file():
         return False
     try:
-        same = read_shard_metadata(path).get("digest") == digest
+        same = read_metadata(path).get("digest") == digest
     except Exception:  # an unreadable shard is redone, never trusted
         same = False
     if not same:

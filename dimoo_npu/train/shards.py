@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dimoo_npu.errors import CheckpointError
-from dimoo_npu.safetensors_io import atomic_save_file, read_header
+from dimoo_npu.safetensors_io import atomic_save_file, read_header, read_metadata
 
 FORMAT = "dimoo-shard-1"
 TASKS = ("t2i", "edit", "inpaint", "mmu")
@@ -72,19 +72,12 @@ def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([p.to(dtype) for p in parts]) if parts else torch.zeros(0, dtype=dtype)
 
 
-def read_shard_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return handle.metadata() or {}
-
-
 class Shard:
     """A memory-mapped shard: samples are views into the file, so a large dataset costs no RAM up front."""
 
     def __init__(self, path: Path):
         self.path = path
-        meta = read_shard_metadata(path)
+        meta = read_metadata(path)
         if meta.get("format") != FORMAT:
             raise CheckpointError(
                 f"{path} is not a dimoo shard (format {meta.get('format')!r}); write shards with `dimoo pretokenize`"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dimoo_npu.errors import CheckpointError
-from dimoo_npu.safetensors_io import atomic_save_file, iter_tensors, read_header
+from dimoo_npu.safetensors_io import atomic_save_file, iter_tensors, read_header, read_metadata
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit on the JSON header
 
@@ -202,3 +202,20 @@ def test_refused_before_any_destination_is_made(tmp_path):
     with pytest.raises(CheckpointError, match="'b'"):
         list(iter_tensors(path, destination))
     assert made == []
+
+
+def test_metadata_is_read_from_a_checked_file_only(tmp_path):
+    path = tmp_path / "shard.safetensors"
+    atomic_save_file({"a": torch.arange(4.0)}, path, metadata={"format": "x", "digest": "d"})
+    assert read_metadata(path) == {"format": "x", "digest": "d"}
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-4])  # a shard cut short keeps its header: its digest must not be trusted
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_metadata(path)
+    bad = _raw_file(tmp_path / "bad.safetensors", {"__metadata__": {"n": 1}, **_one_f32()}, _f32(1))
+    with pytest.raises(CheckpointError, match="not a map of strings"):
+        read_metadata(bad)
+
+
+def _one_f32() -> dict:
+    return {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
