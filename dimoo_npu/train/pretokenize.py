@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.errors import DimooError, InputError
-from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
 from dimoo_npu.safetensors_io import read_metadata
+from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
 from dimoo_npu.train.shards import Sample, shard_name, write_shard
 from dimoo_npu.validate import input_file
 
