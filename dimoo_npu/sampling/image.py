@@ -139,6 +139,30 @@ def _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img) -> 
     return branches
 
 
+def _prepare(model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale: float, cfg_img: float):
+    """Rows, code starts and uncond branches of `sample_image`'s arguments, and their checked batch."""
+    tokens = model.config.special_tokens
+    rows, _ = as_rows(prompt_ids, "prompt_ids")
+    uncond = _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img)
+    find = lambda row: first_pair_end(row, tokens["boa"], tokens["boi"])  # noqa: E731
+    starts = code_starts(rows, code_start, find, "BOA immediately followed by BOI")
+    batch = build_image_batch(rows, starts, uncond, tokens, next(model.parameters()).device)
+    model.check_token_ids(batch.seq)  # once here: the steps' forwards skip it (it reads the device back)
+    return rows, starts, uncond, batch
+
+
+def _masked_schedule(batch: ImageBatch, mask: int, timesteps: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Cells kept masked after each step and the most masked at its start, ``[step][row]`` (one host read)."""
+    masked = (batch.cells == mask).sum(dim=1).tolist()
+    if min(masked) == 0:
+        raise InputError(
+            f"prompt row {masked.index(0)} has no MASK cell in its image grid, so there is nothing to sample: "
+            "mask the cells to generate"
+        )
+    keep = keep_masked_table(masked, timesteps)
+    return keep, masked_upper_bounds(masked, keep)
+
+
 @torch.inference_mode()
 def sample_image(
     model,
@@ -166,12 +190,7 @@ def sample_image(
     """
     check_image_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
     tokens = model.config.special_tokens
-    rows, _ = as_rows(prompt_ids, "prompt_ids")
-    uncond = _uncond_branches(rows, uncond_ids, uncond_image_ids, cfg_scale, cfg_img)
-    find = lambda row: first_pair_end(row, tokens["boa"], tokens["boi"])  # noqa: E731
-    starts = code_starts(rows, code_start, find, "BOA immediately followed by BOI")
-    batch = build_image_batch(rows, starts, uncond, tokens, next(model.parameters()).device)
-    model.check_token_ids(batch.seq)  # once here: the steps' forwards skip it (it reads the device back)
+    rows, _, _, batch = _prepare(model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img)
     guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
     modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
     run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
@@ -198,14 +217,7 @@ class _Run:
         self.cell_at = torch.full_like(batch.seq, -1).scatter_(1, batch.cell_pos, index)
 
     def steps(self, modes: list[str], cache: MLCache, compute_ratio: float, progress: bool) -> None:
-        masked = (self.batch.cells == self.mask).sum(dim=1).tolist()  # the one host read of the setup
-        if min(masked) == 0:
-            raise InputError(
-                f"prompt row {masked.index(0)} has no MASK cell in its image grid, so there is nothing to sample: "
-                "mask the cells to generate"
-            )
-        keep = keep_masked_table(masked, len(modes))
-        bounds = masked_upper_bounds(masked, keep)
+        keep, bounds = _masked_schedule(self.batch, self.mask, len(modes))
         device = self.batch.cells.device
         keep_on_device = torch.tensor(keep, device=device)  # (T, B): one copy, not one per step
         widths = recompute_widths(self.batch.lengths, compute_ratio)
@@ -261,3 +273,169 @@ class _Run:
         self.cell_code.scatter_(1, cells, code)
         self.cell_score.scatter_(1, cells, score)
         return self.cell_code.gather(1, slots), self.cell_score.gather(1, slots)
+
+
+# ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
+
+
+@dataclass(eq=False)
+class ImageTask:
+    """One `sample_image` call's rows, sampled step by step inside an `ImageGroup` with its own step index.
+
+    Its rows draw noise from their own generators with per-row shapes (`dimoo_npu.sampling.step`), so its
+    output equals `sample_image` with the same arguments whatever else shares the group.
+    """
+
+    rows: list[torch.Tensor]
+    starts: list[int]
+    uncond: list[list[torch.Tensor]]
+    generators: list
+    modes: list[str]  # per step: plain / store / cached (see _step_modes)
+    keep: list[list[int]]  # [step][row]
+    bounds: list[list[int]]  # [step][row]
+    cells: torch.Tensor  # (b, N) current grid, refreshed from the group when it leaves or the group is rebuilt
+    key: tuple  # grid and every setting the group's one forward and guidance share
+    step: int = 0
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.modes) or max(self.bounds[self.step]) == 0
+
+
+@torch.inference_mode()
+def image_task(
+    model,
+    prompt_ids: RowsLike,
+    *,
+    uncond_ids: RowsLike | None = None,
+    uncond_image_ids: RowsLike | None = None,
+    code_start: int | None = None,
+    timesteps: int,
+    temperature: float = 1.0,
+    cfg_scale: float = 0.0,
+    cfg_img: float = 0.0,
+    use_cache: bool = False,
+    cache_ratio: float = 0.9,
+    warmup_ratio: float = 0.3,
+    refresh_interval: int = 5,
+    generator=None,
+) -> ImageTask:
+    """`sample_image`'s arguments, checked and laid out as a task for `ImageGroup` (nothing is sampled yet)."""
+    check_image_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
+    rows, starts, uncond, batch = _prepare(
+        model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img
+    )
+    keep, bounds = _masked_schedule(batch, model.config.special_tokens["mask"], timesteps)
+    grid = (rows[0].numel() - starts[0] + 2, batch.cells.shape[1])  # image part length and cells fix the grid
+    cache = (cache_ratio, warmup_ratio, refresh_interval) if use_cache else None
+    key = (grid, temperature, cfg_scale, cfg_img, uncond_image_ids is not None, cache)
+    modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
+    generators = row_generators(generator, len(rows))
+    return ImageTask(rows, starts, uncond, generators, modes, keep, bounds, batch.cells, key)
+
+
+class ImageGroup:
+    """Image tasks of one grid and one setting (`ImageTask.key`), advanced together: one forward per `step`.
+
+    Every task takes its own step (its own keep count); the batch is rebuilt only before a full forward (a plain
+    or store step), never before a cached one, whose K/V must be every row's current ones. So a task joins when
+    the group's next step is full and every running task's remaining kinds of step equal the joiner's (always
+    without ML-Cache; with it, in practice only before the group's first step). A finished or cancelled task's
+    rows stay, inert (nothing live), until that rebuild. ``bucket`` pads the rows to a multiple of
+    fixed sizes (graph mode: one compiled graph per size) with inert copies.
+    """
+
+    def __init__(self, model, key: tuple, buckets: tuple[int, ...] = ()):
+        self.model, self.key, self.buckets = model, key, buckets
+        self.tokens = model.config.special_tokens
+        self.tasks: list[ImageTask] = []  # in batch order, inert ones included
+        self.joining: list[ImageTask] = []
+        self.run: _Run | None = None
+        self.cache = MLCache()
+        self.recompute = None
+        self.padding = 0
+
+    @property
+    def live(self) -> list[ImageTask]:
+        return [t for t in [*self.tasks, *self.joining] if not (t.done or t.cancelled)]
+
+    def rows(self) -> int:
+        """Prompt rows of the live tasks (what a server's batch limit counts)."""
+        return sum(len(t.rows) for t in self.live)
+
+    def _next_mode(self) -> str | None:
+        running = [t for t in self.tasks if not (t.done or t.cancelled)]
+        return running[0].modes[running[0].step] if running else None
+
+    def accepts(self, task: ImageTask) -> bool:
+        """Whether ``task`` can join at the next step boundary (see the class docstring)."""
+        if task.key != self.key or self._next_mode() == "cached":
+            return False
+        running = [t for t in [*self.tasks, *self.joining] if not (t.done or t.cancelled)]
+        return all(t.modes[t.step :][: len(task.modes)] == task.modes[: len(t.modes) - t.step] for t in running)
+
+    def join(self, task: ImageTask) -> None:
+        self.joining.append(task)
+
+    @torch.inference_mode()
+    def step(self) -> list[ImageTask]:
+        """One forward for every live task; returns the tasks that finished on it (their ``cells`` are final)."""
+        mode = self._next_mode()
+        if mode is None or (mode != "cached" and (self.joining or any(t.done or t.cancelled for t in self.tasks))):
+            self._rebuild()
+            mode = self._next_mode()
+        if mode is None:
+            return []
+        live = [not (t.done or t.cancelled) for t in self.tasks]
+        bounds = [
+            b for t, on in zip(self.tasks, live, strict=True) for b in (t.bounds[t.step] if on else [0] * len(t.rows))
+        ]
+        keep = [
+            k for t, on in zip(self.tasks, live, strict=True) for k in (t.keep[t.step] if on else [0] * len(t.rows))
+        ]
+        bounds, keep = bounds + [0] * self.padding, keep + [0] * self.padding
+        device = self.run.batch.cells.device
+        self.run.step(bounds, torch.tensor(keep, device=device), self.cache, mode, self.recompute)
+        finished = []
+        for task, on in zip(self.tasks, live, strict=True):
+            if on:
+                task.step += 1
+                if task.done:
+                    finished.append(task)
+        self._save_cells(finished)
+        next_mode = self._next_mode()
+        if next_mode == "cached":
+            self.recompute = self.cache.recompute_positions(self.run.batch.real, self.widths, max(self.width_list))
+        return finished
+
+    def _save_cells(self, tasks: list[ImageTask]) -> None:
+        start = 0
+        for task in self.tasks:
+            if task in tasks:
+                task.cells = self.run.batch.cells[start : start + len(task.rows)].clone()
+            start += len(task.rows)
+
+    def _rebuild(self) -> None:
+        """A new batch of the live tasks (a full forward follows, so no cached state carries over)."""
+        if self.run is not None:
+            self._save_cells([t for t in self.tasks if not (t.done or t.cancelled)])
+        self.tasks, self.joining = self.live, []
+        self.run, self.cache, self.recompute = None, MLCache(), None
+        if not self.tasks:
+            return
+        rows = sum(len(t.rows) for t in self.tasks)
+        self.padding = next((size for size in self.buckets if size >= rows), rows) - rows
+        filler = [self.tasks[0]] * self.padding  # inert rows: bounds 0, no draws
+        members = [(t, i) for t in self.tasks for i in range(len(t.rows))] + [(t, 0) for t in filler]
+        uncond = [[t.uncond[b][i] for t, i in members] for b in range(len(self.tasks[0].uncond))]
+        device = next(self.model.parameters()).device
+        batch = build_image_batch(
+            [t.rows[i] for t, i in members], [t.starts[i] for t, i in members], uncond, self.tokens, device
+        )
+        batch.cells = torch.stack([t.cells[i] for t, i in members]).to(device)
+        _, _, cfg_scale, cfg_img, editing, cache = self.key
+        generators = [t.generators[i] for t, i in members[:rows]] + [None] * self.padding
+        self.run = _Run(self.model, batch, self.tokens, _guidance(cfg_scale, cfg_img, editing), self.key[1], generators)
+        self.width_list = recompute_widths(batch.lengths, 1 - cache[0]) if cache else [1]
+        self.widths = torch.tensor(self.width_list, device=device)

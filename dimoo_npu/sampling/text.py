@@ -8,6 +8,8 @@ blocks stay MASK) while the other rows go on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
@@ -28,12 +30,15 @@ from dimoo_npu.sampling.step import predict_text, reveal
 class _TextRun:
     """Token state and one step of a `sample_text` call."""
 
-    def __init__(self, model, x: torch.Tensor, real: torch.Tensor, cfg_scale: float, temperature: float, generators):
+    def __init__(
+        self, model, x: torch.Tensor, real: torch.Tensor, cfg_scale: float, temperature: float, generators, prompt=None
+    ):
         tokens = model.config.special_tokens
         self.model, self.x, self.real = model, x, real
         self.mask, self.eos = tokens["mask"], tokens["eos"]
         self.cfg_scale, self.temperature, self.generators = cfg_scale, temperature, generators
-        self.prompt = real & (x != self.mask)  # (B, L): what the uncond copy hides
+        # (B, L): what the uncond copy hides, the non-MASK tokens at the start (given when x is already partly sampled)
+        self.prompt = real & (x != self.mask) if prompt is None else prompt
         self.active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
 
     def logits(self, positions: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,25 @@ class _TextRun:
         return not bool(self.active.any())
 
 
+def _prepare(model, rows: list[torch.Tensor], code_start: int | None, gen_length: int, block_length: int):
+    """Padded ids and real mask (B, L) of checked rows, their answer positions (B, G), MASKs per block [row][block]."""
+    tokens = model.config.special_tokens
+    starts = code_starts(rows, code_start, lambda row: last_index_after(row, tokens["boa"]), "BOA")
+    for index, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        if start < 0 or start + gen_length > row.numel():
+            raise InputError(
+                f"prompt row {index} has {row.numel()} tokens, too few for a {gen_length}-token answer "
+                f"from position {start}: append BOA + {gen_length} MASK + EOA"
+            )
+    device = next(model.parameters()).device
+    x, real = pad_rows(rows, device)
+    model.check_token_ids(x)  # once here: the steps' forwards skip it (it reads the device back)
+    answer = torch.tensor(starts, device=device)[:, None] + torch.arange(gen_length, device=device)  # (B, G)
+    blocks = gen_length // block_length
+    masked = (x.gather(1, answer) == tokens["mask"]).view(len(rows), blocks, block_length).sum(-1).tolist()
+    return x, real, answer, masked
+
+
 @torch.inference_mode()
 def sample_text(
     model,
@@ -78,20 +102,9 @@ def sample_text(
     The answer is ``gen_length`` positions from ``code_start`` (None: 1 + the index of each row's last BOA).
     """
     blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale)
-    tokens = model.config.special_tokens
     rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
-    starts = code_starts(rows, code_start, lambda row: last_index_after(row, tokens["boa"]), "BOA")
-    for index, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        if start < 0 or start + gen_length > row.numel():
-            raise InputError(
-                f"prompt row {index} has {row.numel()} tokens, too few for a {gen_length}-token answer "
-                f"from position {start}: append BOA + {gen_length} MASK + EOA"
-            )
-    device = next(model.parameters()).device
-    x, real = pad_rows(rows, device)
-    model.check_token_ids(x)  # once here: the steps' forwards skip it (it reads the device back)
-    answer = torch.tensor(starts, device=device)[:, None] + torch.arange(gen_length, device=device)  # (B, G)
-    masked = (x.gather(1, answer) == tokens["mask"]).view(len(rows), blocks, block_length).sum(-1).tolist()
+    x, real, answer, masked = _prepare(model, rows, code_start, gen_length, block_length)
+    device = x.device
     run = _TextRun(model, x, real, cfg_scale, temperature, row_generators(generator, len(rows)))
     per_block = steps // blocks
     for block in tqdm(range(blocks), desc="answer blocks", disable=not progress):
@@ -104,3 +117,115 @@ def sample_text(
     if was_tensor:
         return x.to(rows[0].device)
     return [x[index, : row.numel()].to(row.device) for index, row in enumerate(rows)]
+
+
+# ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
+
+
+@dataclass(eq=False)
+class TextTask:
+    """One prompt of `sample_text`, sampled step by step inside a `TextGroup` with its own step index."""
+
+    row: torch.Tensor  # (L,) current ids, refreshed from the group at each block end and when the group is rebuilt
+    prompt: torch.Tensor  # (L,) bool: what the uncond copy hides
+    answer: torch.Tensor  # (G,) answer positions
+    generator: torch.Generator | None
+    masked: list[int]  # MASK positions per block at the start
+    per_block: int
+    key: tuple  # block length, temperature, cfg_scale: what the group's one forward and guidance share
+    step: int = 0
+    finished: bool = False
+    cancelled: bool = False
+
+    @property
+    def block(self) -> int:
+        return self.step // self.per_block
+
+
+@torch.inference_mode()
+def text_task(
+    model,
+    prompt_ids: torch.Tensor,
+    *,
+    code_start: int | None = None,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> TextTask:
+    """One prompt row and `sample_text`'s settings, checked and laid out for `TextGroup` (nothing sampled yet)."""
+    blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale)
+    rows, _ = as_rows([prompt_ids], "prompt_ids")
+    x, real, answer, masked = _prepare(model, rows, code_start, gen_length, block_length)
+    prompt = real[0] & (x[0] != model.config.special_tokens["mask"])
+    key = (block_length, temperature, cfg_scale)
+    return TextTask(x[0], prompt, answer[0], generator, masked[0], steps // blocks, key)
+
+
+class TextGroup:
+    """Understanding tasks with one `TextTask.key`, advanced together: one forward per `step`.
+
+    Each row reveals its own block by its own schedule; the uncond copy of each row hides what was not MASK at
+    its start. Tasks join and leave at any step boundary (no cache state): the batch is rebuilt then.
+    """
+
+    def __init__(self, model, key: tuple, buckets: tuple[int, ...] = ()):
+        self.model, self.key, self.buckets = model, key, buckets
+        self.tasks: list[TextTask] = []
+        self.joining: list[TextTask] = []
+        self.run: _TextRun | None = None
+
+    @property
+    def live(self) -> list[TextTask]:
+        return [t for t in [*self.tasks, *self.joining] if not (t.finished or t.cancelled)]
+
+    def rows(self) -> int:
+        return len(self.live)
+
+    def accepts(self, task: TextTask) -> bool:
+        return task.key == self.key
+
+    def join(self, task: TextTask) -> None:
+        self.joining.append(task)
+
+    @torch.inference_mode()
+    def step(self) -> list[TextTask]:
+        """One forward for every live task; returns the tasks whose block ended on it (``finished`` when done)."""
+        if self.run is None or self.joining or len(self.live) != len(self.tasks):
+            self._rebuild()
+        if not self.tasks:
+            return []
+        block_length = self.key[0]
+        positions = torch.stack([t.answer[t.block * block_length : (t.block + 1) * block_length] for t in self.tasks])
+        counts = [transfer_tokens(t.masked[t.block], t.per_block)[t.step % t.per_block] for t in self.tasks]
+        filler = self.run.x.shape[0] - len(self.tasks)
+        positions = torch.cat([positions, positions[:1].expand(filler, -1)])
+        self.run.step(positions, torch.tensor(counts + [0] * filler, device=positions.device))
+        ended = []
+        for index, task in enumerate(self.tasks):
+            task.step += 1
+            if task.step % task.per_block == 0:
+                ended.append(task)
+                task.row = self.run.x[index, : task.row.numel()].clone()
+                so_far = task.answer[: task.block * block_length]
+                blocks_left = task.block < len(task.masked)
+                task.finished = not blocks_left or bool((task.row[so_far] == self.run.eos).any())
+        return ended
+
+    def _rebuild(self) -> None:
+        if self.run is not None:
+            for index, task in enumerate(self.tasks):
+                task.row = self.run.x[index, : task.row.numel()].clone()
+        self.tasks, self.joining, self.run = self.live, [], None
+        if not self.tasks:
+            return
+        size = next((b for b in self.buckets if b >= len(self.tasks)), len(self.tasks))
+        members = self.tasks + [self.tasks[0]] * (size - len(self.tasks))  # inert filler: reveals nothing
+        device = next(self.model.parameters()).device
+        x, real = pad_rows([t.row for t in members], device)
+        prompt, _ = pad_rows([t.prompt for t in members], device, pad_id=False)
+        generators = [t.generator for t in self.tasks] + [None] * (size - len(self.tasks))
+        block_length, temperature, cfg_scale = self.key
+        self.run = _TextRun(self.model, x, real, cfg_scale, temperature, generators, prompt=prompt.bool() & real)
