@@ -178,12 +178,15 @@ def test_understand(cli, tmp_path, source, capsys):
     batch = write_jsonl(tmp_path / "q.jsonl", [{"question": "what is in the picture ?"}, {"prompt": "a cat ?"}])
     answers = tmp_path / "answers.jsonl"
     code, _ = cli("understand", *args, "--batch-file", batch, "--image", source, "--output", str(answers))
-    assert code == 0
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert [row["index"] for row in rows] == [0, 1] and all(isinstance(row["answer"], str) for row in rows)
+    # A random model's answer may decode to nothing: that row carries an error and the run exits 1.
+    assert code == (1 if any(not row["answer"] for row in rows) else 0)
+    assert all(("error" in row) == (not row["answer"]) for row in rows)
     capsys.readouterr()
     code, _ = cli("understand", *args, "--image", source, "--question", "what is in the picture ?")
-    assert code == 0 and capsys.readouterr().out == rows[0]["answer"] + "\n"
+    answer = rows[0]["answer"]
+    assert (code, capsys.readouterr().out) == ((0, answer + "\n") if answer else (1, ""))
 
 
 def test_two_ranks_share_the_batch(checkpoint, tmp_path):
@@ -295,13 +298,14 @@ def test_bad_input_gets_one_clear_error(case, cli, tmp_path, source, broken_imag
     assert (tmp_path / "existing.png").read_bytes() == b"keep me"
 
 
-@pytest.mark.parametrize("size", [None, (768, 1536)])
+@pytest.mark.parametrize("size", [None, (1536, 768), (768, 1536)])
 def test_public_sizes_run_past_max_sequence_length(size, cli, tmp_path):
-    """config.json says 4096 tokens; 1024 x 1024 (the default without generation_defaults) and 768 x 1536 need
-    more: both run, with ML-Cache, and one warning naming both numbers."""
+    """config.json says 4096 tokens; 1024 x 1024 (the default without generation_defaults, run with CFG and
+    ML-Cache), 1536 x 768 and 768 x 1536 (without, to keep the suite short) need more: each runs, with one warning
+    naming both numbers."""
     target = tmp_path / "big.png"
-    flags = ["--width", str(size[0]), "--height", str(size[1])] if size else []
-    code, log = cli("t2i", *FAST, "--prompt", "a red cat", *flags, "--use-cache", "--output", str(target))
+    flags = ["--width", str(size[0]), "--height", str(size[1]), "--cfg-scale", "0"] if size else ["--use-cache"]
+    code, log = cli("t2i", *FAST, "--prompt", "a red cat", *flags, "--output", str(target))
     assert code == 0, log
     assert Image.open(target).size == (size or (1024, 1024))
     assert log.count("longer than the 4096 the checkpoint names as its max_sequence_length") == 1
@@ -330,7 +334,7 @@ def test_unknown_task_and_missing_checkpoint(cli, capsys, checkpoint_dir, source
 
 
 def test_answers_file_per_rank():
-    from dimoo_npu.commands.generate import answers_path
+    from dimoo_npu.commands.generate_run import answers_path
 
     assert answers_path("out/answers.jsonl", 0, 1).name == "answers.jsonl"
     assert answers_path("out/answers.jsonl", 1, 2).name == "answers.rank1-of-2.jsonl"
