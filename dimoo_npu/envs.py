@@ -6,6 +6,7 @@
 - ``DIMOO_LOG_LEVEL``: logging level of the ``dimoo`` command (default ``INFO``).
 - ``DIMOO_COMPILE``: ``1`` runs the sampling forward in graph mode (``torch.compile(fullgraph=True)``: inductor on
   CPU/CUDA, torchair on Ascend), like ``--compile``; see `dimoo_npu.sampling.graph`.
+- ``DIMOO_API_KEY``: the key `dimoo serve` requires (``Authorization: Bearer <key>``), as ``--api-key``; unset: none.
 - ``DIMOO_DEBUG``: ``1`` prints the full traceback of an unexpected error instead of writing it to a log file.
 - ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``XDG_CACHE_HOME``/huggingface/hub (``~/.cache``): the Hugging
   Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.hub_cache`; never downloaded).
@@ -39,6 +40,11 @@ def debug() -> bool:
 
 def compile_enabled() -> bool:
     return os.environ.get("DIMOO_COMPILE", "").strip().lower() in ("1", "true", "yes")
+
+
+def api_key() -> str | None:
+    """DIMOO_API_KEY for `dimoo serve`; None when unset or empty."""
+    return os.environ.get("DIMOO_API_KEY", "").strip() or None
 
 
 def log_level() -> str:
