@@ -79,6 +79,32 @@ def load_text_tokenizer(folder: str | os.PathLike):
         hf_logging.set_verbosity(verbosity)
 
 
+_WARNED_UNKNOWN: set[str] = set()
+
+
+def warn_unknown_words(tokenizer, text: str) -> None:
+    """Words of ``text`` the tokenizer maps to its unknown token: one warning naming them (each word once a run).
+
+    A small word-level tokenizer knows only its world's words; the model then sees ``<unk>``, not the word.
+    """
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:
+        return
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    words = {
+        text[a:b] for tid, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True) if tid == unknown
+    }
+    new = sorted(words - _WARNED_UNKNOWN)
+    if new:
+        _WARNED_UNKNOWN.update(new)
+        logger.warning(
+            "the text tokenizer does not know %s: mapped to %s, so the model cannot read it (rephrase with "
+            "words it was trained on)",
+            ", ".join(repr(w) for w in new),
+            tokenizer.unk_token,
+        )
+
+
 def remote_tokenizer_code(folder: Path) -> str | None:
     """The class tokenizer_config.json's ``auto_map`` names for AutoTokenizer (remote code), or None."""
     try:

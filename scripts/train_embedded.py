@@ -1,13 +1,16 @@
-"""Retrain the embedded default model from nothing, in one command (54 minutes measured on 2 CPU cores).
+"""Retrain the embedded default model from nothing, in one command (see docs/embedded_model.md for the time).
 
     python scripts/train_embedded.py                      # work in runs/shapes-embedded, install into the package
     python scripts/train_embedded.py --no-install         # train and evaluate only
+    python scripts/train_embedded.py --work /tmp/smoke --no-install --mix-scale 0.01 --vq-steps 20 \
+        --eval-limit 2 gpt_args.train_iters=5           # every stage end to end in minutes
 
 Stages: world images -> VQ image tokenizer -> checkpoint skeleton (config with its own special tokens,
 word tokenizer, vqvae/) -> training manifest -> `dimoo pretokenize` -> `dimoo train` (our trainer,
-configs/train/shapes_embedded.yaml) -> `dimoo export-hf` -> `dimoo eval shapes` -> copy into
-dimoo_npu/assets/shapes-dimoo/ with a training report. A rerun reuses finished stages (``--fresh`` starts
-over); everything is seeded, so a rerun on the same machine gives the same model.
+configs/train/shapes_embedded.yaml) -> `dimoo export-hf` -> `dimoo eval shapes` (every task) -> copy into
+dimoo_npu/assets/shapes-dimoo/ with a training report, only when held-out text-to-image and question answering
+reach INSTALL_GOAL (a worse model never replaces the shipped one). A rerun reuses finished stages (``--fresh``
+starts over); everything is seeded, so a rerun on the same machine gives the same model.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "configs" / "train" / "shapes_embedded.yaml"
-MAX_ASSET_BYTES = 60 << 20
+MAX_ASSET_BYTES = 30_000_000  # issue 18: shipped assets at most 30 MB
+INSTALL_GOAL = {"t2i": 0.95, "qa": 0.95}  # held-out all-attributes accuracy the shipped model must keep
 logger = logging.getLogger("train_embedded")
 
 
@@ -39,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every stage")
     parser.add_argument("--vq-steps", type=int, default=None, help="VQ training steps (default: the config's)")
     parser.add_argument("--workers", type=int, default=2, help="pretokenize processes")
+    parser.add_argument("--mix-scale", type=float, default=1.0, help="scale every record count (smoke runs)")
+    parser.add_argument("--eval-limit", type=int, default=0, help="items per evaluated task (0 = all; smoke runs)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed on to `dimoo train`")
     return parser.parse_args(argv)
 
@@ -71,23 +77,39 @@ def train_vq_stage(folder: Path, steps: int | None, report: dict) -> None:
     )
 
 
+def with_defaults(export: Path) -> None:
+    """Write the sampling settings the model was trained for into its config.json (the CLI and eval read them)."""
+    from dimoo_npu.atomic import write_text_atomically
+    from dimoo_npu.shapes.embedded import GENERATION_DEFAULTS
+
+    config = json.loads((export / "config.json").read_text())
+    write_text_atomically(
+        export / "config.json", json.dumps({**config, "generation_defaults": GENERATION_DEFAULTS}, indent=2)
+    )
+
+
 def install(export: Path, target: Path, report: dict) -> None:
     """Copy the exported checkpoint (plus the report) into the package, replacing the old one atomically."""
     size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
     if size > MAX_ASSET_BYTES:
-        raise SystemExit(f"the model is {size / 2**20:.1f} MiB, over the 60 MiB limit for package data")
+        raise SystemExit(f"the model is {size / 1e6:.1f} MB, over the {MAX_ASSET_BYTES / 1e6:.0f} MB for package data")
     from dimoo_npu.atomic import replace_directory
-    from dimoo_npu.shapes.embedded import GENERATION_DEFAULTS
 
     def fill(staging: Path) -> None:
         shutil.copytree(export, staging, dirs_exist_ok=True)
-        config = json.loads((staging / "config.json").read_text())
-        defaults = {**config, "generation_defaults": GENERATION_DEFAULTS}
-        (staging / "config.json").write_text(json.dumps(defaults, indent=2))
         (staging / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     replace_directory(target, fill)
-    logger.info("installed %.1f MiB into %s", size / 2**20, target)
+    logger.info("installed %.1f MB into %s", size / 1e6, target)
+
+
+def short_of_goal(evaluation: dict) -> list[str]:
+    """The install goals a fresh evaluation misses ('t2i 0.930 < 0.95'), empty when it meets them all."""
+    return [
+        f"{task} {evaluation[task]['overall']:.3f} < {goal}"
+        for task, goal in INSTALL_GOAL.items()
+        if evaluation[task]["overall"] < goal
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.shapes.dataset import write_manifest
+    from dimoo_npu.shapes.dataset import DataMix, scaled, write_manifest
     from dimoo_npu.shapes.embedded import ANSWER_LENGTH, build_skeleton, model_config
 
     torch.set_num_threads(args.threads)
@@ -115,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     skeleton = build_skeleton(work / "skeleton", work / "vqvae", config)
     manifest = work / "data" / "manifest.jsonl"
     if not manifest.is_file():
-        write_manifest(work / "data")
+        write_manifest(work / "data", scaled(DataMix(), args.mix_scale))
     shards = work / "shards"
     dimoo(
         "pretokenize",
@@ -158,12 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["seconds_until_export"] = round(time.perf_counter() - start, 1)
 
-    dimoo("eval", "shapes", "--checkpoint", str(export), "--output", str(work / "eval.json"), threads=args.threads)
+    with_defaults(export)
+    limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+    eval_args = ["eval", "shapes", "--checkpoint", str(export), "--output", str(work / "eval.json"), *limit]
+    dimoo(*eval_args, threads=args.threads)
     evaluation = json.loads((work / "eval.json").read_text())
-    report["eval"] = {key: evaluation[key] for key in ("t2i", "understanding", "image_settings", "text_settings")}
+    report["eval"] = {key: value for key, value in evaluation.items() if key not in ("checkpoint", "failures")}
     report["seconds_total"] = round(time.perf_counter() - start, 1)
     write_text_atomically(work / "training_report.json", json.dumps(report, indent=2) + "\n")
     logger.info("report: %s", json.dumps(report))
+    missed = short_of_goal(evaluation)
+    if missed:
+        logger.error("not installed, the shipped model stays: held-out %s", "; ".join(missed))
+        return 1
     if not args.no_install:
         install(export, Path(args.install_to), report)
     return 0

@@ -1,9 +1,10 @@
 """``dimoo eval shapes``: GenEval-style accuracy of a model on the shapes world's held-out combinations.
 
-Text-to-image: one image per held-out prompt, the object detected and its shape, colour, size and
-position compared with the prompt. Understanding: every question type on each held-out image (at the
-canonical centre of its third, or with ``--placements all`` at every placement the world allows there).
-Prints a JSON report (and writes it with ``--output``).
+Every task the CLI offers, each on combinations never trained on: text-to-image (held-out prompts), each
+edit kind (the target's edited object held out; for removal the source's), captions and questions
+(held-out pictures), inpainting and outpainting (a held-out object, the mask cutting through it). Pictures
+are read back by the detector, answers compared word for word. Sampling follows the checkpoint's
+``generation_defaults``; flags override. Prints one JSON report (and writes it, with failures, to ``--output``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import argparse
 from dimoo_npu.commands import emit
 
 SUITES = ("shapes",)
+PAINT_TASKS = ("inpaint", "outpaint")
+
+
+def task_names() -> tuple[str, ...]:
+    """Every task the report can hold, in report order."""
+    from dimoo_npu.shapes.world import EDITS
+
+    return ("t2i", *(f"edit-{kind}" for kind in EDITS), "caption", "qa", *PAINT_TASKS)
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from dimoo_npu.shapes.embedded import ANSWER_SETTINGS, T2I_SETTINGS
-
     parser.add_argument("suite", choices=SUITES, help="what to evaluate (shapes: the embedded model's world)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the embedded shapes model)")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | npu")
@@ -25,24 +32,52 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--split",
         choices=("heldout", "train"),
         default="heldout",
-        help="which combinations: heldout (never trained on; the accuracy figures) or train (to choose settings on)",
+        help="text-to-image and questions: heldout (never trained on; the accuracy figures) or train (to choose "
+        "settings on); the other tasks are always held out",
     )
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N objects (0 = all)")
-    parser.add_argument("--tasks", default="t2i,mmu", help="comma-separated: t2i, mmu")
-    parser.add_argument("--timesteps", type=int, default=T2I_SETTINGS["timesteps"], help="image sampling steps")
-    parser.add_argument("--temperature", type=float, default=T2I_SETTINGS["temperature"], help="image sampling")
-    parser.add_argument("--cfg-scale", type=float, default=T2I_SETTINGS["cfg_scale"], help="text guidance")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N items of each task (0 = all)")
+    parser.add_argument(
+        "--task",
+        default="all",
+        help="comma-separated: all, t2i, edit (every kind) or edit-<kind> (recolour, move, turn, resize, remove, "
+        "add), caption, qa, inpaint, outpaint",
+    )
+    parser.add_argument("--timesteps", type=int, help="image sampling steps (default: the checkpoint's)")
+    parser.add_argument("--temperature", type=float, help="image sampling temperature (default: the checkpoint's)")
+    parser.add_argument("--cfg-scale", type=float, help="text guidance (default: the checkpoint's)")
+    parser.add_argument("--cfg-img", type=float, help="image guidance of edits (default: the checkpoint's)")
     parser.add_argument(
         "--placements",
         choices=("canonical", "all"),
         default="canonical",
-        help="understanding images: each held-out combination at its third's canonical centre, or at every placement",
+        help="question images: each held-out combination at its third's canonical centre, or at every placement",
     )
-    parser.add_argument("--answer-steps", type=int, default=ANSWER_SETTINGS["steps"], help="answer sampling steps")
+    parser.add_argument("--answer-steps", type=int, help="answer sampling steps (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="requests sampled together")
     parser.add_argument("--output", help="also write the JSON report (with failures) here")
-    parser.add_argument("--images-dir", help="save each generated image here as <prompt>.png")
+    parser.add_argument("--images-dir", help="save each generated image here as <task>-<index>.png")
+
+
+def selected_tasks(text: str) -> list[str]:
+    """The tasks ``--task`` names, in report order; InputError for an unknown name."""
+    from dimoo_npu.errors import InputError
+
+    names = task_names()
+    asked = {t.strip() for t in text.split(",") if t.strip()}
+    expanded = set()
+    for name in asked:
+        if name == "all":
+            expanded.update(names)
+        elif name == "edit":
+            expanded.update(n for n in names if n.startswith("edit-"))
+        elif name in names:
+            expanded.add(name)
+        else:
+            raise InputError(f"--task {name!r} is not a task: use all, edit or any of {', '.join(names)}")
+    if not expanded:
+        raise InputError("--task names no task: use all, or a comma-separated list such as t2i,caption")
+    return [n for n in names if n in expanded]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,61 +85,114 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
+    from PIL import Image
 
     from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.errors import InputError
     from dimoo_npu.generation_settings import ImageSettings, TextSettings
-    from dimoo_npu.pipeline import DiMOOPipeline
-    from dimoo_npu.shapes import world
-    from dimoo_npu.shapes.embedded import ANSWER_SETTINGS, EMBEDDED_CHECKPOINT
-    from dimoo_npu.shapes.evaluate import evaluate_t2i, evaluate_understanding
+    from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
+    from dimoo_npu.shapes import evaluate, world
+    from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
 
-    tasks = {t.strip() for t in args.tasks.split(",") if t.strip()}
-    if not tasks or tasks - {"t2i", "mmu"}:
-        raise InputError(f"--tasks {args.tasks!r}: use t2i, mmu or both (comma-separated)")
-    pipeline = DiMOOPipeline.from_pretrained(args.checkpoint or EMBEDDED_CHECKPOINT, args.device)
-    objects = world.split_objects(args.split)[: args.limit or None]
-    image_settings = ImageSettings(timesteps=args.timesteps, temperature=args.temperature, cfg_scale=args.cfg_scale)
-    text_settings = TextSettings(**{**ANSWER_SETTINGS, "steps": args.answer_steps})
+    tasks = selected_tasks(args.task)
+    checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
+    defaults = generation_defaults(checkpoint)
+    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
+    image_settings = ImageSettings(
+        timesteps=_pick(args.timesteps, defaults, "timesteps", 64),
+        temperature=_pick(args.temperature, defaults, "temperature", 0.0),
+        cfg_scale=_pick(args.cfg_scale, defaults, "cfg_scale", 0.0),
+        cfg_img=_pick(args.cfg_img, defaults, "cfg_img", 0.0),
+    ).check()
+    gen_length = int(defaults.get("gen_length", 8))
+    text_settings = TextSettings(
+        gen_length=gen_length,
+        block_length=int(defaults.get("block_length", gen_length)),
+        steps=_pick(args.answer_steps, defaults, "steps", gen_length),
+        temperature=float(defaults.get("temperature", 0.0)),
+    ).check()
+    budget = defaults.get("image_budget")
     images_dir = Path(args.images_dir) if args.images_dir else None
     if images_dir:
         images_dir.mkdir(parents=True, exist_ok=True)
+    size, batch = world.IMAGE_SIZE, args.batch_size
+    limit = args.limit or None
+
+    def kept(task: str, pictures) -> list[np.ndarray]:
+        """RGB arrays of ``pictures``, saved under --images-dir when given."""
+        arrays = [np.asarray(picture.convert("RGB")) for picture in pictures]
+        if images_dir:
+            start = len(list(images_dir.glob(f"{task}-*.png")))
+            for index, picture in enumerate(pictures, start):
+                picture.save(images_dir / f"{task}-{index:03d}.png")
+        return arrays
 
     def generate(prompts: list[str]) -> list[np.ndarray]:
-        size = world.IMAGE_SIZE
         pictures = pipeline.text_to_image(
-            prompts, width=size, height=size, settings=image_settings, seed=args.seed, batch_size=args.batch_size
+            prompts, width=size, height=size, settings=image_settings, seed=args.seed, batch_size=batch
         )
-        if images_dir:
-            for prompt, picture in zip(prompts, pictures, strict=True):
-                picture.save(images_dir / f"{prompt.replace(' ', '_')}.png")
-        return [np.asarray(picture.convert("RGB")) for picture in pictures]
+        return kept("t2i", pictures)
 
     def answer(images, questions: list[str]) -> list[str]:
-        from PIL import Image
-
         pictures = [Image.fromarray(image) for image in images]
         return pipeline.understand(
-            pictures, questions, settings=text_settings, image_budget=None, seed=args.seed, batch_size=args.batch_size
+            pictures, questions, settings=text_settings, image_budget=budget, seed=args.seed, batch_size=batch
         )
 
+    def editor(task: str):
+        def edit(images, instructions: list[str], edit_types: list[str]) -> list[np.ndarray]:
+            (edit_type,) = set(edit_types)  # one edit kind per call
+            pictures = pipeline.edit(
+                [Image.fromarray(image) for image in images], instructions, edit_type, image_budget=budget,
+                settings=image_settings, seed=args.seed, batch_size=batch,
+            )  # fmt: skip
+            return kept(task, pictures)
+
+        return edit
+
+    def painter(task: str):
+        def paint(images, masks, prompts: list[str]) -> list[np.ndarray]:
+            pictures = pipeline.inpaint(
+                [Image.fromarray(image) for image in images], prompts, masks=[Image.fromarray(m) for m in masks],
+                image_budget=budget, settings=image_settings, seed=args.seed, batch_size=batch,
+            )  # fmt: skip
+            return kept(task, pictures)
+
+        return paint
+
+    objects = world.split_objects(args.split)[:limit]
     report: dict = {
-        "checkpoint": str(args.checkpoint or EMBEDDED_CHECKPOINT),
+        "checkpoint": str(checkpoint),
         "split": args.split,
-        "objects": len(objects),
-        "understanding_placements": args.placements,
+        "tasks": tasks,
         "image_settings": vars(image_settings),
         "text_settings": vars(text_settings),
     }
     failures = {}
-    if "t2i" in tasks:
-        score = evaluate_t2i(generate, objects, batch_size=args.batch_size)
-        report["t2i"], failures["t2i"] = score.as_dict(), score.failures
-    if "mmu" in tasks:
-        shown = [placed for obj in objects for placed in world.placements(obj)] if args.placements == "all" else objects
-        score = evaluate_understanding(answer, shown, batch_size=args.batch_size, seed=args.seed)
-        report["understanding"], failures["understanding"] = score.as_dict(), score.failures
+    for task in tasks:
+        if task == "t2i":
+            score = evaluate.evaluate_t2i(generate, objects, batch_size=batch)
+        elif task.startswith("edit-"):
+            edits = world.heldout_edits(task.removeprefix("edit-"), seed=args.seed)[:limit]
+            score = evaluate.evaluate_edits(editor(task), edits, batch_size=batch)
+        elif task == "caption":
+            scenes = evaluate.heldout_caption_scenes(seed=args.seed)[:limit]
+            score = evaluate.evaluate_captions(answer, scenes, batch_size=batch)
+        elif task == "qa":
+            shown = [p for obj in objects for p in world.placements(obj)] if args.placements == "all" else objects
+            score = evaluate.evaluate_understanding(answer, shown, batch_size=batch, seed=args.seed)
+            report["qa_placements"] = args.placements
+        else:
+            items = evaluate.paint_items(task, seed=args.seed)[:limit]
+            score = evaluate.evaluate_paint(painter(task), items, batch_size=batch, kind=task)
+        report[task], failures[task] = score.as_dict(), score.failures
     emit(json.dumps(report, indent=2))
     if args.output:
         write_text_atomically(Path(args.output), json.dumps({**report, "failures": failures}, indent=2) + "\n")
     return 0
+
+
+def _pick(flag, defaults: dict, key: str, fallback):
+    """A flag the user set, else the checkpoint's generation default, else ``fallback``."""
+    if flag is not None:
+        return flag
+    return type(fallback)(defaults.get(key, fallback))

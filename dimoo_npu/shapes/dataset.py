@@ -1,13 +1,15 @@
 """Write the shapes world as a training manifest (JSONL) for `dimoo pretokenize`, with its images.
 
-The mix covers what the embedded model must do: text-to-image (single objects and two-object relations),
-inpainting (regenerate one object's box or one half of the picture, given the caption and the rest) and
-understanding (colour, shape, position and size questions). Only training-split objects are used, so
-the held-out combinations stay unseen. Images are written once per distinct scene.
+The mix covers every task the CLI offers: text-to-image (single objects and two-object relations),
+inpainting (one object's box, one half of the picture, or a region cutting through an object),
+outpainting (everything but a strip through an object), editing (the six edit kinds of
+`world.EDITS`), captions and understanding questions. Only training-split objects are used, source and
+target pictures alike, so the held-out combinations stay unseen. Images are written once per distinct scene.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -29,16 +31,29 @@ class DataMix:
     """How many records of each kind the manifest holds."""
 
     t2i: int = 6000  # colour binding learns slowest: 0.69 even on training prompts with 4000 t2i / 5000 mmu
-    inpaint: int = 1000
-    mmu: int = 3000
+    inpaint: int = 1000  # half an object's box or a half of the picture, half a region cutting through an object
+    outpaint: int = 600
+    mmu: int = 2500  # questions reached 1.00 on held-out images with 3000 and 3400 steps
+    caption: int = 1200
+    edit: int = 600  # per edit kind
+    two_object_caption_share: float = 0.4
     two_object_share: float = 0.15  # of the text-to-image and inpainting records
     partial_caption_share: float = 0.3  # of single-object text-to-image records: one attribute left out
     seed: int = 0
 
 
+def scaled(mix: DataMix, factor: float) -> DataMix:
+    """``mix`` with every record count scaled (at least one each): small mixes for smoke runs."""
+    counts = {
+        name: max(1, round(getattr(mix, name) * factor))
+        for name in ("t2i", "inpaint", "outpaint", "mmu", "caption", "edit")
+    }
+    return dataclasses.replace(mix, **counts)
+
+
 def scene_key(scene: world.Scene) -> str:
     """A file name that says what the picture shows: 'circle-red-large-32-16' (pixel centre y, x; '+' joins two)."""
-    return "+".join("-".join([o.shape, o.colour, o.size, *map(str, o.centre)]) for o in scene.objects)
+    return "+".join("-".join([o.shape, o.colour, o.size, *map(str, o.centre)]) for o in scene.objects) or "empty"
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -86,6 +101,13 @@ class ManifestWriter:
             _save_png(world.render(scene), path)
         return str(path)
 
+    def region_mask(self, region: tuple[int, int, int, int], kind: str) -> str:
+        """A cut-through painting mask (see `world.paint_region`), written once."""
+        path = self.folder / "masks" / f"{kind}-{'-'.join(map(str, region))}.png"
+        if not path.exists():
+            _save_png(world.region_mask(region, kind), path)
+        return str(path)
+
     def add(self, task: str, **fields) -> None:
         self.records.append({"id": f"{task}-{len(self.records):06d}", "task": task, **fields})
 
@@ -99,12 +121,14 @@ def _scenes(rng: random.Random, count: int, two_object_share: float):
     return world.sample_scenes(seed, count, "train", two_object_share)
 
 
-def _inpaint_mask(scene: world.Scene, rng: random.Random) -> str:
-    """Mostly an object's own box (so the model learns to draw it into a context), else a half."""
+def _inpaint_mask(writer: ManifestWriter, scene: world.Scene, rng: random.Random) -> str:
+    """Half the time a region cutting through an object; else mostly an object's own box, or a half."""
+    if rng.random() < 0.5:
+        return writer.region_mask(world.paint_region(rng.choice(scene.objects), "inpaint", rng), "inpaint")
     if rng.random() < 0.7:
         cy, cx = rng.choice(scene.objects).centre
-        return f"box-{cy}-{cx}"
-    return f"half-{rng.choice(['left', 'right', 'top', 'bottom'])}"
+        return writer.masks[f"box-{cy}-{cx}"]
+    return writer.masks[f"half-{rng.choice(['left', 'right', 'top', 'bottom'])}"]
 
 
 def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool = True) -> Path:
@@ -112,7 +136,7 @@ def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool 
     folder = Path(folder)
     rng = random.Random(mix.seed)
     writer = ManifestWriter(folder)
-    total = mix.t2i + mix.inpaint + mix.mmu
+    total = mix.t2i + mix.inpaint + mix.outpaint + mix.mmu + mix.caption + mix.edit * len(world.EDITS)
     bar = tqdm(total=total, desc="shapes manifest", disable=not progress)
     for scene in _scenes(rng, mix.t2i, mix.two_object_share):
         partial = len(scene.objects) == 1 and rng.random() < mix.partial_caption_share
@@ -120,8 +144,23 @@ def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool 
         writer.add("t2i", prompt=prompt, target_image=writer.image(scene))
         bar.update()
     for scene in _scenes(rng, mix.inpaint, mix.two_object_share):
-        mask = writer.masks[_inpaint_mask(scene, rng)]
+        mask = _inpaint_mask(writer, scene, rng)
         writer.add("inpaint", prompt=world.caption(scene, rng), target_image=writer.image(scene), mask=mask)
+        bar.update()
+    for scene in _scenes(rng, mix.outpaint, 0.0):
+        mask = writer.region_mask(world.paint_region(scene.objects[0], "outpaint", rng), "outpaint")
+        writer.add("inpaint", prompt=world.caption(scene, rng), target_image=writer.image(scene), mask=mask)
+        bar.update()
+    for kind in world.EDITS:
+        for _ in range(mix.edit):
+            edit = world.sample_edit(kind, rng)
+            image, target = writer.image(edit.source), writer.image(edit.target)
+            writer.add("edit", prompt=edit.instruction, image=image, target_image=target)
+            bar.update()
+    for _ in range(mix.caption):
+        scene = world.picture_scene(rng, 2 if rng.random() < mix.two_object_caption_share else 1)
+        question = rng.choice(world.CAPTION_QUESTIONS)
+        writer.add("mmu", prompt=question, image=writer.image(scene), answer=world.scene_caption(scene))
         bar.update()
     for scene in _scenes(rng, mix.mmu, 0.0):
         (obj,) = scene.objects

@@ -20,6 +20,7 @@ _INK_THRESHOLD = 120
 _TRIANGLE_CIRCLE = 0.64
 _CIRCLE_SQUARE = 0.9
 _MIN_PIXELS = 12  # fewer ink pixels than this means no object was drawn
+_WHOLE_ASPECT = 1.3  # an object cut in half has a box twice as long as wide
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class Detection:
     position: str
     fill_ratio: float
     pixels: int
+    box: tuple[int, int] = (0, 0)  # (height, width) in pixels
+
+    @property
+    def whole(self) -> bool:
+        """A box about as high as wide, as every object of the world is: half an object is not whole."""
+        return max(self.box) <= _WHOLE_ASPECT * min(self.box)
 
 
 def ink_mask(image: np.ndarray) -> np.ndarray:
@@ -81,6 +88,7 @@ def describe_mask(image: np.ndarray, mask: np.ndarray) -> Detection | None:
         position=position_name(_third(float(ys.mean())), _third(float(xs.mean()))),
         fill_ratio=fill,
         pixels=int(len(ys)),
+        box=(int(height), int(width)),
     )
 
 

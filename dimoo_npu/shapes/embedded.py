@@ -18,17 +18,25 @@ from dimoo_npu.config import DiMOOConfig
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "shapes-dimoo"
 _FIRST_SPECIAL = 128  # word ids stay below this (the world and the task templates use about 100)
 _IMAGE_OFFSET = 144
-# Understanding answers are trained padded to this many tokens; sampling uses the same length.
-ANSWER_LENGTH = 8
+# Understanding answers are trained padded to this many tokens (a two-object caption is 17 words and
+# </answer>); sampling uses the same length, one token per step.
+ANSWER_LENGTH = 24
 # Sampling settings the embedded model is evaluated with, chosen on training-split prompts
 # (`dimoo eval shapes --split train`): greedy without guidance (guidance 1-2 lowered it), one image token
 # per step (64 steps for 8 x 8 codes). With objects placed anywhere in their third, 16 steps (4 tokens at
 # once) mixed two placements into one blob: shape 0.88 at 16 steps, 1.00 at 64 (the model before this one).
-T2I_SETTINGS = {"timesteps": 64, "temperature": 0.0, "cfg_scale": 0.0}
-ANSWER_SETTINGS = {"gen_length": ANSWER_LENGTH, "block_length": ANSWER_LENGTH, "steps": ANSWER_LENGTH}
+# Every image task (text-to-image, editing, painting) uses them; the model never saw an image-dropped
+# prompt, so image guidance (cfg_img) is off too.
+IMAGE_SETTINGS = {"timesteps": 64, "temperature": 0.0, "cfg_scale": 0.0, "cfg_img": 0.0}
+ANSWER_SETTINGS = {
+    "gen_length": ANSWER_LENGTH,
+    "block_length": ANSWER_LENGTH,
+    "steps": ANSWER_LENGTH,
+    "temperature": 0.0,
+}
 # Written into the shipped config.json: what the CLI should default to for this model (its public
 # defaults, 1024 x 1024 images and 1024-token answers, do not fit a 256-token model).
-GENERATION_DEFAULTS = {"width": 128, "height": 128, "image_budget": 128, **T2I_SETTINGS, **ANSWER_SETTINGS}
+GENERATION_DEFAULTS = {"width": 128, "height": 128, "image_budget": 128, **IMAGE_SETTINGS, **ANSWER_SETTINGS}
 
 
 def special_tokens(codebook_size: int) -> dict[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -274,6 +275,8 @@ def vocabulary_words() -> list[str]:
         *NO_POSITION_TEMPLATES,
         *itertools.chain(*RELATION_TEMPLATES.values()),
         *itertools.chain(*QUESTIONS.values()),
+        *CAPTION_QUESTIONS,
+        *(template for template, _ in EDITS.values()),
     ]
     words = {w for text in texts for w in _words(text.replace("{obj}", "").replace("{pos}", ""))}
     words.update(SHAPES, PALETTE, SIZES, ROW_NAMES, COLUMN_NAMES, ["center"])
@@ -285,3 +288,205 @@ def _words(text: str) -> list[str]:
     for mark in ",?.":
         text = text.replace(mark, f" {mark} ")
     return text.split()
+
+
+# ---- scenes of one or two objects anywhere, their canonical captions, edits and painting masks ----
+#
+# Pictures for editing and captions hold one object or two in different thirds with different shapes (so
+# "the circle" names one object), in no common code cell. Every edit's target is fixed by the world: a
+# recoloured, turned or resized object keeps its centre; a moved or added object sits at its third's
+# canonical centre. Training pictures hold trained combinations only, source and target alike.
+
+CAPTION_QUESTIONS: tuple[str, ...] = ("describe the image", "what is in the picture?")
+# Edit kind -> (instruction template, public edit type of `dimoo edit`).
+EDITS: dict[str, tuple[str, str]] = {
+    "recolour": ("make the {shape} {colour}", "edit"),
+    "move": ("move the {shape} to the {position}", "edit"),
+    "turn": ("turn the {shape} into a {shape2}", "edit_replace"),
+    "resize": ("make the {shape} {size}", "edit"),
+    "remove": ("remove the {shape}", "edit_remove"),
+    "add": ("add a {size} {colour} {shape} in the {position}", "edit_add"),
+}
+
+
+def scene_caption(scene: Scene) -> str:
+    """The canonical caption: each object's canonical caption in reading order, joined with 'and'."""
+    ordered = sorted(scene.objects, key=lambda obj: (obj.row, obj.col))
+    return " and ".join(canonical_caption(obj) for obj in ordered)
+
+
+def parse_caption(text: str) -> list[dict[str, str]]:
+    """The objects a canonical-style caption names: [{'size', 'colour', 'shape', 'position'}, ...] (missing = '')."""
+    found = []
+    for part in re.split(r"\band\b", text.lower()):
+        words = _words(part)
+        joined = " ".join(words)
+        position = next((p for p in sorted(POSITIONS, key=len, reverse=True) if f"the {p}" in joined), "")
+        pick = {name: next((w for w in words if w in table), "") for name, table in _ATTRIBUTE_WORDS.items()}
+        found.append({**pick, "position": position})
+    return found
+
+
+_ATTRIBUTE_WORDS = {"size": tuple(SIZES), "colour": tuple(PALETTE), "shape": SHAPES}
+
+
+def cells(obj: ShapeObject) -> set[tuple[int, int]]:
+    """The code cells (row, col) the object's box touches."""
+    return set(itertools.product(obj.cell_span(0), obj.cell_span(1)))
+
+
+def fits(objects: tuple[ShapeObject, ...]) -> bool:
+    """Objects in different thirds, with different shapes, sharing no code cell."""
+    if len({(o.row, o.col) for o in objects}) < len(objects) or len({o.shape for o in objects}) < len(objects):
+        return False
+    return all(not cells(a) & cells(b) for a, b in itertools.combinations(objects, 2))
+
+
+def random_object(rng: random.Random, split: str = "train") -> ShapeObject:
+    """A combination of ``split`` at a random placement."""
+    return placed(rng.choice(split_objects(split)), rng)
+
+
+def picture_scene(rng: random.Random, objects: int, split: str = "train") -> Scene:
+    """One or two objects of ``split`` ('heldout': at least one held-out) that `fits` allows."""
+    while True:
+        scene = tuple(random_object(rng) for _ in range(objects))
+        if objects == 2 and split == "heldout":
+            scene = (random_object(rng, "heldout"), scene[1])
+        if fits(scene):
+            return Scene(scene)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One instruction with its source and its one right target; ``edited`` is the object it makes (or removes)."""
+
+    kind: str
+    instruction: str
+    source: Scene
+    target: Scene
+    edited: ShapeObject
+
+    @property
+    def edit_type(self) -> str:
+        return EDITS[self.kind][1]
+
+
+def _with(obj: ShapeObject, **changes) -> ShapeObject:
+    """``obj`` with some attributes changed; one moved to another third sits at its canonical centre."""
+    fields = {"shape": obj.shape, "colour": obj.colour, "size": obj.size, "row": obj.row, "col": obj.col, **changes}
+    offset = (0, 0) if "row" in changes or "col" in changes else obj.offset
+    return ShapeObject(**fields, offset=offset)
+
+
+def _edit(kind: str, source: Scene, index: int, result: ShapeObject | None) -> Edit | None:
+    """The edit of ``source.objects[index]`` into ``result`` (None: removed), or None when the target does not fit."""
+    obj = source.objects[index]
+    others = [o for i, o in enumerate(source.objects) if i != index]
+    if kind == "add":
+        obj, others = result, list(source.objects)
+    target = tuple(others + ([result] if result is not None else []))
+    if result is not None and not fits(target):
+        return None
+    values = {"shape": obj.shape, "colour": obj.colour, "size": obj.size, "position": obj.position}
+    if kind != "add" and result is not None:
+        values.update(shape2=result.shape, colour=result.colour, size=result.size, position=result.position)
+    instruction = EDITS[kind][0].format(**values)
+    return Edit(kind, instruction, source, Scene(target), obj if result is None else result)
+
+
+def edit_result(kind: str, obj: ShapeObject, rng: random.Random) -> ShapeObject:
+    """What ``kind`` makes of ``obj``: one attribute changed to another value (for 'add': a new object)."""
+    if kind == "recolour":
+        return _with(obj, colour=rng.choice([c for c in PALETTE if c != obj.colour]))
+    if kind == "turn":
+        return _with(obj, shape=rng.choice([s for s in SHAPES if s != obj.shape]))
+    if kind == "resize":
+        return _with(obj, size=rng.choice([s for s in SIZES if s != obj.size]))
+    if kind == "move":
+        row, col = rng.choice([(r, c) for r in range(3) for c in range(3) if (r, c) != (obj.row, obj.col)])
+        return _with(obj, row=row, col=col)
+    if kind == "add":
+        return rng.choice(split_objects("train"))
+    raise ValueError(f"unknown edit kind {kind!r}; use one of {', '.join(EDITS)}")
+
+
+def sample_edit(kind: str, rng: random.Random) -> Edit:
+    """A training edit of ``kind``: every object of source and target a trained combination."""
+    if kind not in EDITS:
+        raise ValueError(f"unknown edit kind {kind!r}; use one of {', '.join(EDITS)}")
+    while True:
+        source = picture_scene(rng, 1 if kind == "add" else rng.choice((1, 2)))
+        index = rng.randrange(len(source.objects))
+        result = None if kind == "remove" else edit_result(kind, source.objects[index], rng)
+        if result is not None and is_held_out(result):
+            continue
+        edit = _edit(kind, source, index, result)
+        if edit is not None:
+            return edit
+
+
+def heldout_edits(kind: str, seed: int = 0) -> list[Edit]:
+    """One edit per held-out combination whose target shows it (for 'remove': whose source shows it)."""
+    rng = random.Random(seed)
+    edits = []
+    for wanted in split_objects("heldout"):
+        while True:
+            edit = _edit_to(kind, wanted, rng)
+            if edit is not None:
+                edits.append(edit)
+                break
+    return edits
+
+
+def _edit_to(kind: str, wanted: ShapeObject, rng: random.Random) -> Edit | None:
+    """An edit of ``kind`` whose edited object is ``wanted`` (None when the drawn source does not fit)."""
+    other = (random_object(rng),) if rng.random() < 0.5 or kind == "add" else ()
+    if kind == "remove":
+        source = (placed(wanted, rng), *other)
+        return _edit(kind, Scene(source), 0, None) if fits(source) else None
+    if kind == "add":
+        return _edit(kind, Scene(other), 0, wanted) if fits(other) else None
+    if kind == "move":
+        start = _with(wanted, row=rng.randrange(3), col=rng.randrange(3))
+        if (start.row, start.col) == (wanted.row, wanted.col):
+            return None
+        start, result = placed(start, rng), wanted
+    else:
+        result = placed(wanted, rng)
+        changed = {"recolour": "colour", "turn": "shape", "resize": "size"}[kind]
+        table = {"colour": list(PALETTE), "shape": list(SHAPES), "size": list(SIZES)}[changed]
+        start = _with(result, **{changed: rng.choice([v for v in table if v != getattr(wanted, changed)])})
+    source = (start, *other)
+    return _edit(kind, Scene(source), 0, result) if fits(source) else None
+
+
+def paint_region(obj: ShapeObject, kind: str, rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) code cells, end exclusive, cutting through ``obj``'s 2 x 2 cells.
+
+    Inpainting regenerates the region: one row or column of the object's cells, widened outwards by up
+    to two cells. Outpainting keeps it (a strip through the object, the object's other half outside) and
+    regenerates the rest.
+    """
+    grid = IMAGE_SIZE // CODE_CELL
+    rows, cols = obj.cell_span(0), obj.cell_span(1)
+    axis, side = rng.randrange(2), rng.randrange(2)
+    span = (rows, cols)[axis]
+    cut = span[side]
+    reach = rng.randint(0, 2)  # widened away from the object's other half
+    low, high = (cut - reach, cut + 1) if side == 0 else (cut, cut + 1 + reach)
+    low, high = max(low, 0), min(high, grid)
+    other = (cols, rows)[axis]
+    across = (other[0], other[-1] + 1) if kind == "inpaint" else (0, grid)
+    if axis == 0:
+        return low, across[0], high, across[1]
+    return across[0], low, across[1], high
+
+
+def region_mask(region: tuple[int, int, int, int], kind: str) -> Image.Image:
+    """The mask image (white = regenerate) of a painting region: the region itself, or its outside."""
+    top, left, bottom, right = (value * CODE_CELL for value in region)
+    inside, outside = (255, 0) if kind == "inpaint" else (0, 255)
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), outside)
+    image.paste(inside, (left, top, right, bottom))
+    return image

@@ -156,3 +156,89 @@ def test_evaluate_runs_callables_in_batches():
     assert score.count == 5 * len(world.QUESTIONS)
     assert score.per_attribute["colour"] == sum(o.colour == "red" for o in heldout) / 5
     assert score.per_attribute["shape"] == 0.0
+
+
+def test_edits_follow_the_grammar_and_the_world_fixes_one_target():
+    rng = random.Random(0)
+    expected_types = {"recolour": "edit", "move": "edit", "turn": "edit_replace", "resize": "edit"}
+    expected_types.update(remove="edit_remove", add="edit_add")
+    for kind in world.EDITS:
+        for _ in range(40):
+            edit = world.sample_edit(kind, rng)
+            assert edit.edit_type == expected_types[kind] and world.fits(edit.source.objects)
+            assert not any(world.is_held_out(o) for o in (*edit.source.objects, *edit.target.objects))
+            assert set(world._words(edit.instruction)) <= set(world.vocabulary_words())
+            changed = set(edit.target.objects) - set(edit.source.objects)
+            if kind == "remove":
+                assert not changed and edit.instruction == f"remove the {edit.edited.shape}"
+                assert len(edit.target.objects) == len(edit.source.objects) - 1
+                continue
+            (made,) = changed
+            assert made == edit.edited and world.fits(edit.target.objects)
+            if kind in ("move", "add"):
+                assert made.offset == (0, 0)  # at its third's canonical centre
+            else:
+                (before,) = set(edit.source.objects) - set(edit.target.objects)
+                assert before.centre == made.centre  # recoloured, turned and resized objects stay put
+    move = world.sample_edit("move", random.Random(3))
+    assert move.instruction == f"move the {move.edited.shape} to the {move.edited.position}"
+    with pytest.raises(ValueError, match="unknown edit kind"):
+        world.sample_edit("paint", rng)
+
+
+def test_held_out_edits_make_held_out_combinations():
+    for kind in world.EDITS:
+        edits = world.heldout_edits(kind)
+        assert [e.edited.canonical for e in edits] == world.split_objects("heldout")
+        assert all(e.kind == kind and world.fits(e.source.objects) for e in edits)
+        assert any(len(e.source.objects) == 2 for e in edits) or kind == "add"  # add: one object becomes two
+        if kind == "remove":
+            assert all(e.edited in e.source.objects and e.edited not in e.target.objects for e in edits)
+        else:
+            assert all(e.edited in e.target.objects and e.edited not in e.source.objects for e in edits)
+
+
+def test_scene_captions_read_in_order_and_parse_back():
+    a, b = ShapeObject("square", "blue", "small", 2, 0), ShapeObject("circle", "red", "large", 0, 2)
+    text = world.scene_caption(Scene((a, b)))
+    assert text == "a large red circle in the top right and a small blue square in the bottom left"
+    assert world.parse_caption(text) == [
+        {"size": "large", "colour": "red", "shape": "circle", "position": "top right"},
+        {"size": "small", "colour": "blue", "shape": "square", "position": "bottom left"},
+    ]
+    assert world.parse_caption("a red shape")[0] == {"size": "", "colour": "red", "shape": "", "position": ""}
+
+
+def test_painting_regions_cut_through_the_object():
+    rng = random.Random(0)
+    for obj in world.split_objects("heldout")[:12]:
+        shown = world.placed(obj, rng)
+        for kind in ("inpaint", "outpaint"):
+            top, left, bottom, right = world.paint_region(shown, kind, rng)
+            inside = {(r, c) for r in range(top, bottom) for c in range(left, right)}
+            assert len(inside & world.cells(shown)) == 2  # half the object's 2 x 2 cells
+            mask = np.asarray(world.region_mask((top, left, bottom, right), kind)) > 127
+            assert mask[top * 16, left * 16] == (kind == "inpaint")
+
+
+def test_edit_caption_and_paint_scores_with_known_answers():
+    from dimoo_npu.shapes import evaluate
+
+    edits = world.heldout_edits("recolour")[:6] + world.heldout_edits("remove")[:6]
+    truth = [render_array(e.target) for e in edits]
+    assert evaluate.score_edits(edits, truth).overall == 1.0
+    unchanged = evaluate.score_edits(edits, [render_array(e.source) for e in edits])
+    assert unchanged.overall == 0.0 and len(unchanged.failures) == 12
+    scenes = evaluate.heldout_caption_scenes()
+    assert any(len(s.objects) == 2 for s in scenes)
+    captions = [world.scene_caption(s) for s in scenes]
+    assert evaluate.score_captions(scenes, captions).overall == 1.0
+    swapped = evaluate.score_captions(scenes[:2], captions[1::-1])
+    assert swapped.overall == 0.0 and swapped.per_attribute["colour"] < 1.0
+    items = evaluate.paint_items("inpaint")[:8]
+    pictures = [render_array(Scene((obj,))) for obj, _ in items]
+    assert evaluate.evaluate_paint(lambda images, masks, prompts: images, items).overall == 1.0
+    halves = [
+        np.where(mask[..., None] > 127, 255, p).astype(np.uint8) for p, (_, mask) in zip(pictures, items, strict=True)
+    ]
+    assert evaluate.evaluate_paint(lambda images, masks, prompts: halves, items).overall < 0.5
