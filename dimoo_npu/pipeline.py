@@ -1,37 +1,36 @@
 """`DiMOOPipeline`: text and images in, images and answers out, for every DiMOO task, batched.
 
-Requests are turned into token ids (`dimoo_npu.sequences`) and checked to fit before the transformer is
-used; the transformer can be loaded lazily so that an 8B model is only read once every request is known
-to be valid. Requests of one call are grouped by output grid and sampled together; each sample gets its
-own seeded generator, so an image does not depend on what else is in its batch.
+Three steps, each usable alone: prepare (a request becomes token ids, `dimoo_npu.tasks`; checked to fit before
+the transformer is used), sample (`dimoo_npu.sampling`; requests are grouped by output grid and sampler
+settings in `plan_batches`, the one place batches are formed, ``batch_size`` per forward), decode (VQ codes to
+images, answer ids to text). The transformer can be loaded lazily so that an 8B model is only read once every
+request is known to be valid. Each sample gets its own seeded generator, so an image does not depend on what
+else is in its batch.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
-from dimoo_npu import prompts, sequences
+from dimoo_npu import requests as req
 from dimoo_npu.errors import ConfigError, InputError
 from dimoo_npu.generation_settings import ImageSettings, TextSettings
 from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.image_prep import PIXELS_PER_CELL, box_cell_mask, check_mask_size, fit_image, grid_size, image_cell_mask
 from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.lengths import LengthLimit
+from dimoo_npu.requests import generation_defaults  # noqa: F401 (re-exported: callers read a checkpoint's defaults)
+from dimoo_npu.sequences import Ids, ImagePrompt
+from dimoo_npu.tasks import PromptEncoder, edit, paint, prepare_request, text_to_image, understand
 from dimoo_npu.text_tokenizer import load_text_tokenizer
 
 logger = logging.getLogger(__name__)
-
-# The public inference scripts' sizes, used when a checkpoint's generation_defaults name none.
-PUBLIC_IMAGE_SIZE = 1024  # inference_t2i.py --width/--height
-PUBLIC_UNDERSTANDING_BUDGET = 1024  # inference_mmu.py crops to the 1024-pixel bucket list
 
 
 def default_checkpoint() -> Path:
@@ -47,34 +46,24 @@ def default_checkpoint() -> Path:
     return EMBEDDED_CHECKPOINT
 
 
-def generation_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """Sampling defaults a checkpoint asks for (config.json ``generation_defaults``); empty when it names none.
-
-    A small model cannot take the public defaults (1024 x 1024 images, 1024-token answers), so it says its own.
-    """
-    path = resolve_checkpoint(checkpoint) / "config.json"
-    try:
-        return dict(json.loads(path.read_text()).get("generation_defaults") or {})
-    except (OSError, json.JSONDecodeError):
-        return {}  # load_model reports an unreadable config with the fix
-
-
-def check_image_size(width: int, height: int) -> None:
-    """Generated sides must be positive multiples of 16 pixels (one image token per 16 x 16)."""
-    for name, value in (("width", width), ("height", height)):
-        if value < PIXELS_PER_CELL or value % PIXELS_PER_CELL:
-            lower = max(PIXELS_PER_CELL, value // PIXELS_PER_CELL * PIXELS_PER_CELL)
-            upper = lower + PIXELS_PER_CELL if value > lower else lower
-            nearest = f"{lower} or {upper}" if upper != lower else f"{lower}"
-            raise InputError(f"{name} {value} is not a multiple of 16 pixels: use {nearest}")
+def plan_batches(keys: Sequence[Hashable], batch_size: int) -> list[list[int]]:
+    """Indices grouped by key (output grid and sampler settings: one sampler call each), ``batch_size`` at most
+    per batch; groups in order of first appearance, so only the last batch of a group can run short."""
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size} must be at least 1")
+    groups: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
-def largest_square(prefix_tokens: int, max_length: int) -> int:
-    """Side in pixels of the largest square image that fits after a prompt of ``prefix_tokens`` (0: none)."""
-    cells = 0
-    while prefix_tokens + 4 + (cells + 1) * (cells + 2) <= max_length:  # BOA BOI rows-with-newline EOI EOA
-        cells += 1
-    return cells * PIXELS_PER_CELL
+def _per_request(settings, count: int) -> list:
+    """One settings object for every request, or one per request."""
+    if isinstance(settings, (ImageSettings, TextSettings)):
+        return [settings] * count
+    if len(settings) != count:
+        raise InputError(f"{len(settings)} settings for {count} requests: give one, or one per request")
+    return list(settings)
 
 
 class DiMOOPipeline:
@@ -102,6 +91,7 @@ class DiMOOPipeline:
         self.config = config
         self.device = torch.device(device)
         self.tokens = config.special_tokens
+        self.encoder = PromptEncoder(text_tokenizer, image_tokenizer, self.tokens, self.limit)
         self.progress = False  # per-step progress bars of the samplers
 
     @classmethod
@@ -135,150 +125,69 @@ class DiMOOPipeline:
             self._model.max_length = self.limit.cap
         return self._model
 
-    # ---- token ids of each task (no transformer needed) ----
+    # ---- prepare (no transformer needed) ----
 
-    def encode_text(self, text: str) -> torch.Tensor:
-        return sequences.as_ids(self.text_tokenizer(text)["input_ids"])
+    def encode_text(self, text: str) -> Ids:
+        """Token ids of ``text`` (a warning names the words the tokenizer does not know)."""
+        return self.encoder.text(text)
 
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """(rows, cols) code indices of an image whose sides are multiples of 16."""
-        return self.image_tokenizer.encode_image(image)
+    def resolve(self, request: req.Request, where: str = "the request") -> req.Request:
+        """Defaults from the checkpoint's generation_defaults, else the public ones; then checked."""
+        return req.check(req.resolve(request, self.config.generation_defaults), where)
 
-    def prepare_text_to_image(self, prompt: str, width: int, height: int) -> sequences.ImagePrompt:
-        check_image_size(width, height)
-        system = prompts.SYSTEM_TEXTS["image_generation"]
-        grid = (height // PIXELS_PER_CELL, width // PIXELS_PER_CELL)
-        request = sequences.text_to_image(
-            self.encode_text(prompts.chat_text(system, prompt)),
-            self.encode_text(prompts.uncond_text(system)),
-            sequences.masked_cells(grid, self.tokens),
-            self.tokens,
-        )
-        prefix = max(request.code_start - 2, len(request.uncond))
-        side = largest_square(prefix, self.limit.cap)
-        hint = f" (the largest square that fits this prompt is {side}x{side})" if side else ""
-        return self._checked(request, f"a {width}x{height} image{hint}")
+    def prepare(self, request: req.Request) -> ImagePrompt | Ids:
+        """A resolved request's sampler input (`dimoo_npu.tasks`), checked to fit the length cap."""
+        return prepare_request(self.encoder, request)
 
-    def prepare_edit(
+    # ---- sample ----
+
+    def iter_grids(
         self,
-        image: Image.Image,
-        prompt: str | None,
-        edit_type: str,
-        reference: Image.Image | None = None,
-        image_budget: int | None = 512,
-    ) -> sequences.ImagePrompt:
-        """Image-to-image; style transfer reads ``image`` then ``reference`` and, as the public code, makes
-        an image of the reference's bucket."""
-        texts = prompts.edit_prompt(edit_type, prompt)
-        if prompt and texts.user != prompt:
-            logger.warning(
-                "edit type %s uses its fixed instruction %r; the given prompt is not used", edit_type, texts.user
-            )
-        if texts.needs_reference and reference is None:
-            raise InputError(f"edit type {edit_type} needs a style reference image: pass --ref-image")
-        sources = [fit_image(image, image_budget)]
-        if texts.needs_reference:
-            sources.append(fit_image(reference, image_budget))
-        request = sequences.image_to_image(
-            self.encode_text(prompts.chat_text(texts.system, texts.user)),
-            self.encode_text(prompts.uncond_text(texts.system)),
-            [self.encode_image(source) for source in sources],
-            grid_size(sources[-1]),
-            self.tokens,
-        )
-        return self._checked(request, f"editing a {sources[-1].width}x{sources[-1].height} image")
+        prompts: Sequence[ImagePrompt],
+        settings: ImageSettings | Sequence[ImageSettings],
+        seeds: Sequence[int],
+        batch_size: int = 4,
+    ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """Sample every prompt, ``batch_size`` per forward after grouping by grid and settings: per batch, the
+        prompts' indices and their (rows, cols) code grids."""
+        from dimoo_npu.sampling import sample_image
 
-    def prepare_paint(
+        every = [s.check() for s in _per_request(settings, len(prompts))]
+        if len(seeds) != len(prompts):
+            raise InputError(f"{len(seeds)} seeds for {len(prompts)} requests: give one seed per request")
+        keys = [(p.grid, dataclasses.astuple(s)) for p, s in zip(prompts, every, strict=True)]
+        for chunk in plan_batches(keys, batch_size):
+            batch, chosen = [prompts[i] for i in chunk], every[chunk[0]]
+            ids = sample_image(
+                self.model,
+                [p.prompt.to(self.device) for p in batch],
+                uncond_ids=self._prefixes(batch, "uncond", chosen.cfg_scale),
+                uncond_image_ids=self._prefixes(batch, "uncond_image", chosen.cfg_img),
+                generator=[self._generator(seeds[i]) for i in chunk],
+                progress=self.progress,
+                **dataclasses.asdict(chosen),
+            )  # (B, rows*cols) absolute ids
+            codes = (ids.cpu() - self.tokens["image_offset"]).reshape(len(batch), *batch[0].grid)  # (B, rows, cols)
+            yield chunk, list(codes)
+
+    def sample_grids(
         self,
-        image: Image.Image,
-        prompt: str,
-        *,
-        mask: Image.Image | None = None,
-        box: tuple[float, float] = (0.5, 0.5),
-        outside: bool = False,
-        image_budget: int | None = None,
-    ) -> sequences.ImagePrompt:
-        """Inpainting (inside the centred box) or outpainting (``outside``); a user ``mask`` replaces the box."""
-        if mask is not None:
-            check_mask_size(mask, image)
-            mask = fit_image(mask.convert("L"), image_budget)
-        image = fit_image(image, image_budget)
-        grid = grid_size(image)
-        if mask is not None:
-            cell_mask = image_cell_mask(mask, grid)
-        else:
-            cell_mask = box_cell_mask(image.height, image.width, grid, *box, outside=outside)
-        system = prompts.SYSTEM_TEXTS["image_generation"]
-        request = sequences.text_to_image(
-            self.encode_text(prompts.chat_text(system, prompt)),
-            self.encode_text(prompts.uncond_text(system)),
-            sequences.paint_cells(self.encode_image(image), cell_mask, self.tokens),
-            self.tokens,
-        )
-        return self._checked(request, f"painting a {image.width}x{image.height} image")
-
-    def prepare_understanding(
-        self, image: Image.Image, question: str, gen_length: int, image_budget: int | None = PUBLIC_UNDERSTANDING_BUDGET
-    ) -> torch.Tensor:
-        """Question + image + BOA, gen_length MASK, EOA."""
-        image = fit_image(image, image_budget)
-        text = self.encode_text(prompts.chat_text(prompts.SYSTEM_TEXTS["understanding"], question))
-        ids, _ = sequences.understanding(text, self.encode_image(image), gen_length, self.tokens)
-        what = f"a question on a {image.width}x{image.height} image with a {gen_length}-token answer"
-        self.limit.check(len(ids), what)
-        return ids
-
-    def _checked(self, request: sequences.ImagePrompt, what: str) -> sequences.ImagePrompt:
-        self.limit.check(max(request.lengths()), what)
-        return request
-
-    # ---- sampling ----
-
-    def sample_codes(
-        self,
-        requests: Sequence[sequences.ImagePrompt],
-        settings: ImageSettings,
+        prompts: Sequence[ImagePrompt],
+        settings: ImageSettings | Sequence[ImageSettings],
         seeds: Sequence[int],
         batch_size: int = 4,
     ) -> list[torch.Tensor]:
-        """Sample every request (grouped by grid, ``batch_size`` at a time): (rows, cols) code grids, in order."""
-        from dimoo_npu.sampling import sample_image
-
-        settings.check()
-        if len(seeds) != len(requests):
-            raise InputError(f"{len(seeds)} seeds for {len(requests)} requests: give one seed per request")
-        grids: list[torch.Tensor | None] = [None] * len(requests)
-        for chunk in _chunks_by_grid(requests, batch_size):
-            batch = [requests[i] for i in chunk]
-            ids = sample_image(
-                self.model,
-                [r.prompt.to(self.device) for r in batch],
-                uncond_ids=self._prefixes(batch, "uncond", settings.cfg_scale),
-                uncond_image_ids=self._prefixes(batch, "uncond_image", settings.cfg_img),
-                generator=[self._generator(seeds[i]) for i in chunk],
-                progress=self.progress,
-                **settings.sampler_kwargs(),
-            )  # (B, rows*cols) absolute ids
-            codes = (ids.cpu() - self.tokens["image_offset"]).reshape(len(batch), *batch[0].grid)  # (B, rows, cols)
+        """`iter_grids` collected: (rows, cols) code grids in the prompts' order."""
+        grids: list[torch.Tensor | None] = [None] * len(prompts)
+        for chunk, codes in self.iter_grids(prompts, settings, seeds, batch_size):
             for index, grid in zip(chunk, codes, strict=True):
                 grids[index] = grid
         return grids  # type: ignore[return-value]
 
-    def generate_images(
-        self,
-        requests: Sequence[sequences.ImagePrompt],
-        settings: ImageSettings,
-        seeds: Sequence[int],
-        batch_size: int = 4,
-    ) -> list[Image.Image]:
-        """`sample_codes`, decoded to images."""
-        codes = self.sample_codes(requests, settings, seeds, batch_size)
-        return [self.image_tokenizer.decode_images(grid[None])[0] for grid in codes]
-
-    def _prefixes(self, batch: Sequence[sequences.ImagePrompt], name: str, scale: float) -> list | None:
-        """The requests' uncond prefixes of one branch; passed even at scale 0 (editing keeps the public
+    def _prefixes(self, batch: Sequence[ImagePrompt], name: str, scale: float) -> list | None:
+        """The prompts' uncond prefixes of one branch; passed even at scale 0 (editing keeps the public
         code's guidance formula when only one scale is set), refused when a set scale has no branch."""
-        prefixes = [getattr(r, name) for r in batch]
+        prefixes = [getattr(p, name) for p in batch]
         if any(p is None for p in prefixes):
             if scale > 0:
                 flag = "--cfg-img" if name == "uncond_image" else "--cfg-scale"
@@ -289,37 +198,85 @@ class DiMOOPipeline:
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(int(seed))
 
-    def answer(
-        self, requests: Sequence[torch.Tensor], settings: TextSettings, seeds: Sequence[int], batch_size: int = 4
-    ) -> list[str]:
-        """Sample the answers of understanding requests; each cut at its first EOS / end-of-answer / padding."""
+    def iter_answers(
+        self,
+        prompts: Sequence[Ids],
+        settings: TextSettings | Sequence[TextSettings],
+        seeds: Sequence[int],
+        batch_size: int = 4,
+    ) -> Iterator[tuple[list[int], list[str]]]:
+        """Sample understanding prompts, ``batch_size`` per forward after grouping by settings: per batch, the
+        prompts' indices and their answers."""
         from dimoo_npu.sampling import sample_text
 
-        settings.check()
-        answers = []
-        for start in range(0, len(requests), batch_size):
-            batch = [ids.to(self.device) for ids in requests[start : start + batch_size]]
+        every = [s.check() for s in _per_request(settings, len(prompts))]
+        for chunk in plan_batches([dataclasses.astuple(s) for s in every], batch_size):
+            batch = [prompts[i].to(self.device) for i in chunk]
             outputs = sample_text(
                 self.model,
                 batch,
-                generator=[self._generator(s) for s in seeds[start : start + batch_size]],
+                generator=[self._generator(seeds[i]) for i in chunk],
                 progress=self.progress,
-                **settings.sampler_kwargs(),
+                **dataclasses.asdict(every[chunk[0]]),
             )
-            answers += [self._decode_answer(ids, out) for ids, out in zip(batch, outputs, strict=True)]
+            yield (
+                chunk,
+                [understand.decode_answer(self.encoder, ids, out) for ids, out in zip(batch, outputs, strict=True)],
+            )
+
+    # ---- decode ----
+
+    def decode_images(self, grids: Sequence[torch.Tensor]) -> list[Image.Image]:
+        """(rows, cols) code grids -> images through the VQ decoder."""
+        return [self.image_tokenizer.decode_images(grid[None])[0] for grid in grids]
+
+    def generate_images(
+        self,
+        prompts: Sequence[ImagePrompt],
+        settings: ImageSettings | Sequence[ImageSettings],
+        seeds: Sequence[int],
+        batch_size: int = 4,
+    ) -> list[Image.Image]:
+        """`sample_grids`, decoded to images."""
+        return self.decode_images(self.sample_grids(prompts, settings, seeds, batch_size))
+
+    def answer(
+        self,
+        prompts: Sequence[Ids],
+        settings: TextSettings | Sequence[TextSettings],
+        seeds: Sequence[int],
+        batch_size: int = 4,
+    ) -> list[str]:
+        """`iter_answers` collected, in the prompts' order."""
+        answers: list[str] = [""] * len(prompts)
+        for chunk, texts in self.iter_answers(prompts, settings, seeds, batch_size):
+            for index, text in zip(chunk, texts, strict=True):
+                answers[index] = text
         return answers
 
-    def _decode_answer(self, prompt: torch.Tensor, output: torch.Tensor) -> str:
-        code_start = int((prompt == self.tokens["boa"]).nonzero()[-1, 0]) + 1
-        ids = sequences.cut_answer(output[code_start:-1].cpu(), self.tokens)
-        text = self.text_tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-        return text.split("</answer>")[0].strip()
+    # ---- one call per request list, and one per task ----
 
-    # ---- one-call conveniences ----
+    def generate(self, requests: Sequence[req.Request], seed: int = 0, batch_size: int = 4) -> list:
+        """Images (image tasks) or answers (understanding) of requests naming their input files; unset fields
+        from the checkpoint's generation_defaults, else the public ones; request i without a seed uses seed + i."""
+        resolved = [self.resolve(r, f"request {i + 1}") for i, r in enumerate(requests)]
+        seeds = [r.seed if r.seed is not None else seed + i for i, r in enumerate(resolved)]
+        prompts = [self.prepare(r) for r in resolved]
+        if all(isinstance(r, req.UnderstandRequest) for r in resolved):
+            return self.answer(prompts, [r.text_settings() for r in resolved], seeds, batch_size)
+        if any(isinstance(r, req.UnderstandRequest) for r in resolved):
+            raise InputError("understanding and image requests cannot share one call: generate them apart")
+        return self.generate_images(prompts, [r.image_settings() for r in resolved], seeds, batch_size)
+
+    def _defaults(self, kind: type[req.Request], settings, **given) -> req.Request:
+        """A task method's unset sizes and settings from the one defaults table (`dimoo_npu.requests.resolve`)."""
+        names = {f.name for f in dataclasses.fields(kind)}
+        chosen = {} if settings is None else {k: v for k, v in dataclasses.asdict(settings).items() if k in names}
+        return req.resolve(kind(**chosen, **given), self.config.generation_defaults)
 
     def text_to_image(
         self,
-        prompts_: str | Sequence[str],
+        prompts: str | Sequence[str],
         *,
         width: int | None = None,
         height: int | None = None,
@@ -327,17 +284,16 @@ class DiMOOPipeline:
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[Image.Image]:
-        """Sizes default to the checkpoint's generation_defaults, else the public 1024 x 1024."""
-        width = width or self.config.generation_defaults.get("width", PUBLIC_IMAGE_SIZE)
-        height = height or self.config.generation_defaults.get("height", PUBLIC_IMAGE_SIZE)
-        texts = [prompts_] if isinstance(prompts_, str) else list(prompts_)
-        requests = [self.prepare_text_to_image(text, width, height) for text in texts]
-        return self.generate_images(requests, settings or ImageSettings(), _seeds(seed, len(texts)), batch_size)
+        """Unset sizes and settings: the checkpoint's generation_defaults, else the public ones (1024 x 1024)."""
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        request = self._defaults(req.TextToImageRequest, settings, width=width, height=height)
+        prepared = [text_to_image.prepare(self.encoder, text, request.width, request.height) for text in texts]
+        return self.generate_images(prepared, request.image_settings(), _seeds(seed, len(texts)), batch_size)
 
     def edit(
         self,
         images: Sequence[Image.Image],
-        prompts_: Sequence[str | None],
+        prompts: Sequence[str | None],
         edit_type: str = "edit",
         *,
         references: Sequence[Image.Image | None] | None = None,
@@ -346,18 +302,19 @@ class DiMOOPipeline:
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[Image.Image]:
+        """``image_budget`` None keeps the inputs' size (cropped to multiples of 16)."""
         references = references or [None] * len(images)
-        requests = [
-            self.prepare_edit(image, text, edit_type, ref, image_budget)
-            for image, text, ref in zip(images, prompts_, references, strict=True)
+        prepared = [
+            edit.prepare(self.encoder, image, text, edit_type, ref, image_budget)
+            for image, text, ref in zip(images, prompts, references, strict=True)
         ]
-        settings = settings or ImageSettings(cfg_scale=2.5, cfg_img=4.0)
-        return self.generate_images(requests, settings, _seeds(seed, len(requests)), batch_size)
+        request = self._defaults(req.EditRequest, settings)
+        return self.generate_images(prepared, request.image_settings(), _seeds(seed, len(prepared)), batch_size)
 
     def inpaint(
         self,
         images: Sequence[Image.Image],
-        prompts_: Sequence[str],
+        prompts: Sequence[str],
         *,
         masks: Sequence[Image.Image | None] | None = None,
         mask_h_ratio: float = 0.5,
@@ -368,19 +325,20 @@ class DiMOOPipeline:
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[Image.Image]:
+        """Regenerate inside the centred box (outside it when ``outside``), or the white region of a mask."""
         masks = masks or [None] * len(images)
-        requests = [
-            self.prepare_paint(
-                image, text, mask=mask, box=(mask_h_ratio, mask_w_ratio), outside=outside, image_budget=image_budget
-            )
-            for image, text, mask in zip(images, prompts_, masks, strict=True)
+        box = (mask_h_ratio, mask_w_ratio)
+        prepared = [
+            paint.prepare(self.encoder, image, text, mask=mask, box=box, outside=outside, image_budget=image_budget)
+            for image, text, mask in zip(images, prompts, masks, strict=True)
         ]
-        return self.generate_images(requests, settings or ImageSettings(), _seeds(seed, len(requests)), batch_size)
+        request = self._defaults(req.OutpaintRequest if outside else req.InpaintRequest, settings)
+        return self.generate_images(prepared, request.image_settings(), _seeds(seed, len(prepared)), batch_size)
 
     def outpaint(
         self,
         images: Sequence[Image.Image],
-        prompts_: Sequence[str],
+        prompts: Sequence[str],
         *,
         mask_h_ratio: float = 1.0,
         mask_w_ratio: float = 0.2,
@@ -388,7 +346,7 @@ class DiMOOPipeline:
     ) -> list[Image.Image]:
         """Outpainting: regenerate outside the centred box (or the white region of a user mask)."""
         return self.inpaint(
-            images, prompts_, mask_h_ratio=mask_h_ratio, mask_w_ratio=mask_w_ratio, outside=True, **kwargs
+            images, prompts, mask_h_ratio=mask_h_ratio, mask_w_ratio=mask_w_ratio, outside=True, **kwargs
         )
 
     def understand(
@@ -397,28 +355,19 @@ class DiMOOPipeline:
         questions: Sequence[str],
         *,
         settings: TextSettings | None = None,
-        image_budget: int | None = PUBLIC_UNDERSTANDING_BUDGET,
+        image_budget: int | None = 1024,
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[str]:
-        settings = (settings or TextSettings()).check()
-        requests = [
-            self.prepare_understanding(image, question, settings.gen_length, image_budget)
+        """``image_budget`` None keeps the image's size (cropped to multiples of 16)."""
+        chosen = self._defaults(req.UnderstandRequest, settings).text_settings().check()
+        prepared = [
+            understand.prepare(self.encoder, image, question, chosen.gen_length, image_budget)
             for image, question in zip(images, questions, strict=True)
         ]
-        return self.answer(requests, settings, _seeds(seed, len(requests)), batch_size)
+        return self.answer(prepared, chosen, _seeds(seed, len(prepared)), batch_size)
 
 
 def _seeds(seed: int, count: int) -> list[int]:
-    """Request i gets seed + i, so a request's image does not depend on how the requests are batched."""
+    """Request i gets seed + i, so a request's output does not depend on how the requests are batched."""
     return [seed + index for index in range(count)]
-
-
-def _chunks_by_grid(requests: Sequence[sequences.ImagePrompt], batch_size: int) -> list[list[int]]:
-    """Indices grouped by output grid (the sampler takes one grid per call), at most ``batch_size`` each."""
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size} must be at least 1")
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, request in enumerate(requests):
-        groups.setdefault(request.grid, []).append(index)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]

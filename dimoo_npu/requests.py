@@ -10,6 +10,8 @@ public inference scripts' values (`DEFAULTS`), then the checkpoint's ``generatio
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -17,11 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import ImageSettings, TextSettings, check_image_settings, check_text_settings
+from dimoo_npu.generation_settings import ImageSettings, TextSettings
+from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
 from dimoo_npu.validate import check_finite, check_image_dimension, check_seeds, check_text
 
 PIXELS_PER_CELL = 16  # one image token per 16 x 16 pixels
+BUDGET_HELP = "crop input images to the closest aspect bucket of about N x N pixels (0: keep the size, cropped to 16s)"
 
 
 def _field(help: str, required: bool = False) -> Any:
@@ -72,7 +76,7 @@ class EditRequest(ImageRequest):
     ref_image: str | None = _field("style reference image (edit type image_ref_transfer)")
     edit_type: str | None = _field(f"{', '.join(EDIT_TYPES)} or multi_view_<view>")
     cfg_img: float | None = _field("image guidance scale (0 = off)")
-    image_budget: int | None = _field("crop inputs to the closest aspect bucket of about N x N pixels")
+    image_budget: int | None = _field(BUDGET_HELP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,10 +87,7 @@ class InpaintRequest(ImageRequest):
     mask: str | None = _field("mask image of the input's size: white = regenerate (replaces the box)")
     mask_h_ratio: float | None = _field("centred box height / image height, in (0, 1]")
     mask_w_ratio: float | None = _field("centred box width / image width, in (0, 1]")
-    image_budget: int | None = _field(
-        "crop the input to the closest aspect bucket of about N x N pixels (unset: keep the size, cropped to "
-        "multiples of 16)"
-    )
+    image_budget: int | None = _field(BUDGET_HELP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,7 +102,7 @@ class UnderstandRequest(Request):
     task: ClassVar[str] = "understand"
     question: str | None = _field("question about the image", required=True)
     image: str | None = _field("input image", required=True)
-    image_budget: int | None = _field("crop the image to the closest aspect bucket of about N x N pixels")
+    image_budget: int | None = _field(BUDGET_HELP)
     gen_length: int | None = _field("answer tokens (stops early at EOS)")
     block_length: int | None = _field("answer block length (divides gen_length)")
     steps: int | None = _field("sampling steps over the whole answer (a multiple of gen_length / block_length)")
@@ -131,8 +132,8 @@ _IMAGE_SAMPLING = {
 DEFAULTS: dict[str, dict[str, Any]] = {
     "t2i": {**_IMAGE_SAMPLING, "width": 1024, "height": 1024},
     "edit": {**_IMAGE_SAMPLING, "cfg_scale": 2.5, "cfg_img": 4.0, "image_budget": 512, "edit_type": "edit"},
-    "inpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 0.5, "mask_w_ratio": 0.5},
-    "outpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 1.0, "mask_w_ratio": 0.2},
+    "inpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 0.5, "mask_w_ratio": 0.5, "image_budget": 0},
+    "outpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 1.0, "mask_w_ratio": 0.2, "image_budget": 0},
     "understand": {
         "gen_length": 1024,
         "block_length": 256,
@@ -155,7 +156,7 @@ def field_type(cls: type[Request], name: str) -> type:
 def resolve(request: Request, checkpoint_defaults: Mapping[str, Any] | None = None) -> Request:
     """Every field the user left out, from the checkpoint's ``generation_defaults``, else `DEFAULTS`.
 
-    Optional inputs without a default (ref_image, mask, output, painting's image_budget, the seed) stay None.
+    Optional inputs (ref_image, mask, output) and the seed stay None when not given.
     """
     layers = {**DEFAULTS[request.task], **(checkpoint_defaults or {})}
     names = {f.name for f in dataclasses.fields(request)}
@@ -194,10 +195,10 @@ def check_type(cls: type[Request], name: str, value: Any, where: str) -> None:
         check_finite(f"{where}: {name}", value)
 
 
-def check_image_size(width: int, height: int) -> None:
+def check_image_size(width: int, height: int, where: str = "the request") -> None:
     """Generated sides must be positive multiples of 16 pixels (one image token per 16 x 16)."""
     for name, value in (("width", width), ("height", height)):
-        check_image_dimension(name, value)
+        check_image_dimension(f"{name} of {where}", value)
         if value % PIXELS_PER_CELL:
             lower = max(PIXELS_PER_CELL, value // PIXELS_PER_CELL * PIXELS_PER_CELL)
             upper = lower + PIXELS_PER_CELL if value > lower else lower
@@ -217,27 +218,28 @@ def check(request: Request, where: str = "the request") -> Request:
     for name in ("prompt", "question"):
         check_text(f"{name} of {where}", getattr(request, name, None))
     if isinstance(request, TextToImageRequest):
-        check_image_size(request.width, request.height)
+        check_image_size(request.width, request.height, where)
     if isinstance(request, EditRequest):
         check_edit_type(request.edit_type)
     budget = getattr(request, "image_budget", None)
-    if budget is not None and (budget <= 0 or budget % 32):
-        raise InputError(f"image budget {budget} of {where} must be a positive multiple of 32 (e.g. 512 or 1024)")
+    if budget is not None and (budget < 0 or budget % 32):
+        raise InputError(f"image budget {budget} of {where} must be a multiple of 32 (e.g. 512; 0 keeps the size)")
     if request.seed is not None:
         check_seeds(request.seed)
     if isinstance(request, ImageRequest):
-        settings = dataclasses.asdict(request.image_settings())
-        del settings["use_cache"]
-        check_image_settings(**settings)
+        request.image_settings().check()
     if isinstance(request, UnderstandRequest):
-        check_text_settings(**dataclasses.asdict(request.text_settings()))
+        request.text_settings().check()
     return request
 
 
-def sampling_key(request: Request) -> tuple:
-    """Requests with equal keys can share one forward (with their grid): their sampler settings."""
-    if isinstance(request, ImageRequest):
-        return tuple(dataclasses.astuple(request.image_settings()))
-    if isinstance(request, UnderstandRequest):
-        return tuple(dataclasses.astuple(request.text_settings()))
-    raise TypeError(f"no sampler for {type(request).__name__}")
+def generation_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's layer of the defaults (config.json ``generation_defaults``); empty when it names none.
+
+    A small model cannot take the public defaults (1024 x 1024 images, 1024-token answers), so it says its own.
+    """
+    path = resolve_checkpoint(checkpoint) / "config.json"
+    try:
+        return dict(json.loads(path.read_text()).get("generation_defaults") or {})
+    except (OSError, json.JSONDecodeError):
+        return {}  # load_model reports an unreadable config with the fix

@@ -86,7 +86,7 @@ def answer_image(cells: torch.Tensor, tokens: Mapping[str, int]) -> Ids:
     return torch.cat([head, image_rows(cells, tokens), tail])
 
 
-def text_to_image(prompt: Ids, uncond: Ids | None, cells: torch.Tensor, tokens: Mapping[str, int]) -> ImagePrompt:
+def generation_prompt(prompt: Ids, uncond: Ids | None, cells: torch.Tensor, tokens: Mapping[str, int]) -> ImagePrompt:
     """Text-to-image (``cells`` all MASK) or inpainting/outpainting (``cells`` from `paint_cells`)."""
     return ImagePrompt(
         prompt=torch.cat([prompt, answer_image(cells, tokens)]),

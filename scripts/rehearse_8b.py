@@ -202,7 +202,7 @@ def t2i_input(config) -> tuple[torch.Tensor, int]:
     tokens = config.special_tokens
     prompt = torch.randint(0, tokens["eos"], (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))
     grid = (HEIGHT // PIXELS_PER_CELL, WIDTH // PIXELS_PER_CELL)
-    request = sequences.text_to_image(prompt, None, sequences.masked_cells(grid, tokens), tokens)
+    request = sequences.generation_prompt(prompt, None, sequences.masked_cells(grid, tokens), tokens)
     return request.prompt, request.code_start
 
 

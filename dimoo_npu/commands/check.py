@@ -13,13 +13,12 @@ from dimoo_npu.commands import emit
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    from dimoo_npu.numerics.backends import TARGETS
-
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors)")
     parser.add_argument(
         "--backends",
         default="cpu-ref,cpu",
-        help=f"comma-separated, the first is the reference; known: {', '.join(TARGETS)} (default: cpu-ref,cpu)",
+        help="comma-separated, the first is the reference, e.g. cpu-ref,npu or cpu,onnxruntime (a name that is not "
+        "known is refused with the list; `dimoo doctor` shows which work here) (default: cpu-ref,cpu)",
     )
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 for every backend")
     parser.add_argument("--atol", help="absolute tolerance: a number, or per dtype 'float32=1e-4,bfloat16=1e-2'")

@@ -1,13 +1,16 @@
-"""The work behind the generation commands: check, prepare token ids, load the model, sample, write.
+"""The work behind the generation commands: check files and outputs, prepare token ids, load the model, sample,
+write. Requests arrive resolved and checked (`dimoo_npu.batch_requests`); this module never reads argparse.
 
 Kept apart from `dimoo_npu.commands.generate` so that ``dimoo --help`` imports no torch.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import json
 import logging
-from dataclasses import asdict
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +18,37 @@ import torch
 from tqdm.auto import tqdm
 
 import dimoo_npu
-from dimoo_npu.batch_requests import Request
+from dimoo_npu.batch_requests import Numbered, output_paths
 from dimoo_npu.commands import emit
-from dimoo_npu.commands.generate import BOXES, DTYPES, answers_path, text_settings, write_answers
-from dimoo_npu.generation_settings import ImageSettings
-from dimoo_npu.image_prep import load_image
-from dimoo_npu.outputs import check_writable, save_png
-from dimoo_npu.pipeline import DiMOOPipeline, check_image_size, default_checkpoint
-from dimoo_npu.prompts import check_edit_type
-from dimoo_npu.sequences import ImagePrompt
+from dimoo_npu.outputs import check_writable, save_png, save_text
+from dimoo_npu.pipeline import DiMOOPipeline
+from dimoo_npu.requests import ImageRequest, InpaintRequest
+from dimoo_npu.tasks import check_files
 
 logger = logging.getLogger("dimoo")
+# An empty answer is a failure, never a silent success (issue 18: the bundled model printed an empty line).
+EMPTY_ANSWER = (
+    "the answer decoded to nothing (only padding or special tokens): ask a question of the kind the model was "
+    "trained on, or raise --gen-length / --steps"
+)
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """What a generation command runs with, besides its requests."""
+
+    task: str
+    checkpoint: str
+    device: str
+    dtype: str  # auto | float32 | bfloat16 | float16
+    batch_size: int  # requests per forward, after grouping by grid and settings
+    max_length: int | None
+    overwrite: bool
+    output: str | None  # one request's PNG; understanding: the answers file
+    from_batch_file: bool
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -40,123 +63,109 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def load_pipeline(args: argparse.Namespace, local_rank: int) -> DiMOOPipeline:
+def load_pipeline(run: GenerationRun) -> DiMOOPipeline:
     """Tokenizers now, the transformer lazily (after every request has been prepared and checked)."""
-    checkpoint = args.checkpoint or default_checkpoint()
-    dtype = DTYPES[args.dtype]
-    device = pick_device(args.device, local_rank)
-    logger.info("checkpoint %s on %s (%s)", checkpoint, device, dtype or "default dtype")
-    pipeline = DiMOOPipeline.from_pretrained(
-        checkpoint, device, getattr(torch, dtype) if dtype else None, lazy=True, max_length=args.max_length
-    )
+    dtype = None if run.dtype == "auto" else getattr(torch, run.dtype)
+    device = pick_device(run.device, run.local_rank)
+    logger.info("checkpoint %s on %s (%s)", run.checkpoint, device, run.dtype)
+    pipeline = DiMOOPipeline.from_pretrained(run.checkpoint, device, dtype, lazy=True, max_length=run.max_length)
     pipeline.progress = True
     return pipeline
 
 
-def precheck(task: str, request: Request) -> None:
-    """What needs neither model nor tokenizer: sizes, the edit type, the input files."""
-    if task == "t2i":
-        check_image_size(int(request["width"]), int(request["height"]))
-    if task == "edit":
-        check_edit_type(request["edit_type"])
-    for key in ("image", "ref_image", "mask"):
-        if request[key]:
-            load_image(request[key])
-
-
-def prepare(pipeline: DiMOOPipeline, task: str, request: Request, args: argparse.Namespace) -> ImagePrompt:
-    if task == "t2i":
-        return pipeline.prepare_text_to_image(request["prompt"], int(request["width"]), int(request["height"]))
-    image = load_image(request["image"])
-    if task == "edit":
-        reference = load_image(request["ref_image"]) if request["ref_image"] else None
-        return pipeline.prepare_edit(image, request["prompt"], request["edit_type"], reference, args.image_budget)
-    mask = load_image(request["mask"], mode="L") if request["mask"] else None
-    box = (float(request["mask_h_ratio"]), float(request["mask_w_ratio"]))
-    return pipeline.prepare_paint(
-        image, request["prompt"], mask=mask, box=box, outside=task == "outpaint", image_budget=args.image_budget
-    )
-
-
-def png_metadata(
-    task: str, request: Request, prepared: ImagePrompt, settings: ImageSettings, args: argparse.Namespace
-) -> dict[str, Any]:
-    rows, cols = prepared.grid
-    details = {key: request[key] for key in ("edit_type", "image", "ref_image", "mask") if request[key]}
-    if task in BOXES and not request["mask"]:
-        details.update(mask_h_ratio=request["mask_h_ratio"], mask_w_ratio=request["mask_w_ratio"])
-    if task != "t2i":
-        details["image_budget"] = args.image_budget
+def png_metadata(request: ImageRequest, grid: tuple[int, int], run: GenerationRun) -> dict[str, Any]:
+    """What the PNG says about how it was made: the request's fields, the size made, the checkpoint and dtype."""
+    rows, cols = grid
+    fields = {k: v for k, v in dataclasses.asdict(request).items() if v is not None and k not in ("prompt", "seed")}
+    fields.pop("output", None)
+    if isinstance(request, InpaintRequest) and request.mask:
+        del fields["mask_h_ratio"], fields["mask_w_ratio"]  # the mask replaces the box
     return {
-        "prompt": request["prompt"] or "",
-        "seed": str(request["seed"]),
-        "task": task,
+        "prompt": request.prompt or "",
+        "seed": str(request.seed),
+        "task": run.task,
         "settings": {
-            **asdict(settings),
+            **dataclasses.asdict(request.image_settings()),
+            **fields,
             "width": cols * 16,
             "height": rows * 16,
-            **details,
-            "checkpoint": str(args.checkpoint),
-            "dtype": args.dtype,
+            "checkpoint": str(run.checkpoint),
+            "dtype": run.dtype,
         },
         "software": f"dimoo_npu {dimoo_npu.__version__}",
     }
 
 
-def run_images(
-    args: argparse.Namespace, requests: list[Request], paths: list[Path], settings: ImageSettings, local_rank: int
-) -> int:
-    task = args.command
-    for request, path in zip(requests, paths, strict=True):
-        check_writable(path, args.overwrite)
-        precheck(task, request)
-    if not requests:
+def run_images(run: GenerationRun, every: list[Numbered], mine: list[Numbered], output_dir: str) -> int:
+    """Sample this process's share of the requests; each PNG is written as soon as its batch is done."""
+    paths = output_paths(every, run.task, run.output, output_dir)
+    paths = [paths[item.index] for item in mine]
+    for item, path in zip(mine, paths, strict=True):
+        check_writable(path, run.overwrite)
+        check_files(item.request)
+    if not mine:
         logger.info("no request for this process")
         return 0
-    pipeline = load_pipeline(args, local_rank)
-    prepared = [prepare(pipeline, task, request, args) for request in requests]
-    with tqdm(total=len(requests), desc=task, unit="image") as progress:
-        for start in range(0, len(requests), args.batch_size):
-            chunk = range(start, min(start + args.batch_size, len(requests)))
-            images = pipeline.generate_images(
-                [prepared[i] for i in chunk], settings, [requests[i]["seed"] for i in chunk], args.batch_size
-            )
-            for i, image in zip(chunk, images, strict=True):
-                metadata = png_metadata(task, requests[i], prepared[i], settings, args)
-                save_png(image, paths[i], metadata, overwrite=args.overwrite)
+    pipeline = load_pipeline(run)
+    requests = [item.request for item in mine]
+    prepared = [pipeline.prepare(request) for request in requests]
+    settings = [request.image_settings() for request in requests]
+    seeds = [request.seed for request in requests]
+    with tqdm(total=len(requests), desc=run.task, unit="image") as progress:
+        for chunk, grids in pipeline.iter_grids(prepared, settings, seeds, run.batch_size):
+            for i, image in zip(chunk, pipeline.decode_images(grids), strict=True):
+                save_png(image, paths[i], png_metadata(requests[i], prepared[i].grid, run), overwrite=run.overwrite)
                 logger.info("wrote %s", paths[i])
             progress.update(len(chunk))
     return 0
 
 
-def run_understanding(args: argparse.Namespace, requests: list[Request], share: tuple[int, int, int]) -> int:
-    rank, world, local_rank = share
-    settings = text_settings(args).check()
-    path = answers_path(args.output, rank, world)
+def answers_path(output: str | None, rank: int, world: int) -> Path | None:
+    """Where this process writes its answers: ``output``, one file per rank under torchrun, or None (stdout)."""
+    if not output:
+        return None
+    path = Path(output)
+    return path.with_name(f"{path.stem}.rank{rank}-of-{world}{path.suffix}") if world > 1 else path
+
+
+def write_answers(rows: list[dict[str, Any]], path: Path | None, overwrite: bool) -> None:
+    """Answers as JSON lines, to ``path`` (atomically) or to stdout."""
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if path is None:
+        sys.stdout.write(lines)
+        return
+    save_text(lines, path, overwrite)
+    logger.info("wrote %d answer(s) to %s", len(rows), path)
+
+
+def run_understanding(run: GenerationRun, mine: list[Numbered]) -> int:
+    path = answers_path(run.output, run.rank, run.world)
     if path is not None:
-        check_writable(path, args.overwrite)
-    for request in requests:
-        precheck("understand", request)
-    if not requests:
+        check_writable(path, run.overwrite)
+    for item in mine:
+        check_files(item.request)
+    if not mine:
         logger.info("no request for this process")
         return 0
-    pipeline = load_pipeline(args, local_rank)
-    prepared = [
-        pipeline.prepare_understanding(load_image(r["image"]), r["question"], settings.gen_length, args.image_budget)
-        for r in requests
-    ]
-    answers: list[str] = []
-    with tqdm(total=len(requests), desc="understand", unit="answer") as progress:
-        for start in range(0, len(requests), args.batch_size):
-            chunk = slice(start, start + args.batch_size)
-            answers += pipeline.answer(prepared[chunk], settings, [r["seed"] for r in requests[chunk]], args.batch_size)
-            progress.update(len(prepared[chunk]))
-    if path is None and not args.batch_file:
+    pipeline = load_pipeline(run)
+    requests = [item.request for item in mine]
+    prepared = [pipeline.prepare(request) for request in requests]
+    settings = [request.text_settings() for request in requests]
+    answers = pipeline.answer(prepared, settings, [r.seed for r in requests], run.batch_size)
+    if path is None and not run.from_batch_file:
+        if not answers[0]:
+            logger.error(EMPTY_ANSWER)
+            return 1
         emit(answers[0])
         return 0
     rows = [
-        {"index": r.index, "image": r["image"], "question": r["question"], "seed": r["seed"], "answer": answer}
-        for r, answer in zip(requests, answers, strict=True)
+        {"index": item.index, "image": item.request.image, "question": item.request.question}
+        | {"seed": item.request.seed, "answer": answer}
+        | ({} if answer else {"error": EMPTY_ANSWER})
+        for item, answer in zip(mine, answers, strict=True)
     ]
-    write_answers(rows, path, args.overwrite)
-    return 0
+    write_answers(rows, path, run.overwrite)
+    empty = sum(not answer for answer in answers)
+    if empty:
+        logger.error("%d of %d answers decoded to nothing (their rows carry an error field)", empty, len(answers))
+    return 1 if empty else 0

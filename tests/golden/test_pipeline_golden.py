@@ -36,5 +36,5 @@ def test_pipeline_reproduces_golden_images(case, pipeline, golden, cases):
         cfg_img=settings.get("cfg_img", 0.0),
         use_cache=settings.get("use_cache", False),
     )
-    codes = pipeline.sample_codes([request], sampling, seeds=[0])[0]
+    codes = pipeline.sample_grids([request], sampling, seeds=[0])[0]
     assert torch.equal(codes.reshape(-1) + pipeline.tokens["image_offset"], golden[f"{case}.vq_ids"][0])

@@ -339,3 +339,26 @@ def test_answers_file_per_rank():
     assert answers_path("out/answers.jsonl", 0, 1).name == "answers.jsonl"
     assert answers_path("out/answers.jsonl", 1, 2).name == "answers.rank1-of-2.jsonl"
     assert answers_path(None, 0, 2) is None
+
+
+def test_mixed_sizes_run_full_batches_with_per_line_settings(cli, tmp_path, monkeypatch):
+    """--batch-size counts requests per forward after grouping by grid and settings (mixed sizes used to be
+    split first, then grouped: four forwards of one here); a line may set its own sampling settings."""
+    import dimoo_npu.sampling
+
+    sampled = dimoo_npu.sampling.sample_image
+    calls = []
+
+    def counting(model, prompt_ids, **kwargs):
+        calls.append((len(prompt_ids), kwargs["timesteps"]))
+        return sampled(model, prompt_ids, **kwargs)
+
+    monkeypatch.setattr(dimoo_npu.sampling, "sample_image", counting)
+    sizes = [(16, 16), (32, 16)] * 2
+    rows = [{"prompt": "a cat", "width": w, "height": h, "output": f"{i}.png"} for i, (w, h) in enumerate(sizes)]
+    rows.append({"prompt": "a mat", "width": 16, "height": 16, "output": "slow.png", "timesteps": 3})
+    batch = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    code, log = cli("t2i", *FAST, "--batch-file", batch, "--batch-size", "2", "--output-dir", str(tmp_path))
+    assert code == 0, log
+    assert sorted(calls) == [(1, 3), (2, 2), (2, 2)]
+    assert json.loads(read_png_text(tmp_path / "slow.png")["settings"])["timesteps"] == 3

@@ -153,7 +153,7 @@ def test_a_batch_file_with_a_byte_order_mark_is_read(tmp_path):
     from dimoo_npu.batch_requests import build_requests
 
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a red cat"}\n')
-    assert build_requests("t2i", {}, str(tmp_path / "bom.jsonl"))[0]["prompt"] == "a red cat"
+    assert build_requests("t2i", {}, str(tmp_path / "bom.jsonl"))[0].request.prompt == "a red cat"
 
 
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):

@@ -6,12 +6,13 @@ import os
 
 import pytest
 
-from dimoo_npu.batch_requests import Request, output_paths
+from dimoo_npu.batch_requests import Numbered, output_paths
 from dimoo_npu.errors import InputError
+from dimoo_npu.requests import TextToImageRequest
 
 
-def requests_writing(*names: str) -> list[Request]:
-    return [Request(index, {"output": name, "seed": index}) for index, name in enumerate(names)]
+def requests_writing(*names: str) -> list[Numbered]:
+    return [Numbered(index, TextToImageRequest(output=name, seed=index)) for index, name in enumerate(names)]
 
 
 @pytest.mark.parametrize("second", ["./a.png", "sub/../a.png", "link.png", "{out}/a.png", "linked-dir/a.png"], ids=str)

@@ -14,7 +14,7 @@ def test_1536x768_samples_past_max_sequence_length(tiny_model):
     tokens = tiny_model.config.special_tokens
     text = torch.randint(0, tokens["eos"], (24,), generator=torch.Generator().manual_seed(0))
     grid = (height // 16, width // 16)
-    request = sequences.text_to_image(text, text[:8], sequences.masked_cells(grid, tokens), tokens)
+    request = sequences.generation_prompt(text, text[:8], sequences.masked_cells(grid, tokens), tokens)
     # 24 prompt tokens, BOA BOI, rows each with an end-of-line, EOI EOA
     assert len(request.prompt) == 24 + 4 + grid[0] * (grid[1] + 1) > tiny_model.config.max_sequence_length
     codes = sample_image(

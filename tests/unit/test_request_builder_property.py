@@ -3,6 +3,7 @@ raises a DimooError (exit 2), never another exception."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -11,11 +12,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dimoo_npu.batch_requests import TASK_FIELDS, assign_seeds, build_requests, output_paths
+from dimoo_npu.batch_requests import assign_seeds, build_requests, output_paths
 from dimoo_npu.errors import DimooError
+from dimoo_npu.requests import TASKS
 from dimoo_npu.validate import SEED_LIMIT, check_args
 
-FIELDS = sorted({name for allowed, _ in TASK_FIELDS.values() for name in allowed} | {"colour", ""})
+FIELDS = sorted({f.name for cls in TASKS.values() for f in dataclasses.fields(cls)} | {"colour", ""})
 NUMBERS = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -43,15 +45,17 @@ def write_batch(folder: Path, lines: list) -> str:
 
 
 def check_valid(task: str, requests, paths) -> None:
-    _, required = TASK_FIELDS[task]
-    for request in requests:
+    required = [f.name for f in dataclasses.fields(TASKS[task]) if f.metadata["required"]]
+    for item in requests:
+        request = dataclasses.asdict(item.request)
         for name in required:
             assert isinstance(request[name], str) and request[name].strip()
         assert isinstance(request["seed"], int) and 0 <= request["seed"] < SEED_LIMIT
         for name in ("width", "height"):
-            assert request[name] is None or (isinstance(request[name], int) and request[name] > 0)
-        for name in ("mask_h_ratio", "mask_w_ratio"):
-            assert request[name] is None or math.isfinite(request[name])
+            assert name not in request or (isinstance(request[name], int) and request[name] > 0)
+        for name, value in request.items():  # every field resolved, every number finite
+            assert value is not None or name in ("ref_image", "mask", "output"), name
+            assert not isinstance(value, float) or math.isfinite(value), name
     if paths is not None:
         assert all(path.suffix == ".png" for path in paths)
         assert len({path.resolve() for path in paths}) == len(paths)
@@ -59,7 +63,7 @@ def check_valid(task: str, requests, paths) -> None:
 
 @settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    task=st.sampled_from(sorted(TASK_FIELDS)),
+    task=st.sampled_from(sorted(TASKS)),
     lines=BATCH,
     prompt=st.one_of(st.none(), TEXT),
     seed=NUMBERS,
@@ -79,8 +83,7 @@ def test_the_request_builder_returns_valid_requests_or_a_user_error(
         batch_file = None if lines is None else write_batch(Path(folder), lines)
         try:
             check_args(flags)
-            requests = build_requests(task, flags, batch_file)
-            assign_seeds(requests, seed)
+            requests = assign_seeds(build_requests(task, flags, batch_file), seed)
             paths = (
                 None if task == "understand" else output_paths(requests, task, output, str(Path(folder) / output_dir))
             )

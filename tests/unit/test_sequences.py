@@ -41,7 +41,7 @@ def grid_codes(ids: torch.Tensor, tokens, rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize(("case", "grid"), [("t2i_cfg", (8, 8)), ("t2i_wide_cfg", (4, 7)), ("t2i_many_steps", (6, 6))])
 def test_text_to_image_layout(case, grid, golden, cases, tokens):
     prompt, code_start = golden[f"{case}.prompt"][0], cases["cases"][case]["code_start"]
-    built = sequences.text_to_image(
+    built = sequences.generation_prompt(
         prompt[: code_start - 2], golden[f"{case}.uncond"][0], sequences.masked_cells(grid, tokens), tokens
     )
     assert torch.equal(built.prompt, prompt)
@@ -53,7 +53,7 @@ def test_inpaint_layout(golden, cases, tokens):
     cells = prompt[code_start:-2].reshape(6, 7)[:, :6]
     mask = cells == tokens["mask"]
     codes = torch.where(mask, torch.zeros_like(cells), cells - tokens["image_offset"])
-    built = sequences.text_to_image(prompt[: code_start - 2], None, sequences.paint_cells(codes, mask, tokens), tokens)
+    built = sequences.generation_prompt(prompt[: code_start - 2], None, sequences.paint_cells(codes, mask, tokens), tokens)
     assert torch.equal(built.prompt, prompt) and int(mask.sum()) == 12
 
 
