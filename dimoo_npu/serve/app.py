@@ -54,6 +54,7 @@ class ServeConfig:
     compile: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
     max_n: int = 4
+    max_steps: int = 1024
 
 
 # ---- request bodies, generated from dimoo_npu.requests ----
@@ -340,7 +341,7 @@ def create_app(config: ServeConfig, scheduler: Scheduler | None = None) -> FastA
         if body.size is not None:
             values["width"], values["height"] = (int(v) for v in body.size.split("x"))
         _check_n(body.n, config)
-        request, prepared = await asyncio.to_thread(_prepared, pipe, "t2i", values, {})
+        request, prepared = await asyncio.to_thread(_prepared, pipe, "t2i", values, {}, config.max_steps)
         return _images_response(await run(_image_job(pipe, prepared, request, body.n), http))
 
     @app.post("/v1/images/edits", dependencies=[Depends(authorised)])
@@ -364,7 +365,7 @@ def create_app(config: ServeConfig, scheduler: Scheduler | None = None) -> FastA
             if mask is not None:
                 files["mask"] = await mask.read()
         _check_n(form.n, config)
-        request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files)
+        request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files, config.max_steps)
         return _images_response(await run(_image_job(pipe, prepared, request, form.n), http))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
@@ -376,7 +377,9 @@ def create_app(config: ServeConfig, scheduler: Scheduler | None = None) -> FastA
         if body.max_tokens is not None and values.get("gen_length") is None:
             values["gen_length"] = body.max_tokens
         values["question"] = question
-        request, ids = await asyncio.to_thread(_prepared, pipe, "understand", values, {"image": picture})
+        request, ids = await asyncio.to_thread(
+            _prepared, pipe, "understand", values, {"image": picture}, config.max_steps
+        )
         parts = _text_job(pipe, ids, request)
         created, name = int(time.time()), f"chatcmpl-{secrets.token_hex(8)}"
         if not body.stream:
@@ -438,7 +441,7 @@ def _check_n(n: int, config: ServeConfig) -> None:
         )
 
 
-def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes]):
+def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], max_steps: int):
     """The resolved, checked request and its sampler input, as ``dimoo <task>`` makes them from flags and files
     (uploads are written to a temporary folder for the duration). Runs in a worker thread; bad input -> 400."""
     from dimoo_npu.tasks import check_files
@@ -450,6 +453,9 @@ def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes]):
         try:
             given = {k: v for k, v in values.items() if v is not None}
             request = pipe.resolve(requests.from_mapping(task, given, "the request"))
+            steps = getattr(request, "timesteps", None) or getattr(request, "steps", None)
+            if steps > max_steps:
+                raise ApiError(400, f"{steps} sampling steps is over this server's limit of {max_steps}: ask for fewer")
             check_files(request)
             return request, pipe.prepare(request)
         except DimooError as err:
