@@ -1,7 +1,6 @@
-"""Sampling settings of the generation tasks, checked up front so bad values fail before any model loads.
-
-Defaults follow the public inference scripts: text-to-image and painting 64 steps at CFG 4.0, editing
-CFG 2.5 with image CFG 4.0, understanding 128 steps over 1024 answer tokens in blocks of 256.
+"""The one table of generation defaults, and the sampling settings, checked up front so bad values fail before any
+model loads. A request's unset field takes the checkpoint's ``generation_defaults``, else `DEFAULTS`
+(`dimoo_npu.requests.resolve`); `ImageSettings` and `TextSettings` default to the same table's values.
 """
 
 from __future__ import annotations
@@ -10,6 +9,33 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dimoo_npu.errors import InputError
+
+# The public inference scripts' values (inference_t2i.py, inference_i2i.py, inference_mmu.py; the painting boxes
+# are the public README's examples; image_budget 0 keeps the input's size, cropped to multiples of 16).
+_IMAGE_SAMPLING = {
+    "timesteps": 64,
+    "temperature": 1.0,
+    "cfg_scale": 4.0,
+    "use_cache": False,
+    "cache_ratio": 0.9,
+    "warmup_ratio": 0.3,
+    "refresh_interval": 5,
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "t2i": {**_IMAGE_SAMPLING, "width": 1024, "height": 1024},
+    "edit": {**_IMAGE_SAMPLING, "cfg_scale": 2.5, "cfg_img": 4.0, "image_budget": 512, "edit_type": "edit"},
+    "inpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 0.5, "mask_w_ratio": 0.5, "image_budget": 0},
+    "outpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 1.0, "mask_w_ratio": 0.2, "image_budget": 0},
+    "understand": {
+        "gen_length": 1024,
+        "block_length": 256,
+        "steps": 128,
+        "temperature": 0.0,
+        "cfg_scale": 0.0,
+        "image_budget": 1024,
+    },
+}
+_T2I, _UNDERSTAND = DEFAULTS["t2i"], DEFAULTS["understand"]
 
 # What to do instead, for the values a user sets most often.
 _POSITIVE_HINTS = {"timesteps": "sampling needs at least 1 step (e.g. 64)", "steps": "sampling needs at least 1 step"}
@@ -76,14 +102,14 @@ def check_text_settings(gen_length: int, block_length: int, steps: int, temperat
 class ImageSettings:
     """How `dimoo_npu.sampling.sample_image` runs (see SPEC "Image sampling" and "ML-Cache")."""
 
-    timesteps: int = 64
-    temperature: float = 1.0
-    cfg_scale: float = 4.0
-    cfg_img: float = 0.0
-    use_cache: bool = False
-    cache_ratio: float = 0.9
-    warmup_ratio: float = 0.3
-    refresh_interval: int = 5
+    timesteps: int = _T2I["timesteps"]
+    temperature: float = _T2I["temperature"]
+    cfg_scale: float = _T2I["cfg_scale"]
+    cfg_img: float = 0.0  # only editing has an image guidance branch
+    use_cache: bool = _T2I["use_cache"]
+    cache_ratio: float = _T2I["cache_ratio"]
+    warmup_ratio: float = _T2I["warmup_ratio"]
+    refresh_interval: int = _T2I["refresh_interval"]
 
     def check(self) -> ImageSettings:
         settings = self.sampler_kwargs()
@@ -99,11 +125,11 @@ class ImageSettings:
 class TextSettings:
     """How `dimoo_npu.sampling.sample_text` runs (see SPEC "Understanding sampling")."""
 
-    gen_length: int = 1024
-    block_length: int = 256
-    steps: int = 128
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
+    gen_length: int = _UNDERSTAND["gen_length"]
+    block_length: int = _UNDERSTAND["block_length"]
+    steps: int = _UNDERSTAND["steps"]
+    temperature: float = _UNDERSTAND["temperature"]
+    cfg_scale: float = _UNDERSTAND["cfg_scale"]
 
     def check(self) -> TextSettings:
         check_text_settings(**self.sampler_kwargs())

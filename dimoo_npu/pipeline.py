@@ -21,7 +21,7 @@ from PIL import Image
 
 from dimoo_npu import requests as req
 from dimoo_npu.errors import ConfigError, InputError
-from dimoo_npu.generation_settings import ImageSettings, TextSettings
+from dimoo_npu.generation_settings import DEFAULTS, ImageSettings, TextSettings
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.lengths import LengthLimit
@@ -165,7 +165,7 @@ class DiMOOPipeline:
                 uncond_image_ids=self._prefixes(batch, "uncond_image", chosen.cfg_img),
                 generator=[self._generator(seeds[i]) for i in chunk],
                 progress=self.progress,
-                **dataclasses.asdict(chosen),
+                **chosen.sampler_kwargs(),
             )  # (B, rows*cols) absolute ids
             codes = (ids.cpu() - self.tokens["image_offset"]).reshape(len(batch), *batch[0].grid)  # (B, rows, cols)
             yield chunk, list(codes)
@@ -217,7 +217,7 @@ class DiMOOPipeline:
                 batch,
                 generator=[self._generator(seeds[i]) for i in chunk],
                 progress=self.progress,
-                **dataclasses.asdict(every[chunk[0]]),
+                **every[chunk[0]].sampler_kwargs(),
             )
             yield (
                 chunk,
@@ -297,7 +297,7 @@ class DiMOOPipeline:
         edit_type: str = "edit",
         *,
         references: Sequence[Image.Image | None] | None = None,
-        image_budget: int | None = 512,
+        image_budget: int | None = DEFAULTS["edit"]["image_budget"],
         settings: ImageSettings | None = None,
         seed: int = 0,
         batch_size: int = 4,
@@ -317,8 +317,8 @@ class DiMOOPipeline:
         prompts: Sequence[str],
         *,
         masks: Sequence[Image.Image | None] | None = None,
-        mask_h_ratio: float = 0.5,
-        mask_w_ratio: float = 0.5,
+        mask_h_ratio: float = DEFAULTS["inpaint"]["mask_h_ratio"],
+        mask_w_ratio: float = DEFAULTS["inpaint"]["mask_w_ratio"],
         outside: bool = False,
         image_budget: int | None = None,
         settings: ImageSettings | None = None,
@@ -340,8 +340,8 @@ class DiMOOPipeline:
         images: Sequence[Image.Image],
         prompts: Sequence[str],
         *,
-        mask_h_ratio: float = 1.0,
-        mask_w_ratio: float = 0.2,
+        mask_h_ratio: float = DEFAULTS["outpaint"]["mask_h_ratio"],
+        mask_w_ratio: float = DEFAULTS["outpaint"]["mask_w_ratio"],
         **kwargs,
     ) -> list[Image.Image]:
         """Outpainting: regenerate outside the centred box (or the white region of a user mask)."""
@@ -355,7 +355,7 @@ class DiMOOPipeline:
         questions: Sequence[str],
         *,
         settings: TextSettings | None = None,
-        image_budget: int | None = 1024,
+        image_budget: int | None = DEFAULTS["understand"]["image_budget"],
         seed: int = 0,
         batch_size: int = 4,
     ) -> list[str]:

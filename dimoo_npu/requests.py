@@ -2,8 +2,9 @@
 
 The CLI flags of ``dimoo t2i | edit | inpaint | outpaint | understand``, the fields of a batch-file line and the
 server's API schema are all derived from these dataclasses (their fields, annotations and ``help`` metadata).
-A field the user did not give is ``None``; `resolve` fills it from one table of defaults, in this order: the
-public inference scripts' values (`DEFAULTS`), then the checkpoint's ``generation_defaults``, then the user's.
+A field the user did not give is ``None``; `resolve` fills it in layers: the public inference scripts' values
+(`dimoo_npu.generation_settings.DEFAULTS`, the one table), then the checkpoint's ``generation_defaults``, then
+the user's.
 `check` refuses a bad value with an `InputError` before any model loads. Torch-free, so help and schemas are fast.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import ImageSettings, TextSettings
+from dimoo_npu.generation_settings import DEFAULTS, ImageSettings, TextSettings
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
 from dimoo_npu.validate import check_finite, check_image_dimension, check_seeds, check_text
@@ -116,32 +117,6 @@ class UnderstandRequest(Request):
 
 TASKS: dict[str, type[Request]] = {
     cls.task: cls for cls in (TextToImageRequest, EditRequest, InpaintRequest, OutpaintRequest, UnderstandRequest)
-}
-
-# The public inference scripts' values (inference_t2i.py, inference_i2i.py, inference_mmu.py; the painting boxes
-# are the public README's examples): the first layer of every request's defaults.
-_IMAGE_SAMPLING = {
-    "timesteps": 64,
-    "temperature": 1.0,
-    "cfg_scale": 4.0,
-    "use_cache": False,
-    "cache_ratio": 0.9,
-    "warmup_ratio": 0.3,
-    "refresh_interval": 5,
-}
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "t2i": {**_IMAGE_SAMPLING, "width": 1024, "height": 1024},
-    "edit": {**_IMAGE_SAMPLING, "cfg_scale": 2.5, "cfg_img": 4.0, "image_budget": 512, "edit_type": "edit"},
-    "inpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 0.5, "mask_w_ratio": 0.5, "image_budget": 0},
-    "outpaint": {**_IMAGE_SAMPLING, "mask_h_ratio": 1.0, "mask_w_ratio": 0.2, "image_budget": 0},
-    "understand": {
-        "gen_length": 1024,
-        "block_length": 256,
-        "steps": 128,
-        "temperature": 0.0,
-        "cfg_scale": 0.0,
-        "image_budget": 1024,
-    },
 }
 
 
