@@ -254,19 +254,7 @@ class DiMOOPipeline:
                 answers[index] = text
         return answers
 
-    # ---- one call per request list, and one per task ----
-
-    def generate(self, requests: Sequence[req.Request], seed: int = 0, batch_size: int = 4) -> list:
-        """Images (image tasks) or answers (understanding) of requests naming their input files; unset fields
-        from the checkpoint's generation_defaults, else the public ones; request i without a seed uses seed + i."""
-        resolved = [self.resolve(r, f"request {i + 1}") for i, r in enumerate(requests)]
-        seeds = [r.seed if r.seed is not None else seed + i for i, r in enumerate(resolved)]
-        prompts = [self.prepare(r) for r in resolved]
-        if all(isinstance(r, req.UnderstandRequest) for r in resolved):
-            return self.answer(prompts, [r.text_settings() for r in resolved], seeds, batch_size)
-        if any(isinstance(r, req.UnderstandRequest) for r in resolved):
-            raise InputError("understanding and image requests cannot share one call: generate them apart")
-        return self.generate_images(prompts, [r.image_settings() for r in resolved], seeds, batch_size)
+    # ---- one call per task ----
 
     def _defaults(self, kind: type[req.Request], settings, **given) -> req.Request:
         """A task method's unset sizes and settings from the one defaults table (`dimoo_npu.requests.resolve`)."""
