@@ -12,6 +12,7 @@ from PIL import Image
 from dimoo_npu import prompts, sequences
 from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.lengths import LengthLimit
+from dimoo_npu.text_tokenizer import warn_unknown_words
 
 
 @dataclass
@@ -22,6 +23,7 @@ class PromptEncoder:
     limit: LengthLimit
 
     def text(self, text: str) -> sequences.Ids:
+        warn_unknown_words(self.text_tokenizer, text)
         return sequences.as_ids(self.text_tokenizer(text)["input_ids"])
 
     def chat(self, system: str, user: str) -> tuple[sequences.Ids, sequences.Ids]:
