@@ -211,7 +211,7 @@ class BodyLimit:
 # ---- the app ----
 
 
-def create_app(config: ServeConfig, scheduler: Scheduler | None = None) -> FastAPI:
+def create_app(config: ServeConfig) -> FastAPI:
     """The FastAPI app; its lifespan starts the scheduler (which loads the model) and drains it on shutdown."""
     metrics = Metrics()
     state: dict[str, Any] = {}
@@ -227,7 +227,7 @@ def create_app(config: ServeConfig, scheduler: Scheduler | None = None) -> FastA
         return pipeline.model
 
     buckets = tuple(2**i for i in range(12) if 2**i < config.max_batch) + (config.max_batch,) if config.compile else ()
-    sched = scheduler or Scheduler(load, config.max_batch, config.max_queue, buckets, metrics)
+    sched = Scheduler(load, config.max_batch, config.max_queue, buckets, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -242,7 +242,6 @@ def create_app(config: ServeConfig, scheduler: Scheduler | None = None) -> FastA
         description="Lumina-DiMOO behind OpenAI's images and chat APIs, with step-level continuous batching.",
         lifespan=lifespan,
     )
-    app.state.scheduler, app.state.config, app.state.metrics = sched, config, metrics
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     _install_error_handlers(app, metrics)
 

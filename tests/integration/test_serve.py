@@ -6,6 +6,8 @@ The slow part (32 concurrent mixed requests, equality with `dimoo t2i`, schemath
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -126,3 +128,13 @@ def test_sigterm_finishes_the_running_request_then_exits_0(server, client):
     assert server.process.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=2)
+
+
+def test_help_imports_neither_fastapi_nor_torch():
+    code = (
+        "import sys\nfrom dimoo_npu.cli import main\ntry:\n    main(['serve', '--help'])\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'prometheus_client') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr[-2000:]
