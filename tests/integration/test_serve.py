@@ -102,7 +102,7 @@ def test_client_that_goes_away_is_cancelled_and_its_rows_freed(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{server.url}/v1/images/generations",
-            json={"prompt": PROMPT, "timesteps": 1000},
+            json={"prompt": PROMPT, "timesteps": 1000, "size": "256x256"},  # 256 cells: up to 256 steps
             headers={"Authorization": f"Bearer {API_KEY}"},
             timeout=3,
         )
