@@ -203,8 +203,15 @@ def _run(todo: Iterator[Chunk], output: Path, settings: EncoderSettings, workers
             yield encode_chunk(encoder, chunk, output)
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(settings, factory)) as pool:
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(settings, factory))
+    try:
         yield from pool.imap_unordered(_worker_chunk, ((chunk, output) for chunk in todo))
+        pool.close()  # a finished run lets its workers exit by themselves; only an interrupted one is terminated
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 _WORKER_ENCODER: RecordEncoder | None = None
