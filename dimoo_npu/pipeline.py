@@ -102,10 +102,13 @@ class DiMOOPipeline:
         dtype: torch.dtype | None = None,
         lazy: bool = False,
         max_length: int | None = None,
+        compile: bool | None = None,
     ) -> DiMOOPipeline:
-        """Tokenizers now; the transformer now, or on first use when ``lazy``."""
+        """Tokenizers now; the transformer now, or on first use when ``lazy``, in the fused sampling layout and,
+        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode."""
         from dimoo_npu.checkpoint import load_model, resolve_target
         from dimoo_npu.config import DiMOOConfig
+        from dimoo_npu.sampling.graph import prepare_for_sampling
 
         folder = resolve_checkpoint(path)
         config = DiMOOConfig.from_json(folder)
@@ -114,7 +117,7 @@ class DiMOOPipeline:
         image_tokenizer = ImageTokenizer.from_pretrained(folder, device=target)
 
         def loader():
-            return load_model(folder, device=target, dtype=dtype).eval()
+            return prepare_for_sampling(load_model(folder, device=target, dtype=dtype).eval(), compile=compile)
 
         return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target, max_length)
 

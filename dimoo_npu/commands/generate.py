@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "max_sequence_length runs with a warning",
     )
     common.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    common.add_argument(
+        "--compile", action="store_true", help="graph mode: torch.compile the forward (or DIMOO_COMPILE=1)"
+    )
     if name == "understand":
         common.add_argument("--output", "--out", help="write answers as JSON lines here (default: print them)")
     else:
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         max_length=args.max_length,
+        compile=args.compile or None,
         overwrite=args.overwrite,
         output=args.output,
         from_batch_file=bool(args.batch_file),

@@ -43,6 +43,7 @@ class GenerationRun:
     dtype: str  # auto | float32 | bfloat16 | float16
     batch_size: int  # requests per forward, after grouping by grid and settings
     max_length: int | None
+    compile: bool | None  # graph mode; None: DIMOO_COMPILE
     overwrite: bool
     output: str | None  # one request's PNG; understanding: the answers file
     from_batch_file: bool
@@ -68,7 +69,9 @@ def load_pipeline(run: GenerationRun) -> DiMOOPipeline:
     dtype = None if run.dtype == "auto" else getattr(torch, run.dtype)
     device = pick_device(run.device, run.local_rank)
     logger.info("checkpoint %s on %s (%s)", run.checkpoint, device, run.dtype)
-    pipeline = DiMOOPipeline.from_pretrained(run.checkpoint, device, dtype, lazy=True, max_length=run.max_length)
+    pipeline = DiMOOPipeline.from_pretrained(
+        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile
+    )
     pipeline.progress = True
     return pipeline
 

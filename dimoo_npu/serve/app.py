@@ -218,11 +218,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     def load():
         from dimoo_npu.pipeline import DiMOOPipeline
-        from dimoo_npu.sampling.graph import prepare_for_sampling
 
-        pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device)
-        if config.compile:
-            prepare_for_sampling(pipeline.model, compile=True)
+        pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device, compile=config.compile)
         state["pipeline"] = pipeline
         return pipeline.model
 

@@ -362,3 +362,15 @@ def test_mixed_sizes_run_full_batches_with_per_line_settings(cli, tmp_path, monk
     assert code == 0, log
     assert sorted(calls) == [(1, 3), (2, 2), (2, 2)]
     assert json.loads(read_png_text(tmp_path / "slow.png")["settings"])["timesteps"] == 3
+
+
+def test_compile_flag_puts_the_loaded_model_in_graph_mode(cli, tmp_path, monkeypatch):
+    """--compile reaches the model the command samples with (inductor itself is exercised in test_graph_mode)."""
+    compiled = []
+    monkeypatch.setattr("dimoo_npu.sampling.graph.compile_forward", lambda model, backend=None: compiled.append(model))
+    target = tmp_path / "graph.png"
+    code, log = cli("t2i", *FAST, "--prompt", "a cat", "--width", "16", "--height", "16", "--output", str(target))
+    assert code == 0 and not compiled, log
+    code, log = cli("t2i", *FAST, "--prompt", "a cat", "--width", "16", "--height", "16", "--compile", "--overwrite",
+                    "--output", str(target))  # fmt: skip
+    assert code == 0 and len(compiled) == 1, log
