@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "part); default: every block",
     )
     parser.add_argument("--onnx", help="for the onnxruntime backend: an exported file to run instead of exporting one")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="check the forward as sampling runs it: fused layout under torch.compile (or DIMOO_COMPILE=1)",
+    )
     parser.add_argument("--json", help="write the full report as JSON here")
     parser.add_argument("--plot", help="write a PNG of max abs error by layer per backend here (needs matplotlib)")
 
@@ -57,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         onnx_file=args.onnx,
         max_layers=args.layers,
+        compile=args.compile or None,
     )
     emit(format_table(report))
     if args.json:

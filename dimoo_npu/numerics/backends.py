@@ -86,9 +86,10 @@ class ModelSlot:
     machine that holds it once.
     """
 
-    def __init__(self, checkpoint: Path, max_layers: int | None = None):
+    def __init__(self, checkpoint: Path, max_layers: int | None = None, compile: bool = False):
         self.checkpoint = checkpoint
         self.max_layers = max_layers
+        self.compile = compile  # graph mode: the fused layout under torch.compile, as sampling runs it
         self._key: tuple[str, torch.dtype] | None = None
         self._model = None
 
@@ -103,6 +104,10 @@ class ModelSlot:
             self._model = load_model(
                 self.checkpoint, device=device, dtype=dtype, ops=op_set, max_layers=self.max_layers
             )
+            if self.compile:
+                from dimoo_npu.sampling.graph import prepare_for_sampling
+
+                prepare_for_sampling(self._model, compile=True)
             self._key = (device, dtype)
         return self._model.use_ops(op_set)
 

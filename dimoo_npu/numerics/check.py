@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dimoo_npu import envs
 from dimoo_npu.block_outputs import layer_names
 from dimoo_npu.checkpoint import with_max_layers
 from dimoo_npu.config import DiMOOConfig
@@ -122,6 +123,7 @@ def run_check(
     seed: int = 0,
     onnx_file: str | os.PathLike | None = None,
     max_layers: int | None = None,
+    compile: bool | None = None,
 ) -> CheckReport:
     """Run ``targets`` in order on one seeded batch and compare each with ``targets[0]`` layer by layer.
 
@@ -136,7 +138,7 @@ def run_check(
     tolerance = tolerance or tolerance_for(dtype)
     inputs = make_check_inputs(config, batch, length, seed)
     names = layer_names(config.n_layers)
-    slot = ModelSlot(folder, max_layers)
+    slot = ModelSlot(folder, max_layers, envs.compile_enabled() if compile is None else compile)
     report = None
     try:
         for target in tqdm(targets, desc="backends", unit="backend", disable=len(targets) < 3):

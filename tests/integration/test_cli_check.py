@@ -125,3 +125,20 @@ def test_export_refuses_to_overwrite(cli, checkpoint_dir, exported):
         "export-onnx", "--checkpoint", str(checkpoint_dir), "--output", str(exported.parent), "--parts", "transformer"
     )
     assert code == 2 and "--overwrite" in log and exported.stat().st_mtime_ns == before
+
+
+def test_check_compiled_forward_matches_the_reference(cli, checkpoint_dir, monkeypatch):
+    """--compile checks what sampling runs (fused layout, a whole-graph capture); aot_eager stands in for inductor,
+    whose code generation takes minutes on a small CPU."""
+    from dimoo_npu.sampling import graph
+
+    compiled = []
+
+    def capture(model, backend=None):
+        compiled.append(model)
+        return compile_forward(model, backend="aot_eager")
+
+    compile_forward = graph.compile_forward
+    monkeypatch.setattr(graph, "compile_forward", capture)
+    code, out, errors = cli("check", "--checkpoint", str(checkpoint_dir), "--backends", "cpu-ref,cpu", "--compile")
+    assert code == 0 and len(compiled) == 1 and not errors, out + errors

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,18 +15,8 @@ from PIL import Image
 
 from dimoo_npu.cli import main
 from dimoo_npu.outputs import read_png_text
-from dimoo_npu.text_tokenizer import build_word_tokenizer
 
 FAST = ["--device", "cpu", "--timesteps", "2"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, checkpoint_dir):
-    """A copy of the fixture checkpoint with a small word-level text tokenizer (the fixture ships none)."""
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny-dimoo"
-    shutil.copytree(checkpoint_dir, folder)
-    build_word_tokenizer(["a red cat on a mat", "what is in the picture ?"], folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 from pathlib import Path
 
@@ -17,17 +16,8 @@ import pytest
 from PIL import Image
 
 from dimoo_npu.cli import main
-from dimoo_npu.text_tokenizer import build_word_tokenizer
 
 SMALL = ["--device", "cpu", "--timesteps", "2", "--width", "16", "--height", "16"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, checkpoint_dir):
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny-dimoo"
-    shutil.copytree(checkpoint_dir, folder)
-    build_word_tokenizer(["a red cat on a mat", "what is in the picture ?"], folder)
-    return folder
 
 
 @pytest.fixture
