@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from dimoo_npu.config import DiMOOConfig  # noqa: E402
 from dimoo_npu.model import DiMOOModel  # noqa: E402
+from dimoo_npu.numerics.golden import greedy_sampling_case  # noqa: E402
 from dimoo_npu.ops import resolve_ops  # noqa: E402
 from dimoo_npu.sampling import image as image_sampling  # noqa: E402
-from dimoo_npu.sampling import refresh_steps, sample_image, sample_text  # noqa: E402
+from dimoo_npu.sampling import refresh_steps, sample_image  # noqa: E402
 from dimoo_npu.sampling import text as text_sampling  # noqa: E402
 from dimoo_npu.sampling.graph import prepare_for_sampling  # noqa: E402
 
@@ -94,11 +95,10 @@ def goldens(args, device: torch.device) -> dict:
         model = prepare_for_sampling(dimoo_npu.load_model(fixtures / "checkpoint", device=device, dtype=dtype))
         with steps_without_syncs(device) as strict:
             for name, case in cases.items():
-                kind = case.get("kind")
-                if kind not in ("t2i", "i2i", "mmu"):
+                if case.get("kind") not in ("t2i", "i2i", "mmu"):
                     continue
                 try:
-                    out, expected = _golden_case(model, golden, name, case, device)
+                    out, expected = greedy_sampling_case(model, golden, name, case)
                     agree = float((out.cpu() == expected).float().mean())
                     error = None
                 except RuntimeError as err:  # a sync inside a step, under "error"
@@ -113,34 +113,6 @@ def goldens(args, device: torch.device) -> dict:
     fp32_exact = all(r["tokens_equal"] for k, r in results.items() if k.endswith("float32"))
     no_errors = not any(r["error"] for r in results.values())
     return {"cases": results, "fp32_exact": fp32_exact, "no_errors": no_errors, "complete": True}
-
-
-def _golden_case(model, golden, name: str, case: dict, device: torch.device):
-    if case["kind"] == "mmu":
-        out = sample_text(
-            model,
-            golden[f"{name}.prompt"],
-            gen_length=case["gen_length"],
-            block_length=case["block_length"],
-            steps=case["steps"],
-            cfg_scale=case.get("cfg_scale", 0.0),
-        )
-        return out, golden[f"{name}.output"]
-    out = sample_image(
-        model,
-        golden[f"{name}.prompt"],
-        uncond_ids=golden.get(f"{name}.uncond", golden.get(f"{name}.uncond_text")),
-        uncond_image_ids=golden.get(f"{name}.uncond_image"),
-        timesteps=case["timesteps"],
-        temperature=0.0,
-        cfg_scale=case["cfg_scale"],
-        cfg_img=case.get("cfg_img", 0.0),
-        use_cache=case.get("use_cache", False),
-        cache_ratio=case.get("cache_ratio", 0.9),
-        warmup_ratio=case.get("warmup_ratio", 0.3),
-        refresh_interval=case.get("refresh_interval", 5),
-    )
-    return out, golden[f"{name}.vq_ids"]
 
 
 def big_config(tiny: bool) -> DiMOOConfig:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compiled_sampling(model, cases: dict) -> bool:
     """Every sampling golden case, greedy, in graph mode: True when every token equals the golden."""
-    from dimoo_npu.sampling import sample_image, sample_text
+    from dimoo_npu.numerics.golden import greedy_sampling_case
     from dimoo_npu.sampling.graph import prepare_for_sampling
 
     golden = load_file(str(FIXTURES / "golden.safetensors"))
@@ -66,35 +66,10 @@ def _compiled_sampling(model, cases: dict) -> bool:
     sys.stdout.write(f"golden sampling on {device}, compiled (fullgraph, static shapes), greedy\n")
     passed = True
     for name, case in cases.items():
-        if case.get("kind") in ("t2i", "inpaint", "i2i"):
-            uncond = golden.get(f"{name}.uncond", golden.get(f"{name}.uncond_text"))
-            out = sample_image(
-                model,
-                golden[f"{name}.prompt"].to(device),
-                uncond_ids=uncond.to(device),
-                uncond_image_ids=golden[f"{name}.uncond_image"].to(device) if case["kind"] == "i2i" else None,
-                timesteps=case["timesteps"],
-                temperature=0.0,
-                cfg_scale=case["cfg_scale"],
-                cfg_img=case.get("cfg_img", 0.0),
-                use_cache=case.get("use_cache", False),
-                cache_ratio=case.get("cache_ratio", 0.9),
-                warmup_ratio=case.get("warmup_ratio", 0.3),
-                refresh_interval=case.get("refresh_interval", 5),
-            )
-            expected = golden[f"{name}.vq_ids"]
-        elif case.get("kind") == "mmu":
-            out = sample_text(
-                model,
-                golden[f"{name}.prompt"].to(device),
-                gen_length=case["gen_length"],
-                block_length=case["block_length"],
-                steps=case["steps"],
-                cfg_scale=case.get("cfg_scale", 0.0),
-            )
-            expected = golden[f"{name}.output"]
-        else:
+        ran = greedy_sampling_case(model, golden, name, case)
+        if ran is None:
             continue
+        out, expected = ran
         same = torch.equal(out.cpu(), expected)
         passed &= same
         sys.stdout.write(f"  {name:<18} tokens {'equal' if same else 'DIFFER'}\n")

@@ -53,3 +53,42 @@ def image_logits_within(
         compare_layer(f"logits_image[{row}]", golden["forward.logits_image"][row, :n], logits[row, :n, -8192:], tol)
         for row, n in enumerate(lengths.tolist())
     ]
+
+
+def greedy_sampling_case(
+    model: torch.nn.Module, golden: dict[str, torch.Tensor], name: str, case: dict
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sample one golden case greedily on the model's device: (output ids, the golden's), or None when the case
+    is not a sampling case (t2i, inpaint and i2i run `sample_image`, mmu runs `sample_text`)."""
+    from dimoo_npu.sampling import sample_image, sample_text
+
+    device = next(model.parameters()).device
+    kind = case.get("kind")
+    if kind == "mmu":
+        out = sample_text(
+            model,
+            golden[f"{name}.prompt"].to(device),
+            gen_length=case["gen_length"],
+            block_length=case["block_length"],
+            steps=case["steps"],
+            cfg_scale=case.get("cfg_scale", 0.0),
+        )
+        return out, golden[f"{name}.output"]
+    if kind not in ("t2i", "inpaint", "i2i"):
+        return None
+    uncond = golden.get(f"{name}.uncond", golden.get(f"{name}.uncond_text"))
+    out = sample_image(
+        model,
+        golden[f"{name}.prompt"].to(device),
+        uncond_ids=None if uncond is None else uncond.to(device),
+        uncond_image_ids=golden[f"{name}.uncond_image"].to(device) if kind == "i2i" else None,
+        timesteps=case["timesteps"],
+        temperature=0.0,
+        cfg_scale=case["cfg_scale"],
+        cfg_img=case.get("cfg_img", 0.0),
+        use_cache=case.get("use_cache", False),
+        cache_ratio=case.get("cache_ratio", 0.9),
+        warmup_ratio=case.get("warmup_ratio", 0.3),
+        refresh_interval=case.get("refresh_interval", 5),
+    )
+    return out, golden[f"{name}.vq_ids"]
