@@ -56,6 +56,12 @@ class ServeConfig:
     max_n: int = 4
     max_steps: int = 1024
 
+    @property
+    def model_id(self) -> str:
+        """The name `/v1/models` lists: a hub repo id as given, a checkpoint folder by its name (not its path)."""
+        path = Path(self.checkpoint)
+        return path.name if path.is_dir() else self.checkpoint
+
 
 # ---- request bodies, generated from dimoo_npu.requests ----
 
@@ -327,7 +333,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": config.checkpoint, "object": "model", "owned_by": "dimoo"}]}
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "owned_by": "dimoo"}]}
 
     @app.post("/v1/images/generations", dependencies=[Depends(authorised)])
     async def generations(body: ImageGenerationBody, http: Request) -> dict:  # type: ignore[valid-type]

@@ -49,7 +49,7 @@ def test_openai_client_image_and_chat(client, picture):
         model="dimoo", messages=question(picture, "what colour is the circle?"), stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "red"
-    assert [m.id for m in client.models.list().data]
+    assert [m.id for m in client.models.list().data] == ["shapes-dimoo"]  # the bundled folder's name, not its path
 
 
 def test_errors_are_json_never_500(server):
