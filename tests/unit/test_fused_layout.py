@@ -7,8 +7,8 @@ import torch
 
 import dimoo_npu
 from dimoo_npu.model import fuse_projections
+from dimoo_npu.numerics.golden import greedy_sampling_case
 from dimoo_npu.ops import resolve_ops
-from dimoo_npu.sampling import sample_image, sample_text
 from tests.conftest import CHECKPOINT
 
 
@@ -40,32 +40,10 @@ def test_forward_equals_the_plain_layout(tiny_model, fused_model, golden):
     assert torch.equal(fused_model(ids, mask), tiny_model(ids, mask))
 
 
-@pytest.mark.parametrize("name", ["t2i_cfg", "t2i_wide_cfg_cache"])
-def test_fused_greedy_image_tokens_equal_the_golden(fused_model, golden, cases, name):
-    case = cases["cases"][name]
-    out = sample_image(
-        fused_model,
-        golden[f"{name}.prompt"],
-        uncond_ids=golden[f"{name}.uncond"],
-        timesteps=case["timesteps"],
-        temperature=0.0,
-        cfg_scale=case["cfg_scale"],
-        use_cache=case.get("use_cache", False),
-    )
-    assert torch.equal(out, golden[f"{name}.vq_ids"])
-
-
-def test_fused_greedy_text_tokens_equal_the_golden(fused_model, golden, cases):
-    case = cases["cases"]["mmu_cfg"]
-    out = sample_text(
-        fused_model,
-        golden["mmu_cfg.prompt"],
-        gen_length=case["gen_length"],
-        block_length=case["block_length"],
-        steps=case["steps"],
-        cfg_scale=case["cfg_scale"],
-    )
-    assert torch.equal(out, golden["mmu_cfg.output"])
+@pytest.mark.parametrize("name", ["t2i_cfg", "t2i_wide_cfg_cache", "mmu_cfg"])
+def test_fused_greedy_tokens_equal_the_golden(fused_model, golden, cases, name):
+    out, expected = greedy_sampling_case(fused_model, golden, name, cases["cases"][name])
+    assert torch.equal(out, expected)
 
 
 def test_npu_kernels_get_the_fused_inputs_as_is(fake_torch_npu, golden, monkeypatch):

@@ -15,7 +15,8 @@ import torch
 import dimoo_npu
 from dimoo_npu.adapters import CpuBackend, CudaBackend, NpuBackend
 from dimoo_npu.model import fuse_projections
-from dimoo_npu.sampling import graph, sample_image
+from dimoo_npu.numerics.golden import greedy_sampling_case
+from dimoo_npu.sampling import graph
 from tests.conftest import CHECKPOINT
 
 
@@ -51,18 +52,9 @@ def test_compiled_greedy_tokens_equal_the_golden_with_static_shapes(fake_torch_n
     torchair.GRAPHS.clear()
     model = fuse_projections(dimoo_npu.load_model(CHECKPOINT))
     graph.compile_forward(model, backend=NpuBackend().compile_backend())
-    name = "t2i_wide_cfg_cache"
-    case = cases["cases"][name]
-    out = sample_image(
-        model,
-        golden[f"{name}.prompt"],
-        uncond_ids=golden[f"{name}.uncond"],
-        timesteps=case["timesteps"],
-        temperature=0.0,
-        cfg_scale=case["cfg_scale"],
-        use_cache=True,
-    )
-    assert torch.equal(out, golden[f"{name}.vq_ids"])
+    case = cases["cases"]["t2i_wide_cfg_cache"]  # ML-Cache on: plain, store and cached steps
+    out, expected = greedy_sampling_case(model, golden, "t2i_wide_cfg_cache", case)
+    assert torch.equal(out, expected)
     assert len(torchair.GRAPHS) == 3, f"{len(torchair.GRAPHS)} graphs for {case['timesteps']} steps"
     torch._dynamo.reset()
 
