@@ -71,6 +71,7 @@ class DataArgs:
     shards: str = ""  # folder written by `dimoo pretokenize`
     seq_length: int | None = None  # pad every batch to this length (required with pipeline parallel)
     cond_drop_prob: float = 0.1  # share of samples whose user text becomes <uncondition> (for CFG)
+    group_by_length: bool = False  # batches of similar-length samples: less padding when lengths vary widely
 
 
 @dataclass

@@ -10,6 +10,7 @@ whatever the dp size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,25 @@ from dimoo_npu.train.masking import Objective, collate, sample_generator, traini
 from dimoo_npu.train.shards import ShardDataset
 
 
-class SampleOrder:
-    """Position in the run's stream -> dataset index (epochs are seeded permutations)."""
+GROUP_WINDOW_BATCHES = 64  # length grouping sorts windows of this many global batches
 
-    def __init__(self, size: int, seed: int):
+
+class SampleOrder:
+    """Position in the run's stream -> dataset index (epochs are seeded permutations).
+
+    With ``lengths`` and ``group`` (the global batch), each epoch's permutation is sorted by length inside
+    windows of GROUP_WINDOW_BATCHES batches and the batches of a window are shuffled: a batch then pads
+    to a length close to its own samples' (a mix of 90- and 190-token samples otherwise pads every batch
+    to 190), while every sample is still seen once per epoch in an order that depends only on the seed.
+    """
+
+    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, group: int = 0):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} samples")
         self.size = size
         self.seed = seed
+        self.lengths = lengths if group > 1 else None
+        self.group = group
         self._epoch = -1
         self._perm: list[int] = []
 
@@ -32,8 +46,21 @@ class SampleOrder:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + 7919 * epoch)
             self._perm = torch.randperm(self.size, generator=generator).tolist()
+            if self.lengths is not None:
+                self._perm = self._grouped(self._perm, generator, lead=(-epoch * self.size) % self.group)
             self._epoch = epoch
         return self._perm[offset]
+
+    def _grouped(self, perm: list[int], generator: torch.Generator, lead: int) -> list[int]:
+        """``lead`` samples finish the batch the previous epoch began; the grouped batches start after them."""
+        window = self.group * GROUP_WINDOW_BATCHES
+        grouped = perm[:lead]
+        for start in range(lead, len(perm), window):
+            ordered = sorted(perm[start : start + window], key=lambda index: self.lengths[index])
+            batches = [ordered[i : i + self.group] for i in range(0, len(ordered), self.group)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                grouped.extend(batches[b])
+        return grouped
 
 
 def rank_positions(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> range:
@@ -65,13 +92,16 @@ class BatchSource:
         seed: int,
         pad_id: int,
         seq_length: int | None = None,
+        group_by_length: int = 0,
     ):
+        """``group_by_length``: the global batch size to group samples of similar length into (0: plain order)."""
         self.dataset = dataset
         self.objective = objective
         self.seed = seed
         self.pad_id = pad_id
         self.seq_length = seq_length
-        self.order = SampleOrder(len(dataset), seed)
+        lengths = dataset.lengths() if group_by_length > 1 else None
+        self.order = SampleOrder(len(dataset), seed, lengths, group_by_length)
 
     def batch(self, consumed: int, global_batch: int, dp_rank: int = 0, dp_size: int = 1) -> Batch:
         """``dp_rank``'s local batch of the step that starts after ``consumed`` samples."""

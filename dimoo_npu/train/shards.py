@@ -138,5 +138,9 @@ class ShardDataset:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         return self.shards[shard].sample(index - int(self.starts[shard]))
 
+    def lengths(self) -> list[int]:
+        """Every sample's token count, in global index order (read from the offsets, no tokens loaded)."""
+        return np.concatenate([np.diff(shard.offsets) for shard in self.shards]).tolist()
+
     def max_length(self) -> int:
         return max(int(np.diff(shard.offsets).max()) for shard in self.shards)

@@ -112,7 +112,12 @@ class Trainer:
         special = self.model_config.special_tokens
         objective = Objective.from_special_tokens(special, config.data.cond_drop_prob)
         self.batches = BatchSource(
-            self.dataset, objective, config.gpt_args.seed, special["eos"], config.data.seq_length
+            self.dataset,
+            objective,
+            config.gpt_args.seed,
+            special["eos"],
+            config.data.seq_length,
+            group_by_length=config.gpt_args.global_batch_size if config.data.group_by_length else 0,
         )
         self.metrics = MetricsLog(self.output / "metrics.jsonl", self.env.rank == 0, self.step)
         self.peak_flops = self._peak_flops()

@@ -108,3 +108,30 @@ def test_dp_ranks_split_each_global_batch_and_batches_do_not_depend_on_the_layou
     assert torch.equal(torch.cat([h.labels for h in halves]), whole.labels)
     again = BatchSource(dataset, objective, seed=11, pad_id=SPECIAL["eos"], seq_length=64).batch(8, 4)
     assert torch.equal(again.labels, whole.labels), "a resumed run rebuilds the same batch from the position"
+
+
+def test_length_grouping_keeps_each_epoch_a_permutation_and_cuts_padding():
+    lengths = [90 if i % 3 else 190 for i in range(1000)]
+    plain, grouped = SampleOrder(1000, seed=3), SampleOrder(1000, seed=3, lengths=lengths, group=32)
+    for epoch in range(3):
+        visited = [grouped(p) for p in range(epoch * 1000, (epoch + 1) * 1000)]
+        assert sorted(visited) == list(range(1000)), "every sample once per epoch"
+
+    def padded_tokens(order: SampleOrder) -> int:
+        steps = range(0, 3000 - 32, 32)  # batch starts, crossing epoch boundaries (1000 is not a multiple of 32)
+        return sum(32 * max(lengths[order(p)] for p in range(start, start + 32)) for start in steps)
+
+    assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
+    again = SampleOrder(1000, seed=3, lengths=lengths, group=32)
+    assert [again(p) for p in range(1500, 1600)] == [grouped(p) for p in range(1500, 1600)], "resumable"
+
+
+def test_batch_source_groups_by_the_shard_lengths(dataset):
+    objective = Objective.from_special_tokens(SPECIAL, cond_drop_prob=0.1)
+    source = BatchSource(dataset, objective, seed=11, pad_id=SPECIAL["eos"], group_by_length=4)
+    assert dataset.lengths() == [len(dataset[i].tokens) for i in range(len(dataset))]
+    lengths = dataset.lengths()
+    spreads = [max(g) - min(g) for g in ([lengths[source.order(p)] for p in range(s, s + 4)] for s in (0, 4, 8))]
+    plain = BatchSource(dataset, objective, seed=11, pad_id=SPECIAL["eos"])
+    plain_spreads = [max(g) - min(g) for g in ([lengths[plain.order(p)] for p in range(s, s + 4)] for s in (0, 4, 8))]
+    assert sum(spreads) < sum(plain_spreads)
