@@ -24,13 +24,9 @@ from dimoo_npu.outputs import check_writable, save_png, save_text
 from dimoo_npu.pipeline import DiMOOPipeline
 from dimoo_npu.requests import ImageRequest, InpaintRequest
 from dimoo_npu.tasks import check_files
+from dimoo_npu.tasks.understand import EMPTY_ANSWER
 
 logger = logging.getLogger("dimoo")
-# An empty answer is a failure, never a silent success (issue 18: the bundled model printed an empty line).
-EMPTY_ANSWER = (
-    "the answer decoded to nothing (only padding or special tokens): ask a question of the kind the model was "
-    "trained on, or raise --gen-length / --steps"
-)
 
 
 @dataclass(frozen=True)

@@ -373,6 +373,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
     async def chat(body: ChatBody, http: Request):  # type: ignore[valid-type]
         """Understanding: the last user message's image (data URI) and text; ``stream`` sends each block as fixed."""
+        from dimoo_npu.tasks.understand import EMPTY_ANSWER
+
         pipe = pipeline()
         picture, question = _image_and_question(body.messages)
         values = body.model_dump(exclude={"model", "messages", "stream", "max_tokens"})
@@ -388,15 +390,17 @@ def create_app(config: ServeConfig) -> FastAPI:
             answer = await run(parts, http)
             if answer is None:
                 return Response(status_code=499)
+            if not answer:
+                raise ApiError(500, EMPTY_ANSWER, "server_error")
             message = {"role": "assistant", "content": answer}
             choice = {"index": 0, "message": message, "finish_reason": "stop"}
             return {
                 "id": name,
                 "object": "chat.completion",
                 "created": created,
-                "model": config.checkpoint,
+                "model": config.model_id,
                 "choices": [choice],
-                "usage": None,
+                "usage": _usage(pipe, ids, answer),
             }
         events = await run(parts, http, stream=True)
 
@@ -409,7 +413,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                     "id": name,
                     "object": "chat.completion.chunk",
                     "created": created,
-                    "model": config.checkpoint,
+                    "model": config.model_id,
                     "choices": [choice],
                 }
                 return f"data: {json.dumps(payload)}\n\n"
@@ -421,6 +425,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                     if new:
                         yield chunk({"content": new})
                         sent = text
+                    if kind == "done" and not text:
+                        raise ApiError(500, EMPTY_ANSWER, "server_error")
                     if kind == "done":
                         metrics.requests.labels(http.url.path, "200").inc()
                         yield chunk({}, "stop")
@@ -517,6 +523,13 @@ def _text_job(pipe, ids, request: requests.UnderstandRequest) -> dict[str, Any]:
         return understand.decode_answer(pipe.encoder, ids, row.cpu())
 
     return {"rows": 1, "make": make, "finish": answer, "on_block": answer}
+
+
+def _usage(pipe, prompt_ids, answer: str) -> dict[str, int]:
+    """OpenAI's token counts: the whole prompt (image codes included) and the answer's text tokens."""
+    prompt = int(prompt_ids.shape[-1])
+    completion = len(pipe.encoder.text_tokenizer.encode(answer, add_special_tokens=False))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _images_response(images: list[Image.Image] | None) -> dict:

@@ -24,6 +24,13 @@ def prepare(
     return ids
 
 
+# An empty answer is a failure, never a silent success (issue 18: the bundled model printed an empty line).
+EMPTY_ANSWER = (
+    "the answer decoded to nothing (only padding or special tokens): ask a question of the kind the model was "
+    "trained on, or raise --gen-length / --steps"
+)
+
+
 def decode_answer(encoder: PromptEncoder, prompt: torch.Tensor, output: torch.Tensor) -> str:
     """The answer's text: from after the last BOA, cut at the first EOS / end-of-answer / padding."""
     code_start = int((prompt == encoder.tokens["boa"]).nonzero()[-1, 0]) + 1

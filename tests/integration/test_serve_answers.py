@@ -1,0 +1,57 @@
+"""Chat answers in-process: OpenAI's usage counts, and an answer that decodes to nothing is an error, never an
+empty 200 (the CLI's rule from issue 18, streamed or not)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from dimoo_npu.shapes import world
+from tests.integration.serve_support import question
+
+pytest.importorskip("fastapi", reason="dimoo serve needs the serve extra (pip install -e '.[serve]')")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    from dimoo_npu.serve.app import ServeConfig, create_app
+    from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+
+    with TestClient(create_app(ServeConfig(checkpoint=str(EMBEDDED_CHECKPOINT), device="cpu"))) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the bundled model did not load within 120 s"
+            time.sleep(0.2)
+        yield client
+
+
+def _circle() -> list[dict]:
+    picture = np.asarray(world.render(world.Scene((world.ShapeObject("circle", "red", "large", 0, 0),))))
+    return question(picture, "what colour is the circle?")
+
+
+def test_usage_counts_the_prompt_and_the_answer_tokens(client):
+    body = client.post("/v1/chat/completions", json={"model": "m", "messages": _circle(), "seed": 0}).json()
+    answer = body["choices"][0]["message"]["content"]
+    usage = body["usage"]
+    assert answer and usage["completion_tokens"] == len(answer.split())  # the bundled tokenizer: one id a word
+    assert usage["prompt_tokens"] > 64  # the question and the picture's 8 x 8 codes
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert body["model"] == "shapes-dimoo"
+
+
+def test_an_empty_answer_is_an_error_streamed_or_not(client, monkeypatch):
+    from dimoo_npu.tasks import understand
+
+    monkeypatch.setattr(understand, "decode_answer", lambda *args: "")
+    response = client.post("/v1/chat/completions", json={"model": "m", "messages": _circle()})
+    assert response.status_code == 500 and "decoded to nothing" in response.json()["error"]["message"]
+    streamed = client.post("/v1/chat/completions", json={"model": "m", "messages": _circle(), "stream": True})
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert "decoded to nothing" in json.loads(events[-1])["error"]["message"]
+    assert "[DONE]" not in events
