@@ -87,7 +87,7 @@ def my_share(requests: list[Numbered], rank: int, world: int) -> list[Numbered]:
 def output_paths(requests: list[Numbered], task: str, output: str | None, output_dir: str) -> list[Path]:
     """Each request's PNG path: its ``output`` field (under ``output_dir``), ``--output`` for a single
     request, else ``<task>_<index>_seed<seed>.png``; one file twice is refused, however it is spelt
-    (``..``, symlinks), before any sampling."""
+    (``..``, symlinks, or letter case: one file on macOS and Windows), before any sampling."""
     if output and len(requests) > 1:
         raise InputError(
             "--output names one file but there are several requests: use --output-dir, or an "
@@ -99,15 +99,16 @@ def output_paths(requests: list[Numbered], task: str, output: str | None, output
         name = own or output or f"{task}_{item.index:05d}_seed{item.request.seed}.png"
         path = Path(name)
         paths.append(path if path.is_absolute() or (output and not own) else Path(output_dir) / path)
-    seen: dict[Path, int] = {}
+    seen: dict[str, tuple[int, Path]] = {}
     for item, path in zip(requests, paths, strict=True):
         output_file(path, "output", ".png")
         real = resolved(path, "output")
-        if real in seen:
+        first = seen.setdefault(str(real).casefold(), (item.index, real))
+        if first[0] != item.index:
+            same = "" if first[1] == real else f" and {first[1]} (one file where case does not count: macOS, Windows)"
             raise InputError(
-                f"requests {seen[real] + 1} and {item.index + 1} both write {real}: give each its own 'output'"
+                f"requests {first[0] + 1} and {item.index + 1} both write {real}{same}: give each its own 'output'"
             )
-        seen[real] = item.index
     return paths
 
 

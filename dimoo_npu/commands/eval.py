@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dimoo_npu.atomic import write_text_atomically
+    from dimoo_npu.outputs import save_png
     from dimoo_npu.generation_settings import ImageSettings, TextSettings
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
     from dimoo_npu.shapes import evaluate, world
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if images_dir:
             start = len(list(images_dir.glob(f"{task}-*.png")))
             for index, picture in enumerate(pictures, start):
-                picture.save(images_dir / f"{task}-{index:03d}.png")
+                save_png(picture, images_dir / f"{task}-{index:03d}.png", {"task": task, "checkpoint": args.checkpoint})
         return arrays
 
     def generate(prompts: list[str]) -> list[np.ndarray]:

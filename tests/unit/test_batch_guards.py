@@ -27,6 +27,11 @@ def test_one_file_under_two_spellings_is_refused(second, tmp_path, monkeypatch):
         output_paths(requests, "t2i", None, "out")
 
 
+def test_names_that_differ_only_in_case_are_refused(tmp_path):
+    with pytest.raises(InputError, match="requests 1 and 3 both write .*A.png and .*a.png .*case does not count"):
+        output_paths(requests_writing("a.png", "b.png", "A.png"), "t2i", None, str(tmp_path))
+
+
 def test_distinct_files_pass(tmp_path):
     paths = output_paths(requests_writing("a.png", "b.png", "sub/a.png"), "t2i", None, str(tmp_path))
     assert [p.name for p in paths] == ["a.png", "b.png", "a.png"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dimoo_npu.outputs import read_png_text
 from dimoo_npu.shapes import dataset, embedded, vq_train, world
 
 TINY_VQ = vq_train.VQTrainConfig(
@@ -149,8 +150,13 @@ def test_eval_command_reports_every_task(random_checkpoint, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     shown = len(world.placements(world.split_objects("heldout")[0]))
     assert report["qa"]["count"] == shown * len(world.QUESTIONS) and report["tasks"] == ["qa"]
-    assert cli.main([*argv, "--task", "edit,t2i", "--output", str(report_path)]) == 0
+    pictures = tmp_path / "pictures"
+    assert cli.main([*argv, "--task", "edit,t2i", "--output", str(report_path), "--images-dir", str(pictures)]) == 0
     assert json.loads(report_path.read_text())["tasks"] == ["t2i", *names[1:7]]
+    assert cli.main([*argv, "--task", "t2i", "--output", str(report_path), "--images-dir", str(pictures)]) == 0
+    saved = sorted(path.name for path in pictures.iterdir())
+    assert saved[-2:] == ["t2i-000.png", "t2i-001.png"], "a second run adds pictures, never overwrites"
+    assert "edit-remove-000.png" in saved and read_png_text(pictures / "t2i-001.png")["task"] == "t2i"
     assert cli.main(["eval", "shapes", "--checkpoint", str(random_checkpoint), "--task", "nope"]) == 2
 
 
