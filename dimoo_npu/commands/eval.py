@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.outputs import save_png
     from dimoo_npu.generation_settings import ImageSettings, TextSettings
+    from dimoo_npu.outputs import save_png
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT

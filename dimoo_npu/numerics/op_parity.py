@@ -19,6 +19,7 @@ from dimoo_npu.ops import reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+
 @dataclass(frozen=True)
 class OpCase:
     op: str

@@ -18,7 +18,6 @@ import torch
 from dimoo_npu.train.masking import Objective, collate, sample_generator, training_example
 from dimoo_npu.train.shards import ShardDataset
 
-
 GROUP_WINDOW_BATCHES = 64  # length grouping sorts windows of this many global batches
 
 

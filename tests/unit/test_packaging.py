@@ -3,8 +3,9 @@ while an editable install finds the rest anyway, so a missing entry passes here 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 

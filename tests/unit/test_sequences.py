@@ -53,7 +53,9 @@ def test_inpaint_layout(golden, cases, tokens):
     cells = prompt[code_start:-2].reshape(6, 7)[:, :6]
     mask = cells == tokens["mask"]
     codes = torch.where(mask, torch.zeros_like(cells), cells - tokens["image_offset"])
-    built = sequences.generation_prompt(prompt[: code_start - 2], None, sequences.paint_cells(codes, mask, tokens), tokens)
+    built = sequences.generation_prompt(
+        prompt[: code_start - 2], None, sequences.paint_cells(codes, mask, tokens), tokens
+    )
     assert torch.equal(built.prompt, prompt) and int(mask.sum()) == 12
 
 
