@@ -51,14 +51,16 @@ class SampleOrder:
         return self._perm[offset]
 
     def _grouped(self, perm: list[int], generator: torch.Generator, lead: int) -> list[int]:
-        """``lead`` samples finish the batch the previous epoch began; the grouped batches start after them."""
+        """``lead`` samples finish the batch the previous epoch began; the grouped batches start after them.
+        Only whole batches are shuffled: the epoch's last, partial one stays last, so every batch stays aligned."""
         window = self.group * GROUP_WINDOW_BATCHES
         grouped = perm[:lead]
         for start in range(lead, len(perm), window):
             ordered = sorted(perm[start : start + window], key=lambda index: self.lengths[index])
-            batches = [ordered[i : i + self.group] for i in range(0, len(ordered), self.group)]
-            for b in torch.randperm(len(batches), generator=generator).tolist():
-                grouped.extend(batches[b])
+            whole = len(ordered) // self.group
+            for b in torch.randperm(whole, generator=generator).tolist():
+                grouped.extend(ordered[b * self.group : (b + 1) * self.group])
+            grouped.extend(ordered[whole * self.group :])
         return grouped
 
 

@@ -126,6 +126,18 @@ def test_length_grouping_keeps_each_epoch_a_permutation_and_cuts_padding():
     assert [again(p) for p in range(1500, 1600)] == [grouped(p) for p in range(1500, 1600)], "resumable"
 
 
+def test_every_grouped_batch_is_one_run_of_sorted_lengths_across_epochs():
+    lengths = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()  # all different
+    order = SampleOrder(1000, seed=1, lengths=lengths, group=32)
+    # epoch 1 begins inside the batch at 992 (1000 = 31 x 32 + 8); every later batch starts on a multiple of 32
+    for first, last, starts in ((0, 1000, range(0, 992, 32)), (1024, 2000, range(1024, 1984, 32))):
+        ranked = sorted(lengths[order(p)] for p in range(first, last))  # the epoch's grouped part, in length order
+        for start in starts:
+            batch = sorted(lengths[order(p)] for p in range(start, start + 32))
+            at = ranked.index(batch[0])
+            assert batch == ranked[at : at + 32], "each batch holds neighbours in length order, never pieces of two"
+
+
 def test_batch_source_groups_by_the_shard_lengths(dataset):
     objective = Objective.from_special_tokens(SPECIAL, cond_drop_prob=0.1)
     source = BatchSource(dataset, objective, seed=11, pad_id=SPECIAL["eos"], group_by_length=4)
