@@ -432,6 +432,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                         yield chunk({}, "stop")
                         yield "data: [DONE]\n\n"
             except ApiError as err:
+                metrics.requests.labels(http.url.path, str(err.status)).inc()
                 yield f"data: {json.dumps({'error': {'message': err.message, 'code': err.status}})}\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -55,3 +55,5 @@ def test_an_empty_answer_is_an_error_streamed_or_not(client, monkeypatch):
     events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert "decoded to nothing" in json.loads(events[-1])["error"]["message"]
     assert "[DONE]" not in events
+    failures = 'dimoo_requests_total{endpoint="/v1/chat/completions",status="500"} 2.0'
+    assert failures in client.get("/metrics").text, "both failures, streamed or not, are counted as 500s"
