@@ -16,7 +16,7 @@ from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "shapes-dimoo"
-_FIRST_SPECIAL = 128  # word ids stay below this (the world and the task templates use about 100)
+FIRST_SPECIAL = 128  # word ids stay below this (the world and the task templates use about 100)
 _IMAGE_OFFSET = 144
 # Understanding answers are trained padded to this many tokens (a two-object caption is 17 words and
 # </answer>); sampling uses the same length, one token per step.
@@ -42,7 +42,7 @@ GENERATION_DEFAULTS = {"width": 128, "height": 128, "image_budget": 128, **IMAGE
 def special_tokens(codebook_size: int) -> dict[str, int]:
     """The embedded model's own table (same names as DiMOO's, small ids)."""
     names = ("eos", "mask", "newline", "boa", "eoa", "boi", "eoi", "uncondition", "answer_pad")
-    table = {name: _FIRST_SPECIAL + index for index, name in enumerate(names)}
+    table = {name: FIRST_SPECIAL + index for index, name in enumerate(names)}
     table.update(image_offset=_IMAGE_OFFSET, codebook_size=codebook_size, vocab=_IMAGE_OFFSET + codebook_size)
     return table
 
