@@ -48,9 +48,9 @@ def check_compatible(source: Path, target: Path) -> None:
 def remap_rows(rows: torch.Tensor, old: dict[str, int], new: dict[str, int]) -> torch.Tensor:
     """``rows`` (vocab x d) with each old word's row moved to its new id and new words at the word-row mean."""
     out = rows.clone()
-    learnt = rows[sorted(old.values())]
+    mean = rows[sorted(old.values())].mean(dim=0)
     for word, index in new.items():
-        out[index] = rows[old[word]] if word in old else learnt.mean(dim=0)
+        out[index] = rows[old[word]] if word in old else mean
     return out
 
 
