@@ -65,6 +65,16 @@ class ModelArgs:
     ops: str | None = None  # op override as DIMOO_OPS takes it, e.g. "reference"
     preset: str | None = None  # built-in sizes (dimoo_npu.presets) for --check/--plan when init_from is absent
 
+    def overridden(self, name: str) -> None:
+        """A weight source set on the command line replaces the file's conflicting ones: the command line wins."""
+        if getattr(self, name) is not None:
+            for other in _REPLACED_BY.get(name, ()):
+                setattr(self, other, None)
+
+
+# model.init_from and model.config are alternatives; model.preset gives sizes as model.config does.
+_REPLACED_BY = {"init_from": ("config",), "config": ("init_from", "preset"), "preset": ("config",)}
+
 
 @dataclass
 class DataArgs:
@@ -177,6 +187,8 @@ def apply_override(config: TrainConfig, item: str) -> None:
     value = yaml.safe_load(text) if text.strip() else None
     hint = typing.get_type_hints(type(target))[name]
     setattr(target, name, _coerce(value, hint, key))
+    if isinstance(target, ModelArgs):
+        target.overridden(name)
 
 
 def _locate(config: TrainConfig, key: str) -> tuple[Any, str]:
