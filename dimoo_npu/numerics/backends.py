@@ -23,7 +23,7 @@ from dimoo_npu.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-ONNX_FIX = "pip install 'dimoo_npu[onnx]' (onnx, onnxruntime, onnxscript)"
+ONNX_FIX = "pip install -e '.[onnx]' (onnx, onnxruntime, onnxscript)"
 
 
 @dataclass(frozen=True)

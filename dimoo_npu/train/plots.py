@@ -24,7 +24,7 @@ def plot_curves(metrics: str | os.PathLike, output: str | os.PathLike) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("plotting needs matplotlib: pip install matplotlib (or dimoo_npu[plot])") from None
+        raise InputError("plotting needs matplotlib: pip install -e '.[plot]' (matplotlib)") from None
     steps = [r["step"] for r in records]
     panels = (("loss", "loss"), ("tokens_per_s", "tokens / s"), ("lr", "learning rate"))
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), constrained_layout=True)
