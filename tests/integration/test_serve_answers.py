@@ -36,7 +36,7 @@ def _circle() -> list[dict]:
 
 
 def test_usage_counts_the_prompt_and_the_answer_tokens(client):
-    body = client.post("/v1/chat/completions", json={"model": "m", "messages": _circle(), "seed": 0}).json()
+    body = client.post("/v1/chat/completions", json={"model": "dimoo", "messages": _circle(), "seed": 0}).json()
     answer = body["choices"][0]["message"]["content"]
     usage = body["usage"]
     assert answer and usage["completion_tokens"] == len(answer.split())  # the bundled tokenizer: one id a word
@@ -49,9 +49,9 @@ def test_an_empty_answer_is_an_error_streamed_or_not(client, monkeypatch):
     from dimoo_npu.tasks import understand
 
     monkeypatch.setattr(understand, "decode_answer", lambda *args: "")
-    response = client.post("/v1/chat/completions", json={"model": "m", "messages": _circle()})
+    response = client.post("/v1/chat/completions", json={"model": "dimoo", "messages": _circle()})
     assert response.status_code == 500 and "decoded to nothing" in response.json()["error"]["message"]
-    streamed = client.post("/v1/chat/completions", json={"model": "m", "messages": _circle(), "stream": True})
+    streamed = client.post("/v1/chat/completions", json={"model": "dimoo", "messages": _circle(), "stream": True})
     events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert "decoded to nothing" in json.loads(events[-1])["error"]["message"]
     assert "[DONE]" not in events
