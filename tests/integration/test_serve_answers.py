@@ -1,9 +1,12 @@
 """Chat answers in-process: OpenAI's usage counts, and an answer that decodes to nothing is an error, never an
-empty 200 (the CLI's rule from issue 18, streamed or not)."""
+empty 200 (the CLI's rule from issue 18, streamed or not). Also on the loaded model: a bad upload's 400 names the
+form field, never the server's temporary file, and the edits form checks the inpainting box."""
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 import time
 
 import numpy as np
@@ -57,3 +60,18 @@ def test_an_empty_answer_is_an_error_streamed_or_not(client, monkeypatch):
     assert "[DONE]" not in events
     failures = 'dimoo_requests_total{endpoint="/v1/chat/completions",status="500"} 2.0'
     assert failures in client.get("/metrics").text, "both failures, streamed or not, are counted as 500s"
+
+
+def test_upload_errors_name_the_field_and_the_edits_form_checks_the_box(client):
+    picture = io.BytesIO()
+    world.render(world.Scene((world.ShapeObject("circle", "red", "large", 0, 0),))).save(picture, format="PNG")
+    cases = [
+        ({"prompt": "a red circle"}, {"image": b"not a picture"}, "uploaded image"),
+        ({"prompt": "a red circle", "edit_type": "inpaint"}, {"image": picture.getvalue(), "mask": b"?"}, "mask"),
+        ({"prompt": "a red circle", "edit_type": "inpaint", "mask_h_ratio": "5"}, {"image": picture.getvalue()}, "5"),
+    ]
+    for form, files, named in cases:
+        response = client.post("/v1/images/edits", data=form, files=files)
+        message = response.json()["error"]["message"]
+        assert response.status_code == 400 and named in message, (form, response.text)
+        assert tempfile.gettempdir() not in message and "dimoo-serve-" not in message, message
