@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         config.max_concurrent_tokens,
     )
     # SIGTERM/SIGINT: uvicorn stops listening; running requests have --grace seconds, then are cancelled at a step
-    # boundary (503); the process exits 0 (see dimoo_npu.serve.http_server).
-    build_server(config, args.host, args.port).run()
+    # boundary (503); the process exits 0 (see dimoo_npu.serve.http_server). A model that fails to load stops it.
+    server = build_server(config, args.host, args.port)
+    server.run()
+    if server.scheduler.load_error is not None:
+        raise server.scheduler.load_error
     return 0

@@ -5,7 +5,8 @@ every few seconds holds a connection forever); `header_timeout_protocol` closes 
 are not complete within the timeout (the body's timeout is the app's `BodyGuard`). `DrainingServer` starts the
 scheduler's drain at the signal itself (uvicorn only tells the app after every running request has ended), so
 running work is cancelled at a step boundary once the grace period is over, and ends the process ``HARD_STOP_S``
-after it if something still holds it (a step or an image decode that never returns).
+after it if something still holds it (a step or an image decode that never returns). A model that fails to load
+stops the server too (`dimoo serve` then exits with the error), rather than leaving it up answering 503.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class DrainingServer(uvicorn.Server):
             self.watchdog = threading.Timer(self.grace + HARD_STOP_S, self.overdue)
             self.watchdog.daemon = True
             self.watchdog.start()
+
+    async def on_tick(self, counter: int) -> bool:
+        return self.scheduler.load_error is not None or await super().on_tick(counter)
 
     def run(self, sockets=None) -> None:
         try:

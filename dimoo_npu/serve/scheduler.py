@@ -172,7 +172,7 @@ class Scheduler:
     def _main(self) -> None:
         try:
             self.model = self.load()
-        except BaseException as err:  # reported by /ready and every request; the process keeps serving /health
+        except BaseException as err:  # reported by /ready and every request until `dimoo serve` stops on it
             logger.error("the model did not load: %s", err)
             self.load_error = err
             return

@@ -1,6 +1,7 @@
 """Chat answers in-process: OpenAI's usage counts, and an answer that decodes to nothing is an error, never an
 empty 200 (the CLI's rule from issue 18, streamed or not). Also on the loaded model: a bad upload's 400 names the
-form field, never the server's temporary file, and the edits form checks the inpainting box."""
+form field, never the server's temporary file, the edits form checks the inpainting box, and the token budget
+answers 429 beside other work and 400 to a request that alone is over it."""
 
 from __future__ import annotations
 
@@ -75,3 +76,23 @@ def test_upload_errors_name_the_field_and_the_edits_form_checks_the_box(client):
         message = response.json()["error"]["message"]
         assert response.status_code == 400 and named in message, (form, response.text)
         assert tempfile.gettempdir() not in message and "dimoo-serve-" not in message, message
+
+
+def test_the_token_budget_answers_429_beside_work_and_400_alone(client, monkeypatch):
+    from dimoo_npu.serve.scheduler import Job
+
+    sched = client.app.state.scheduler
+    body = {"prompt": "a red circle", "timesteps": 2, "seed": 0}
+    monkeypatch.setattr(sched, "max_tokens", 10)
+    alone = client.post("/v1/images/generations", json=body)
+    assert alone.status_code == 400 and "--max-concurrent-tokens" in alone.json()["error"]["message"]
+    monkeypatch.setattr(sched, "max_tokens", 1000)
+    held = Job(rows=sched.max_batch + 1, make=None, finish=None, post=lambda *event: None, tokens=950)
+    sched.submit(held)  # more rows than the batch: it waits at the head of the queue, holding its tokens
+    try:
+        busy = client.post("/v1/images/generations", json=body)
+    finally:
+        sched.cancel(held)
+    assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1, busy.text
+    assert "950 tokens" in busy.json()["error"]["message"]
+    assert client.post("/v1/images/generations", json=body).status_code == 200, "the tokens are free again"

@@ -228,6 +228,22 @@ def test_a_bad_startup_setting_exits_2_before_binding(monkeypatch, caplog, env, 
     assert named in caplog.text
 
 
+def test_a_model_that_fails_to_load_ends_the_server_with_exit_2(tmp_path, caplog):
+    import shutil
+
+    from dimoo_npu.cli import main
+    from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+
+    shutil.copy(EMBEDDED_CHECKPOINT / "config.json", tmp_path)  # passes the startup check; no weights to load
+    argv = ["serve", "--checkpoint", str(tmp_path), "--port", str(free_port()), "--device", "cpu"]
+    finished = []
+    thread = threading.Thread(target=lambda: finished.append(main(argv)), daemon=True)  # no signals off the main thread
+    thread.start()
+    thread.join(15)
+    assert finished == [2], "the server stopped with the load error instead of answering 503"
+    assert str(tmp_path) in caplog.text
+
+
 # ---- bodies over the limit and slow clients, against uvicorn on 127.0.0.1 ----
 
 
