@@ -116,7 +116,6 @@ def _fields_of(*classes: type[requests.Request], skip: set[str] = _NOT_ON_THE_WI
     return fields
 
 
-_FORBID = ConfigDict(extra="forbid")
 _STRICT = ConfigDict(extra="forbid", strict=True)  # JSON bodies: "2" and true are not numbers (forms send strings)
 _WIRE = {
     "model": (str | None, Field(None, description=f"the id /v1/models lists, or an alias: {', '.join(MODEL_ALIASES)}")),
@@ -221,12 +220,18 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return _error(500, f"internal error ({type(err).__name__}); the server log has the details", "server_error")
 
 
+def _endpoint(path: str, routes: list) -> str:
+    """The metrics label of a path: the route's, or ``other`` (a scanner's made-up paths add no series)."""
+    return path if any(getattr(route, "path", None) == path for route in routes) else "other"
+
+
 class ApiKeyGate:
     """ASGI middleware: with a key set, every route but `OPEN_ROUTES` answers 401 without it, before any of the
     body is read (so a malformed body without the key is a 401, and the schema and metrics are not public)."""
 
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
+    def __init__(self, app, api_key: str | None, metrics: Metrics, routes: list):
         self.app, self.expected, self.metrics = app, f"Bearer {api_key}".encode() if api_key else None, metrics
+        self.routes = routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.expected is None or scope["path"] in OPEN_ROUTES:
@@ -234,7 +239,7 @@ class ApiKeyGate:
         given = dict(scope.get("headers") or []).get(b"authorization", b"")
         if secrets.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
-        self.metrics.requests.labels(scope["path"], "401").inc()
+        self.metrics.requests.labels(_endpoint(scope["path"], self.routes), "401").inc()
         message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
         await _error(401, message, "authentication_error")(scope, receive, send)
 
@@ -244,8 +249,8 @@ class BodyGuard:
     they arrive), a body not received within ``timeout`` seconds 408; the app then sees a client that went away
     and whatever it answers is dropped."""
 
-    def __init__(self, app, limit: int, timeout: float, metrics: Metrics):
-        self.app, self.limit, self.timeout, self.metrics = app, limit, timeout, metrics
+    def __init__(self, app, limit: int, timeout: float, metrics: Metrics, routes: list):
+        self.app, self.limit, self.timeout, self.metrics, self.routes = app, limit, timeout, metrics, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -293,7 +298,7 @@ class BodyGuard:
                 raise  # the app's own failure; a refused request's "client went away" errors are expected
 
     async def _refuse(self, status: int, message: str, kind: str, scope, send) -> None:
-        self.metrics.requests.labels(scope["path"], str(status)).inc()
+        self.metrics.requests.labels(_endpoint(scope["path"], self.routes), str(status)).inc()
         headers = {"Connection": "close"}
         await _error(status, message, kind, headers)(scope, _no_body, send)
 
@@ -334,8 +339,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.scheduler = sched  # `dimoo serve` starts its drain at SIGTERM, before uvicorn waits for requests
-    app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout=config.body_timeout_s, metrics=metrics)
-    app.add_middleware(ApiKeyGate, api_key=config.api_key, metrics=metrics)  # added last: runs first
+    routes = app.router.routes  # filled below; the middleware reads it per request
+    app.add_middleware(
+        BodyGuard, limit=config.max_body_bytes, timeout=config.body_timeout_s, metrics=metrics, routes=routes
+    )
+    app.add_middleware(ApiKeyGate, api_key=config.api_key, metrics=metrics, routes=routes)  # added last: runs first
     _install_error_handlers(app, metrics)
 
     def served(model: str | None) -> None:
@@ -459,20 +467,12 @@ def create_app(config: ServeConfig) -> FastAPI:
                 param=unknown[0][:100],
             )
         served(form.model)
-        pipe = pipeline()
-        values = form.model_dump(exclude={"model", "n", "response_format", "edit_type"})
-        task = form.edit_type if form.edit_type in PAINT_TASKS else "inpaint" if mask is not None else "edit"
-        files = {"image": await image.read()}
-        if task == "edit":
-            given_box = sorted(name for name in _BOX if values.pop(name) is not None)
-            if given_box:
-                raise ApiError(400, f"{', '.join(given_box)} apply to inpaint and outpaint only: drop them for an edit")
-            values["edit_type"] = form.edit_type
-        else:
-            values = {k: v for k, v in values.items() if k not in {"cfg_img"}}
-            if mask is not None:
-                files["mask"] = await mask.read()
+        task, values = _edit_task(form, mask is not None)
         _check_n(form.n, config)
+        pipe = pipeline()
+        files = {"image": await image.read()}
+        if mask is not None:
+            files["mask"] = await mask.read()
         request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files, config.max_steps)
         return _images_response(await run(_image_job(pipe, prepared, request, form.n), http))
 
@@ -555,6 +555,21 @@ def _check_n(n: int, config: ServeConfig) -> None:
         raise ApiError(
             400, f"n={n} is over this server's limit of {min(config.max_n, config.max_batch)} images a request"
         )
+
+
+def _edit_task(form, has_mask: bool) -> tuple[str, dict[str, Any]]:
+    """The task of an edits form and its request fields; a field of another task is refused, never ignored."""
+    values = form.model_dump(exclude={"model", "n", "response_format", "edit_type"})
+    default = "inpaint" if has_mask else "edit"
+    task = form.edit_type if form.edit_type in PAINT_TASKS else default if form.edit_type is None else "edit"
+    if task == "edit":
+        misplaced = sorted(name for name in _BOX if values.pop(name) is not None) + ["mask"] * has_mask
+        values["edit_type"] = form.edit_type
+    else:
+        misplaced = ["cfg_img"] if values.pop("cfg_img") is not None else []
+    if misplaced:
+        raise ApiError(400, f"{', '.join(misplaced)}: not a field of {task}, drop it", param=misplaced[0])
+    return task, values
 
 
 def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], max_steps: int):

@@ -144,6 +144,7 @@ def test_every_route_but_the_probes_needs_the_key_before_the_body(no_model_clien
         response = client.get(path)
         assert response.status_code == 401, path
         assert response.json()["error"]["type"] == "authentication_error"
+    assert 'endpoint="other",status="401"} 1.0' in client.get("/metrics", headers=AUTH).text, "made-up paths: one label"
     malformed = {"content-type": "application/json"}
     for path in ("/v1/images/generations", "/v1/chat/completions", "/v1/images/edits"):
         assert client.post(path, content=b"{not json", headers=malformed).status_code == 401, path
@@ -179,6 +180,17 @@ def test_unknown_fields_and_non_integers_are_422_on_every_endpoint(no_model_clie
         assert response.status_code == 422, (path, body, response.text)
         error = response.json()["error"]
         assert error["param"] == field and field in error["message"], (path, error)
+
+
+def test_edits_form_fields_of_another_task_are_refused_not_ignored(no_model_client):
+    cases = [
+        ({"prompt": PROMPT, "edit_type": "edit", "mask_h_ratio": "0.5"}, {"image": _png()}, "mask_h_ratio"),
+        ({"prompt": PROMPT, "edit_type": "inpaint", "cfg_img": "1.5"}, {"image": _png()}, "cfg_img"),
+        ({"prompt": PROMPT, "edit_type": "edit"}, {"image": _png(), "mask": _png()}, "mask"),
+    ]
+    for form, files, field in cases:
+        response = no_model_client.post("/v1/images/edits", data=form, files=files, headers=AUTH)
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
 
 
 def test_models_listed_and_aliases_are_served_any_other_is_404(no_model_client):
