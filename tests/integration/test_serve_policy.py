@@ -135,6 +135,16 @@ def test_sigterm_ends_a_server_held_by_endless_work_within_its_grace(endless):
     assert not overdue.is_set(), "ended by the drain, not by the last-resort exit"
 
 
+def test_a_server_still_held_after_the_grace_is_ended_by_the_watchdog(endless, monkeypatch):
+    from dimoo_npu.serve import http_server
+
+    monkeypatch.setattr(http_server, "HARD_STOP_S", 0.2)
+    overdue = threading.Event()
+    server = http_server.build_server(_config(grace_s=0.1), "127.0.0.1", free_port(), overdue=overdue.set)
+    server.handle_exit(signal.SIGTERM, None)  # never run: as if something held the process after the drain
+    assert overdue.wait(3), "the last-resort exit fired after the grace + HARD_STOP_S"
+
+
 # ---- the API key, unknown fields, strict integers, model names (over HTTP, no model loaded) ----
 
 
