@@ -6,9 +6,13 @@ import argparse
 import gc
 import logging
 import math
+from typing import TYPE_CHECKING
 
 from dimoo_npu import envs
 from dimoo_npu.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from dimoo_npu.serve.app import ServeConfig
 
 logger = logging.getLogger("dimoo")
 
@@ -47,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
 
 
-def serve_config(args: argparse.Namespace):
+def serve_config(args: argparse.Namespace) -> ServeConfig:
     """Every setting checked before anything binds or loads: a bad flag, variable or checkpoint exits 2 here
     instead of leaving a server up that answers 503."""
     from dimoo_npu.checkpoint import resolve_target
