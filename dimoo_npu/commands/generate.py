@@ -13,6 +13,7 @@ import logging
 
 from dimoo_npu import envs
 from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share
+from dimoo_npu.errors import InputError
 from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults
 
 logger = logging.getLogger("dimoo")
@@ -31,6 +32,18 @@ def dtype_name(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common = parser.add_argument_group("model and run")
+    add_model_arguments(common)
+    common.add_argument("--batch-file", help="JSONL file, one request per line (any field below, snake_case)")
+    add_write_arguments(common, "--batch-file")
+    if name == "understand":
+        common.add_argument("--output", "--out", help="write answers as JSON lines here (default: print them)")
+    else:
+        common.add_argument("--output-dir", default=".", help="folder for outputs named by the batch file or by index")
+    add_request_arguments(parser.add_argument_group(f"{name} request (also the fields of a batch-file line)"), name)
+
+
+def add_model_arguments(common: argparse._ArgumentGroup) -> None:
+    """The checkpoint, device and batching flags every sampling command shares."""
     common.add_argument(
         "--checkpoint",
         help="DiMOO checkpoint folder (config.json, weights, tokenizer, vqvae/), or a Hugging Face repo id already "
@@ -41,7 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--dtype", default="auto", type=dtype_name, choices=DTYPES, help="auto: fp32 on CPU, bf16 otherwise"
     )
     common.add_argument("--seed", type=int, default=0, help="request i uses seed + i (a batch line may set its own)")
-    common.add_argument("--batch-file", help="JSONL file, one request per line (any field below, snake_case)")
     common.add_argument("--batch-size", type=int, default=4, help="requests per forward, after grouping by size")
     common.add_argument(
         "--max-length",
@@ -49,15 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="longest sequence in tokens (default: DIMOO_MAX_LENGTH, else 8192); longer than the checkpoint's "
         "max_sequence_length runs with a warning",
     )
-    common.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     common.add_argument(
         "--compile", action="store_true", help="graph mode: torch.compile the forward (or DIMOO_COMPILE=1)"
     )
-    if name == "understand":
-        common.add_argument("--output", "--out", help="write answers as JSON lines here (default: print them)")
-    else:
-        common.add_argument("--output-dir", default=".", help="folder for outputs named by the batch file or by index")
-    add_request_arguments(parser.add_argument_group(f"{name} request (also the fields of a batch-file line)"), name)
+
+
+def add_write_arguments(common: argparse._ArgumentGroup, batch: str) -> None:
+    """--overwrite or --resume (not both): what to do with outputs an earlier run left."""
+    choice = common.add_mutually_exclusive_group()
+    choice.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    choice.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted {batch} run: skip outputs made with the same checkpoint and settings, "
+        "redo unreadable ones, refuse (naming the field) ones made otherwise",
+    )
 
 
 def add_request_arguments(group: argparse._ArgumentGroup, task: str) -> None:
@@ -84,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.pipeline import default_checkpoint
 
     task = args.command
+    if args.resume and not args.batch_file:
+        raise InputError("--resume continues a --batch-file run: pass the batch file of the run to continue")
     args.checkpoint = str(args.checkpoint or default_checkpoint())
     flags = {key: value for key, value in vars(args).items() if key not in RUN_FIELDS}
     requests = assign_seeds(
@@ -106,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         rank=rank,
         world=world,
         local_rank=local_rank,
+        resume=args.resume,
     )
     if task == "understand":
         return run_understanding(run, mine)
