@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "masked-diffusion fine-tuning from a YAML config (one process or torchrun; tp/pp/dp)"),
     "export-hf": ("train", "training checkpoint -> Hugging Face safetensors folder that load_model reads"),
     "serve": ("serve", "OpenAI-compatible HTTP server (images, edits, chat) with continuous batching"),
+    "bench": ("bench", "GenEval / DPG-Bench images from your prompts, in the layout their evaluators read"),
     "plan": ("plan", "memory of sampling for a size, batch and CFG on an accelerator (training: train --plan)"),
 }
 

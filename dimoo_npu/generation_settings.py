@@ -37,6 +37,23 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _T2I, _UNDERSTAND = DEFAULTS["t2i"], DEFAULTS["understand"]
 
+# Text-to-image settings of `dimoo bench` by name. "lumina-dimoo": the public README's benchmark-scale command
+# (inference_t2i_ddp: 1024 x 1024, --timesteps 64, --cfg_scale 4.0, no ML-Cache; the sampler's temperature 1.0)
+# with the README's --seed 65513 as the base seed, and the paper's "for image generation, we sample 64 steps"
+# (shared/seeds/002, 004). "checkpoint": the checkpoint's generation_defaults, for small models.
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    "lumina-dimoo": {
+        "width": 1024,
+        "height": 1024,
+        "timesteps": 64,
+        "cfg_scale": 4.0,
+        "temperature": 1.0,
+        "use_cache": False,
+        "seed": 65513,
+    },
+    "checkpoint": {},
+}
+
 # What to do instead, for the values a user sets most often.
 _POSITIVE_HINTS = {"timesteps": "sampling needs at least 1 step (e.g. 64)", "steps": "sampling needs at least 1 step"}
 _NOT_NEGATIVE_HINTS = {

@@ -20,6 +20,7 @@ from dimoo_npu.errors import InputError
 logger = logging.getLogger("dimoo")
 
 IGNORED = ("software",)  # a newer package version does not make an output stale
+FIRST = ("benchmark", "task", "checkpoint")  # what made the output, named before any setting
 FIX = "resume with the same command and settings, write to another folder, or pass --overwrite to redo everything"
 
 
@@ -59,7 +60,7 @@ def flatten(metadata: Mapping[str, Any]) -> dict[str, Any]:
 def first_difference(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
     """The first field whose value differs, as "field (made with X, asked for Y)"; None when all match."""
     old, new = flatten(recorded), flatten(expected)
-    for key in sorted(set(old) | set(new), key=lambda k: (k not in ("task", "checkpoint"), k)):
+    for key in sorted(set(old) | set(new), key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k)):
         if old.get(key) != new.get(key):
             return f"{key} (made with {old.get(key, 'nothing')}, this run asks for {new.get(key, 'nothing')})"
     return None
