@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     task = args.command
     if args.resume and not args.batch_file:
         raise InputError("--resume continues a --batch-file run: pass the batch file of the run to continue")
+    if args.resume and task == "understand" and not args.output:
+        raise InputError("--resume reads the answers an earlier run wrote: pass its --output file")
     args.checkpoint = str(args.checkpoint or default_checkpoint())
     flags = {key: value for key, value in vars(args).items() if key not in RUN_FIELDS}
     requests = assign_seeds(

@@ -96,6 +96,18 @@ def test_dpg_grid_and_resume(bench, prompts, tmp_path, checkpoint):
     assert code == 2 and "made with another checkpoint" in log
 
 
+def test_ranks_take_whole_prompts(bench, prompts, tmp_path, monkeypatch):
+    """Under torchrun (RANK / WORLD_SIZE) each rank samples and grids whole prompts: together every grid once."""
+    out = tmp_path / "dpg"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        code, log = bench("dpg", str(prompts / "dpg_prompts"), "--output-dir", str(out), *TINY)
+        assert code == 0 and f"rank {rank} of 2: 4 done, 0 skipped, 0 failed" in log
+        assert (out / ("partiprompts12.png" if rank else "coco3.png")).exists()
+    assert sorted(p.name for p in out.glob("*.png")) == ["coco3.png", "partiprompts12.png"]
+
+
 BAD_FORMATS = {
     "geneval: plain text": ("geneval", "p.txt", {"p.txt": "a cat\na dog\n"}, "p.txt:1 is not valid JSON"),
     "geneval: no tag": (

@@ -91,6 +91,10 @@ def test_resume_misuse(dimoo, tmp_path, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     code, log = dimoo("t2i", *SIZE, "--prompt", "a cat", "--resume")
     assert code == 2 and "--resume continues a --batch-file run" in log
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "what is in the picture ?", "image": "x.png"}\n')
+    code, log = dimoo("understand", *UNDERSTAND, "--batch-file", str(questions), "--resume")
+    assert code == 2 and "--resume reads the answers an earlier run wrote: pass its --output file" in log
 
 
 def rows(*paths) -> list[dict]:
