@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dimoo_npu.cli import main
+from dimoo_npu.outputs import read_png_text
 
 SIZE = ["--device", "cpu", "--timesteps", "2", "--width", "16", "--height", "16", "--batch-size", "2"]
 UNDERSTAND = ["--device", "cpu", "--gen-length", "4", "--block-length", "4", "--steps", "2", "--image-budget", "32"]
@@ -121,3 +127,48 @@ def test_understanding_answers_resume_from_rank_files(dimoo, tmp_path, fixture_d
     assert indices == [0, 1, 2, 3, 4]  # each once
     code, log = dimoo(*args, "--resume", "--steps", "4")
     assert code == 2 and "differs in steps (made with 2, this run asks for 4)" in log
+
+
+def launch(checkpoint, batch: str, out, world: int, *extra: str) -> list:
+    """``world`` processes as torchrun starts them (RANK / WORLD_SIZE, no process group)."""
+    command = [
+        sys.executable,
+        "-m",
+        "dimoo_npu.cli",
+        "t2i",
+        *SIZE,
+        "--batch-size",
+        "1",
+        "--checkpoint",
+        str(checkpoint),
+    ]
+    command += ["--batch-file", batch, "--output-dir", str(out), *extra]
+    env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+
+
+@pytest.mark.slow  # five interpreter starts with torch: about a minute on 2 busy cores
+def test_kill_9_of_a_rank_then_relaunch_on_three(checkpoint, tmp_path):
+    batch, out = t2i_batch(tmp_path, count=8), tmp_path / "out"
+    ranks = launch(checkpoint, batch, out, 2)
+    deadline = time.monotonic() + 300
+    while not (out / "1.png").exists() and ranks[1].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ranks[1].send_signal(signal.SIGKILL)  # as soon as it wrote its first output (requests 1, 3, 5, 7 are its)
+    ranks[0].communicate(timeout=300)
+    ranks[1].communicate(timeout=60)
+    assert ranks[0].returncode == 0 and ranks[1].returncode == -signal.SIGKILL
+    before = {p.name for p in out.glob("*.png")}
+    assert {"0.png", "1.png", "2.png", "4.png", "6.png"} <= before
+
+    relaunch = launch(checkpoint, batch, out, 3, "--resume")
+    logs = [process.communicate(timeout=300)[1] for process in relaunch]
+    assert [process.returncode for process in relaunch] == [0, 0, 0], logs
+    counts = [re.search(r"rank \d of 3: (\d+) done, (\d+) skipped, 0 failed", log).groups() for log in logs]
+    assert sum(int(done) for done, _ in counts) == 8 - len(before)  # each missing request made once
+    assert sum(int(skipped) for _, skipped in counts) == len(before)  # and none made twice
+    assert sorted(p.name for p in out.iterdir()) == [f"{i}.png" for i in range(8)]  # no temporary file left
+    assert [read_png_text(out / f"{i}.png")["seed"] for i in range(8)] == [str(i) for i in range(8)]
