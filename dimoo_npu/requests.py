@@ -127,6 +127,9 @@ class UnderstandRequest(Request):
         return TextSettings(**{name: getattr(self, name) for name in names})
 
 
+# The understanding fields that trade exactness for speed: the flags `dimoo eval shapes` and `dimoo serve` share.
+UNDERSTAND_SPEED_FIELDS = ("kv_cache", "parallel_threshold", "fast")
+
 TASKS: dict[str, type[Request]] = {
     cls.task: cls for cls in (TextToImageRequest, EditRequest, InpaintRequest, OutpaintRequest, UnderstandRequest)
 }

@@ -15,7 +15,6 @@ from dimoo_npu.commands import emit
 
 SUITES = ("shapes",)
 PAINT_TASKS = ("inpaint", "outpaint")
-ANSWER_SPEED_FIELDS = ("kv_cache", "parallel_threshold", "fast")  # as `dimoo understand` takes them
 
 
 def task_names() -> tuple[str, ...]:
@@ -55,8 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("--answer-steps", type=int, help="answer sampling steps (default: the checkpoint's)")
     from dimoo_npu.commands.generate import add_request_arguments
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
 
-    add_request_arguments(parser.add_argument_group("answer speed (caption, qa)"), "understand", ANSWER_SPEED_FIELDS)
+    add_request_arguments(
+        parser.add_argument_group("answer speed (caption, qa)"), "understand", UNDERSTAND_SPEED_FIELDS
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="requests sampled together")
     parser.add_argument("--output", help="also write the JSON report (with failures) here")
@@ -95,14 +97,14 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.generation_settings import ImageSettings, TextSettings, check_cache_settings
     from dimoo_npu.outputs import save_png
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
-    from dimoo_npu.requests import UnderstandRequest, resolve
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
 
     tasks = selected_tasks(args.task)
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
-    speed = resolve(UnderstandRequest(**{name: getattr(args, name) for name in ANSWER_SPEED_FIELDS}), defaults)
+    speed = resolve(UnderstandRequest(**{name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS}), defaults)
     check_cache_settings(speed.kv_cache, speed.parallel_threshold)  # before the model loads
     pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
     image_settings = ImageSettings(

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="graph mode (torch.compile); groups pad to fixed batch buckets"
     )
+    from dimoo_npu.commands.generate import add_request_arguments
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
+
+    speed = parser.add_argument_group("chat answers' defaults (a request's own fields win)")
+    add_request_arguments(speed, "understand", UNDERSTAND_SPEED_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if args.max_body_mb <= 0:
         raise InputError(f"--max-body-mb {args.max_body_mb} must be positive")
+    understand_defaults = _understand_defaults(args)
     config = ServeConfig(
         checkpoint=str(args.checkpoint or default_checkpoint()),
         device=args.device,
@@ -56,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or envs.api_key(),
         compile=args.compile or envs.compile_enabled(),
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        understand_defaults=understand_defaults,
     )
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", config.checkpoint, args.host, args.port)
     # SIGTERM/SIGINT: uvicorn stops listening and waits for the running requests; the app's shutdown drains the
@@ -63,6 +70,17 @@ def run(args: argparse.Namespace) -> int:
     settings = uvicorn.Config(create_app(config), host=args.host, port=args.port, log_level=envs.log_level().lower())
     _server_type()(settings).run()
     return 0
+
+
+def _understand_defaults(args: argparse.Namespace) -> dict:
+    """The chat answers' speed flags that were given, checked before the model loads."""
+    from dimoo_npu.generation_settings import check_cache_settings
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
+
+    given = {name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS if getattr(args, name) is not None}
+    speed = resolve(UnderstandRequest(**given))
+    check_cache_settings(speed.kv_cache, speed.parallel_threshold)
+    return given
 
 
 def _server_type():

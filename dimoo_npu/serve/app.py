@@ -55,6 +55,9 @@ class ServeConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_n: int = 4
     max_steps: int = 1024
+    # The server's layer over the checkpoint's generation_defaults, under each request's own values: the chat
+    # answers' kv_cache / parallel_threshold / fast (`dimoo serve --kv-cache --parallel-threshold --fast`).
+    understand_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
@@ -226,6 +229,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         from dimoo_npu.pipeline import DiMOOPipeline
 
         pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device, compile=config.compile)
+        pipeline.config.generation_defaults = {**pipeline.config.generation_defaults, **config.understand_defaults}
         state["pipeline"] = pipeline
         return pipeline.model
 
