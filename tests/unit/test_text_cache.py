@@ -182,3 +182,26 @@ def test_group_tasks_started_together_equal_each_alone(tiny_model, tok):
 def test_bad_cache_settings_are_refused_naming_value_and_choices(tiny_model, tok, settings, message):
     with pytest.raises(InputError, match=message):
         sample_text(tiny_model, [mmu_prompt(tok, 5, 0)], gen_length=12, block_length=4, steps=6, **settings)
+
+
+def test_graph_mode_compiles_one_graph_per_kind_of_step(fake_torch_npu, golden, cases):
+    """Dual cache under fullgraph compile (the fake torchair backend): a store and a cached graph for every block
+    of every step, static shapes; the tokens are eager's."""
+    import importlib
+
+    from dimoo_npu.adapters import NpuBackend
+    from dimoo_npu.model import fuse_projections
+    from dimoo_npu.sampling import graph
+    from tests.conftest import CHECKPOINT
+
+    case, prompt = cases["cases"]["mmu_cfg"], golden["mmu_cfg.prompt"]
+    settings = dict(_settings(case), kv_cache="dual", parallel_threshold=0.5)
+    eager = sample_text(fuse_projections(dimoo_npu.load_model(CHECKPOINT)), prompt, **settings)
+    torch._dynamo.reset()
+    torchair = importlib.import_module("torchair")
+    torchair.GRAPHS.clear()
+    model = fuse_projections(dimoo_npu.load_model(CHECKPOINT))
+    graph.compile_forward(model, backend=NpuBackend().compile_backend())
+    assert torch.equal(sample_text(model, prompt, **settings), eager)
+    assert len(torchair.GRAPHS) == 2, f"{len(torchair.GRAPHS)} graphs for {case['steps']} steps"
+    torch._dynamo.reset()
