@@ -41,7 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # prompt's K/V within a block; "dual" also reuses the later blocks', recomputing only the current block.
 KV_CACHE_MODES = ("none", "prefix", "dual")
 # What --fast sets (explicit flags win): the measured recommended pair (README "Fast understanding").
-FAST_UNDERSTANDING = {"kv_cache": "dual", "parallel_threshold": 0.9}
+FAST_UNDERSTANDING = {"kv_cache": "dual", "parallel_threshold": 0.95}
 _T2I, _UNDERSTAND = DEFAULTS["t2i"], DEFAULTS["understand"]
 
 # What to do instead, for the values a user sets most often.

@@ -54,7 +54,7 @@ def test_the_server_default_and_a_requests_own_fields(client, made):
     exact = _ask(client, fast=False)
     assert own.status_code == exact.status_code == 200
     settings = [(kwargs["kv_cache"], kwargs["parallel_threshold"]) for kwargs in made]
-    assert settings == [("dual", 0.9), ("prefix", 0.5), ("none", None)]
+    assert settings == [("dual", 0.95), ("prefix", 0.5), ("none", None)]
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ def test_fast_understanding_lies_under_the_users_values_and_over_the_checkpoints
     exact = settings()
     assert (exact.kv_cache, exact.parallel_threshold) == ("none", None)
     fast = settings({"kv_cache": "prefix"}, fast=True)
-    assert (fast.kv_cache, fast.parallel_threshold) == ("dual", 0.9)
+    assert (fast.kv_cache, fast.parallel_threshold) == ("dual", 0.95)
     mine = settings(fast=True, parallel_threshold=0.7)
     assert (mine.kv_cache, mine.parallel_threshold) == ("dual", 0.7)
     carried = settings({"fast": True, "gen_length": 8})
