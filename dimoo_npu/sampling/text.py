@@ -4,6 +4,11 @@ Each step runs the B prompts (and, with CFG, their B uncond copies) in one forwa
 for the current block's positions. The uncond copy has MASK at every position that was not MASK at the
 start; guidance is ``u + (g+1)*(c-u)``. A row whose answer holds EOS after a block stops there (its later
 blocks stay MASK) while the other rows go on.
+
+With a K/V cache (``kv_cache="prefix"|"dual"``) a block's first step runs every position and keeps its K/V in an
+`MLCache`; the block's later steps run only the block (dual) or the block onward (prefix) against them, asking the
+head only for the positions still masked. ``parallel_threshold`` reveals, beyond the schedule's count, every masked
+position at least that confident, and ends a block once it is revealed.
 """
 
 from __future__ import annotations
