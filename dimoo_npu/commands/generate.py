@@ -60,11 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_request_arguments(parser.add_argument_group(f"{name} request (also the fields of a batch-file line)"), name)
 
 
-def add_request_arguments(group: argparse._ArgumentGroup, task: str) -> None:
-    """One flag per field of the task's request type; an unset flag stays None (the defaults table fills it)."""
+def add_request_arguments(group: argparse._ArgumentGroup, task: str, only: tuple[str, ...] = ()) -> None:
+    """One flag per field of the task's request type (``only``: these fields); an unset flag stays None (the
+    defaults table fills it)."""
     defaults = DEFAULTS[task]
     for field in dataclasses.fields(TASKS[task]):
-        if field.name == "seed":
+        if field.name == "seed" or (only and field.name not in only):
             continue
         flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, [])]
         kind = field_type(TASKS[task], field.name)
