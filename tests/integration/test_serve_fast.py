@@ -43,7 +43,7 @@ def made(monkeypatch) -> list[dict]:
 
 def _ask(client, **fields):
     picture = np.asarray(world.render(world.Scene((world.ShapeObject("circle", "red", "large", 0, 0),))))
-    body = {"model": "m", "messages": question(picture, "what colour is the circle?"), "seed": 0, **fields}
+    body = {"model": "dimoo", "messages": question(picture, "what colour is the circle?"), "seed": 0, **fields}
     return client.post("/v1/chat/completions", json=body)
 
 
