@@ -31,7 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inpaint": ("generate", "regenerate a centred box or the white region of a mask image"),
     "outpaint": ("generate", "regenerate outside a centred box (or the white region of a mask image)"),
     "understand": ("generate", "answer a question about an image"),
-    "eval": ("eval", "GenEval-style accuracy on the shapes world, held out: every task (t2i, edits, inpaint/outpaint, questions, captions)"),
+    "eval": (
+        "eval",
+        "GenEval-style accuracy on the shapes world, held out: t2i, edits, inpaint/outpaint, questions, captions",
+    ),
     "pretokenize": ("train", "JSONL manifest -> token shards for training (parallel, resumable, bad records reported)"),
     "train": ("train", "masked-diffusion fine-tuning from a YAML config (one process or torchrun; tp/pp/dp)"),
     "export-hf": ("train", "training checkpoint -> Hugging Face safetensors folder that load_model reads"),

@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+
 def mix_scale(text: str) -> float:
     """A share of the default mix in (0, 1]."""
     try:

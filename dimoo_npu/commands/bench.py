@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_model_arguments(common)
     add_write_arguments(common, "bench")
     parser.set_defaults(seed=None)  # the preset's base seed unless given
-    add_request_arguments(parser.add_argument_group("sampling (overrides the preset)"), "t2i", skip=NOT_FLAGS)
+    sampling = tuple(f.name for f in dataclasses.fields(TextToImageRequest) if f.name not in NOT_FLAGS)
+    add_request_arguments(parser.add_argument_group("sampling (overrides the preset)"), "t2i", sampling)
 
 
 def sample_requests(args: argparse.Namespace, prompts: list[BenchPrompt], samples: int) -> list[Numbered]:

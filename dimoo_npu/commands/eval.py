@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="question images: each held-out combination at its third's canonical centre, or at every placement",
     )
     parser.add_argument("--answer-steps", type=int, help="answer sampling steps (default: the checkpoint's)")
+    from dimoo_npu.commands.generate import add_request_arguments
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
+
+    add_request_arguments(
+        parser.add_argument_group("answer speed (caption, qa)"), "understand", UNDERSTAND_SPEED_FIELDS
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="requests sampled together")
     parser.add_argument("--output", help="also write the JSON report (with failures) here")
@@ -88,15 +94,18 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.generation_settings import ImageSettings, TextSettings
+    from dimoo_npu.generation_settings import ImageSettings, TextSettings, check_cache_settings
     from dimoo_npu.outputs import save_png
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
 
     tasks = selected_tasks(args.task)
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
+    speed = resolve(UnderstandRequest(**{name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS}), defaults)
+    check_cache_settings(speed.kv_cache, speed.parallel_threshold)  # before the model loads
     pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
     image_settings = ImageSettings(
         timesteps=_pick(args.timesteps, defaults, "timesteps", 64),
@@ -110,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         block_length=int(defaults.get("block_length", gen_length)),
         steps=_pick(args.answer_steps, defaults, "steps", gen_length),
         temperature=float(defaults.get("temperature", 0.0)),
+        kv_cache=speed.kv_cache,
+        parallel_threshold=speed.parallel_threshold,
     ).check()
     budget = defaults.get("image_budget")
     images_dir = Path(args.images_dir) if args.images_dir else None

@@ -78,12 +78,12 @@ def add_write_arguments(common: argparse._ArgumentGroup, batch: str) -> None:
     )
 
 
-def add_request_arguments(group: argparse._ArgumentGroup, task: str, skip: tuple[str, ...] = ("seed",)) -> None:
-    """One flag per field of the task's request type but ``skip``; an unset flag stays None (the defaults table
-    fills it)."""
+def add_request_arguments(group: argparse._ArgumentGroup, task: str, only: tuple[str, ...] = ()) -> None:
+    """One flag per field of the task's request type (``only``: these fields); an unset flag stays None (the
+    defaults table fills it)."""
     defaults = DEFAULTS[task]
     for field in dataclasses.fields(TASKS[task]):
-        if field.name in skip:
+        if field.name == "seed" or (only and field.name not in only):
             continue
         flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, [])]
         kind = field_type(TASKS[task], field.name)

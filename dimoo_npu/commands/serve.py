@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="graph mode (torch.compile); groups pad to fixed batch buckets"
     )
+    from dimoo_npu.commands.generate import add_request_arguments
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
+
+    speed = parser.add_argument_group("chat answers' defaults (a request's own fields win)")
+    add_request_arguments(speed, "understand", UNDERSTAND_SPEED_FIELDS)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -70,6 +75,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     if not (math.isfinite(args.grace) and args.grace >= 0):
         raise InputError(f"--grace {args.grace} must be a number of seconds, 0 or more")
     checkpoint = str(args.checkpoint or default_checkpoint())
+    understand_defaults = _understand_defaults(args)
     resolve_target(args.device)  # a device this machine does not have is named now, not after binding
     derived = default_token_limit(checkpoint, args.max_batch)  # reads config.json and DIMOO_MAX_LENGTH: both checked
     return ServeConfig(
@@ -86,6 +92,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         grace_s=args.grace,
+        understand_defaults=understand_defaults,
     )
 
 
@@ -116,3 +123,15 @@ def run(args: argparse.Namespace) -> int:
     # CPU, after the drain); nothing needs collecting any more, so the process ends without them.
     gc.freeze()
     return 0
+
+
+def _understand_defaults(args: argparse.Namespace) -> dict:
+    """The chat answers' speed flags that were given, checked before the model loads."""
+    from dimoo_npu.generation_settings import check_cache_settings
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
+
+    given = {name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS if getattr(args, name) is not None}
+    speed = resolve(UnderstandRequest(**given))
+    check_cache_settings(speed.kv_cache, speed.parallel_threshold)
+    return given
+

@@ -64,6 +64,9 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 60.0
     grace_s: float = 30.0
+    # The server's layer over the checkpoint's generation_defaults, under each request's own values: the chat
+    # answers' kv_cache / parallel_threshold / fast (`dimoo serve --kv-cache --parallel-threshold --fast`).
+    understand_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def model_id(self) -> str:
@@ -319,6 +322,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         from dimoo_npu.pipeline import DiMOOPipeline
 
         pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device, compile=config.compile)
+        pipeline.config.generation_defaults = {**pipeline.config.generation_defaults, **config.understand_defaults}
         state["pipeline"] = pipeline
         return pipeline.model
 

@@ -20,9 +20,9 @@ from dimoo_npu.parallel import ParallelDims, ParallelOptions
 from dimoo_npu.parallel.pipeline_parallel import SCHEDULES
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.presets import preset_config
+from dimoo_npu.train.config import TrainConfig, check_choice
 
 logger = logging.getLogger(__name__)
-from dimoo_npu.train.config import TrainConfig, check_choice
 
 
 def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:

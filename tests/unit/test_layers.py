@@ -59,6 +59,7 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
 def test_the_readme_states_the_contracts_layers():
     """The README's one-line summary of the layers is the contract's list, in order."""
     import re
+
     import tomllib
 
     contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
