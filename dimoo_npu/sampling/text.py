@@ -23,6 +23,7 @@ from dimoo_npu.sampling.batching import (
     pad_rows,
     row_generators,
 )
+from dimoo_npu.sampling.record import NOT_SAMPLED, Rollout, check_recordable, mark_revealed, sampling_context
 from dimoo_npu.sampling.schedule import transfer_tokens
 from dimoo_npu.sampling.step import predict_text, reveal
 
@@ -40,6 +41,8 @@ class _TextRun:
         # (B, L): what the uncond copy hides, the non-MASK tokens at the start (given when x is already partly sampled)
         self.prompt = real & (x != self.mask) if prompt is None else prompt
         self.active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        self.reveal_step: torch.Tensor | None = None  # (B, L) when recording a rollout (`sample_text(record=True)`)
+        self.step_index = 0
 
     def logits(self, positions: torch.Tensor) -> torch.Tensor:
         """Guided full-vocabulary logits (B, K, V) at positions (B, K)."""
@@ -56,6 +59,8 @@ class _TextRun:
         current = self.x.gather(1, positions)
         masked = (current == self.mask) & self.active[:, None]
         chosen = reveal(prob.masked_fill(~masked, float("-inf")), counts)
+        if self.reveal_step is not None:
+            mark_revealed(self.reveal_step, positions, chosen, self.step_index)
         self.x.scatter_(1, positions, torch.where(chosen, predicted, current))
 
     def stop_finished(self, answer_so_far: torch.Tensor) -> bool:
@@ -83,7 +88,6 @@ def _prepare(model, rows: list[torch.Tensor], code_start: int | None, gen_length
     return x, real, answer, masked
 
 
-@torch.inference_mode()
 def sample_text(
     model,
     prompt_ids: RowsLike,
@@ -96,27 +100,38 @@ def sample_text(
     cfg_scale: float = 0.0,
     generator=None,
     progress: bool = False,
-) -> torch.Tensor | list[torch.Tensor]:
+    record: bool = False,
+) -> torch.Tensor | list[torch.Tensor] | Rollout:
     """Fill the answer's MASK positions; returns the whole sequences in the form given (tensor or list).
 
     The answer is ``gen_length`` positions from ``code_start`` (None: 1 + the index of each row's last BOA).
+    ``record``: return a `Rollout` (answer ids, their positions and the step that revealed each) for a policy
+    log-likelihood, sampled outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
     """
     blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale)
-    rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
-    x, real, answer, masked = _prepare(model, rows, code_start, gen_length, block_length)
-    device = x.device
-    run = _TextRun(model, x, real, cfg_scale, temperature, row_generators(generator, len(rows)))
-    per_block = steps // blocks
-    for block in tqdm(range(blocks), desc="answer blocks", disable=not progress):
-        positions = answer[:, block * block_length : (block + 1) * block_length]  # (B, block_length)
-        counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=device)  # (B, S)
-        for step in range(per_block):
-            run.step(positions, counts[:, step])
-        if run.stop_finished(answer[:, : (block + 1) * block_length]):
-            break
-    if was_tensor:
-        return x.to(rows[0].device)
-    return [x[index, : row.numel()].to(row.device) for index, row in enumerate(rows)]
+    if record:
+        check_recordable(model)
+    with sampling_context(record):
+        rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
+        x, real, answer, masked = _prepare(model, rows, code_start, gen_length, block_length)
+        device = x.device
+        run = _TextRun(model, x, real, cfg_scale, temperature, row_generators(generator, len(rows)))
+        if record:
+            run.reveal_step = torch.full_like(x, NOT_SAMPLED)
+        per_block = steps // blocks
+        for block in tqdm(range(blocks), desc="answer blocks", disable=not progress):
+            positions = answer[:, block * block_length : (block + 1) * block_length]  # (B, block_length)
+            counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=device)  # (B, S)
+            for step in range(per_block):
+                run.step_index = block * per_block + step
+                run.step(positions, counts[:, step])
+            if run.stop_finished(answer[:, : (block + 1) * block_length]):
+                break
+        if record:
+            return Rollout(x.gather(1, answer), answer, x, real, run.reveal_step.gather(1, answer), steps)
+        if was_tensor:
+            return x.to(rows[0].device)
+        return [x[index, : row.numel()].to(row.device) for index, row in enumerate(rows)]
 
 
 # ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
