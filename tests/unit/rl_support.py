@@ -28,9 +28,7 @@ def image_prompts(lengths=(3, 5)) -> list[torch.Tensor]:
     """One text-to-image prompt per length (different lengths: the batch is padded)."""
     tokens = tiny_special_tokens()
     cells = sequences.masked_cells(GRID, tokens)
-    return [
-        sequences.generation_prompt(torch.arange(1, 1 + n), None, cells, tokens).prompt for n in lengths
-    ]
+    return [sequences.generation_prompt(torch.arange(1, 1 + n), None, cells, tokens).prompt for n in lengths]
 
 
 def image_rollout(model, steps: int = 3, seed: int = 0):

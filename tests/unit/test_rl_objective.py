@@ -112,7 +112,8 @@ def test_trajectory_gradient_equals_the_explicit_formula():
         row_terms = []
         for k, step in enumerate(steps):
             masked = {j for j, s in enumerate(steps) if s >= step}  # every cell not yet revealed at that step
-            row_terms.append((_explicit_logp(model, rollout, row, masked, k, 1.0), float(old[row, k]), float(ref[row, k])))
+            logp = _explicit_logp(model, rollout, row, masked, k, 1.0)
+            row_terms.append((logp, float(old[row, k]), float(ref[row, k])))
         terms.append(row_terms)
     _explicit_loss(terms, advantages.tolist()).backward()
     _assert_same_gradients(ours, _grads(model))
@@ -136,8 +137,9 @@ def test_with_one_update_per_rollout_the_gradient_is_the_policy_gradient():
 def test_group_advantages_are_normalised_within_each_group():
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.25, 0.75])
     advantages = group_advantages(rewards, 2)
-    std = math.sqrt(0.5)  # Bessel-corrected std of (1, 0)
-    expected = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.0, 0.0, -0.25 / (0.5 * std + 1e-4), 0.25 / (0.5 * std + 1e-4)]
+    std = math.sqrt(0.5)  # Bessel-corrected std of (1, 0); (0.25, 0.75) has half of it
+    first, third = 0.5 / (std + 1e-4), 0.25 / (0.5 * std + 1e-4)
+    expected = [first, -first, 0.0, 0.0, -third, third]
     torch.testing.assert_close(advantages, torch.tensor(expected))
 
 
