@@ -36,6 +36,14 @@ class Rollout:
     reveal_step: torch.Tensor
     steps: int
 
+    def rows(self, start: int, stop: int) -> Rollout:
+        """Rows ``start:stop`` (a micro-batch)."""
+        pick = slice(start, stop)
+        return Rollout(
+            self.tokens[pick], self.positions[pick], self.sequence[pick], self.real[pick], self.reveal_step[pick],
+            self.steps,
+        )  # fmt: skip
+
 
 def sampling_context(record: bool) -> contextlib.AbstractContextManager:
     """``torch.inference_mode`` for ordinary sampling; ``torch.no_grad`` when recording (see the module doc)."""

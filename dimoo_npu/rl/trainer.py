@@ -1,0 +1,260 @@
+"""Self-GRPO through `dimoo train`: rollouts from the policy, rewards from its own answers, GRPO updates.
+
+One step: take ``global_batch_size / num_generations`` prompts of the reward spec, sample ``num_generations``
+images of each with `sample_image(record=True)` at ``rl.temperature``, decode them, score them (self-reward or
+``rl.reward_function``), normalise the rewards within each group, and make ``num_iterations`` optimizer updates
+of the GRPO loss (`dimoo_npu.rl.objective`) on the recorded rollouts. Every random draw (prompt order, sampling
+noise, the likelihood's hidden tokens) comes from a generator seeded by (run seed, step, row), and the reference
+is the run's starting weights rebuilt, so a resumed run repeats the uninterrupted one. Checkpoints, the run lock,
+resume and metrics are the supervised trainer's (`dimoo_npu.train.trainer.Trainer`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import torch
+
+from dimoo_npu.errors import ConfigError
+from dimoo_npu.generation_settings import check_image_settings, check_text_settings
+from dimoo_npu.image_tokenizer import ImageTokenizer
+from dimoo_npu.lengths import LengthLimit
+from dimoo_npu.rl.likelihood import TokenScores, sampled_timestep_mask, sampled_timestep_scores, trajectory_scores
+from dimoo_npu.rl.objective import group_advantages, grpo_loss
+from dimoo_npu.rl.reward import (
+    SHAPES_SPEC,
+    RewardItem,
+    checked_rewards,
+    load_reward_function,
+    load_spec,
+    self_reward,
+    shapes_spec,
+)
+from dimoo_npu.sampling import sample_image, sample_text
+from dimoo_npu.sampling.record import Rollout
+from dimoo_npu.tasks import PromptEncoder, text_to_image, understand
+from dimoo_npu.text_tokenizer import load_text_tokenizer
+from dimoo_npu.train.config import TrainConfig
+from dimoo_npu.train.masking import sample_generator
+from dimoo_npu.train.schedule import learning_rate
+from dimoo_npu.train.trainer import DistEnv, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def check_rl_layout(config: TrainConfig, world_size: int) -> None:
+    """Self-GRPO runs in one process for now: refuse torchrun worlds and tp/pp before anything is built."""
+    g = config.gpt_args
+    if world_size > 1 or g.tensor_model_parallel_size > 1 or g.pipeline_model_parallel_size > 1:
+        raise ConfigError(
+            f"Self-GRPO (the rl: section) runs in one process: world size {world_size}, tp "
+            f"{g.tensor_model_parallel_size}, pp {g.pipeline_model_parallel_size} are not supported yet; run "
+            "`dimoo train` without torchrun and with tensor/pipeline_model_parallel_size 1"
+        )
+
+
+def step_items(items: list[RewardItem], step: int, count: int, seed: int) -> list[RewardItem]:
+    """The ``count`` prompts of ``step``: the spec in a fresh seeded order per pass over it."""
+    chosen = []
+    for index in range(step * count, (step + 1) * count):
+        epoch, offset = divmod(index, len(items))
+        order = list(range(len(items)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        chosen.append(items[order[offset]])
+    return chosen
+
+
+class GRPOTrainer(Trainer):
+    """`Trainer` with Self-GRPO steps: the spec, the reward and the settings are checked before the model loads."""
+
+    def __init__(self, config: TrainConfig, env: DistEnv | None = None):
+        check_rl_layout(config, (env or DistEnv.from_environment()).world_size)
+        super().__init__(config, env)
+
+    # ---- before the model: everything the user can get wrong ----
+
+    def _check_data(self) -> None:
+        rl = self.config.rl
+        external = rl.reward_function is not None
+        if rl.prompts == SHAPES_SPEC:
+            self.items = shapes_spec(rl.attributes, self.config.gpt_args.seed)
+        else:
+            if rl.attributes is not None:
+                raise ConfigError("rl.attributes is for the shapes world (rl.prompts: shapes); a JSONL spec names "
+                                  "its own questions")  # fmt: skip
+            self.items = load_spec(rl.prompts, questions_needed=not external)
+        self.reward_function = load_reward_function(rl.reward_function) if external else None
+        assets = rl.assets or self.config.model.init_from
+        if assets is None:
+            raise ConfigError("rl needs a tokenizer and vqvae/: set rl.assets, or model.init_from to a checkpoint")
+        self.assets = assets
+        tuned = self.model_config.generation_defaults
+        self.width = rl.width or tuned.get("width", 512)
+        self.height = rl.height or tuned.get("height", 512)
+        self.timesteps = rl.timesteps or tuned.get("timesteps", 64)
+        self.answer_length = rl.answer_length or tuned.get("gen_length", 32)
+        self.answer_steps = rl.answer_steps or self.answer_length
+        check_image_settings(self.timesteps, rl.temperature, rl.cfg_scale, 0.0, 0.9, 0.3, 5)
+        check_text_settings(self.answer_length, self.answer_length, self.answer_steps, 0.0, 0.0)
+
+    # ---- after the model: tokenizers, the reference, the reward ----
+
+    def _prepare_inputs(self) -> None:
+        rl = self.config.rl
+        limit = LengthLimit.for_model(self.model_config.max_sequence_length)
+        self.image_tokenizer = ImageTokenizer.from_pretrained(self.assets, device=self.device)
+        tokens = self.model_config.special_tokens
+        self.encoder = PromptEncoder(load_text_tokenizer(self.assets), self.image_tokenizer, tokens, limit)
+        self.mask_id = tokens["mask"]
+        self.codes = (tokens["image_offset"], tokens["image_offset"] + tokens["codebook_size"])
+        needs_reference = rl.beta > 0 or rl.reward_model == "reference"
+        self.reference = self._frozen_reference() if needs_reference else None
+        if self.reward_function is None:
+            answerer = self.reference if rl.reward_model == "reference" else self.model
+            self.score = self_reward(lambda images, questions: self._answer(answerer, images, questions))
+        self.prompts = {item.prompt: self._image_prompt(item.prompt) for item in self.items}
+
+    def _frozen_reference(self) -> torch.nn.Module:
+        """The run's starting weights (init_from, or the seeded fresh model), frozen: also after a resume."""
+        return self._build_model(load_weights=True).eval().requires_grad_(False)
+
+    def _image_prompt(self, prompt: str):
+        return text_to_image.prepare(self.encoder, prompt, self.width, self.height)
+
+    def _answer(self, model, images, questions) -> list[str]:
+        """Greedy answers (evaluation stays greedy) of ``model`` to one question per image."""
+        prompts = [
+            understand.prepare(self.encoder, image, q, self.answer_length, None)
+            for image, q in zip(images, questions, strict=True)
+        ]
+        outputs = sample_text(
+            model,
+            [p.to(self.device) for p in prompts],
+            gen_length=self.answer_length,
+            block_length=self.answer_length,
+            steps=self.answer_steps,
+            temperature=0.0,
+        )
+        return [understand.decode_answer(self.encoder, p, o) for p, o in zip(prompts, outputs, strict=True)]
+
+    # ---- one step ----
+
+    def _rollout(self, items: list[RewardItem]) -> Rollout:
+        rl, batch = self.config.rl, len(items) * self.config.rl.num_generations
+        prepared = [self.prompts[item.prompt] for item in items for _ in range(rl.num_generations)]
+        first = self.step * batch
+        return sample_image(
+            self.model,
+            [p.prompt.to(self.device) for p in prepared],
+            uncond_ids=[p.uncond.to(self.device) for p in prepared] if rl.cfg_scale > 0 else None,
+            timesteps=self.timesteps,
+            temperature=rl.temperature,
+            cfg_scale=rl.cfg_scale,
+            generator=[sample_generator(self.config.gpt_args.seed, 2 * (first + i)) for i in range(batch)],
+            record=True,
+        )
+
+    def _rewards(self, rollout: Rollout, items: list[RewardItem]) -> torch.Tensor:
+        grid = (self.height // 16, self.width // 16)
+        codes = (rollout.tokens - self.codes[0]).reshape(-1, *grid).cpu()
+        images = self.image_tokenizer.decode_images(codes)
+        per_image = [item for item in items for _ in range(self.config.rl.num_generations)]
+        if self.reward_function is not None:
+            name = self.config.rl.reward_function
+            values = checked_rewards(name, self.reward_function, images, [i.prompt for i in per_image])
+        else:
+            values = checked_rewards("self-reward", lambda imgs, _: self.score(imgs, per_image), images, [])
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _scores(self, model, rollout: Rollout, hidden: torch.Tensor | None) -> TokenScores:
+        temperature = self.config.rl.temperature
+        if hidden is None:
+            return trajectory_scores(model, rollout, self.mask_id, self.codes, temperature)
+        return sampled_timestep_scores(model, rollout, hidden, self.mask_id, self.codes, temperature)
+
+    def _frozen_logps(self, rollout: Rollout, hidden, chunks) -> list[tuple]:
+        """Per micro-batch: logp_old (with num_iterations > 1; else each update's own logp, detached) and the
+        reference's logp (beta > 0), under no_grad and the same hidden tokens as the updates."""
+        rl = self.config.rl
+        models = (self.model if rl.num_iterations > 1 else None, self.reference if rl.beta > 0 else None)
+        frozen = []
+        with torch.no_grad(), self._autocast():
+            for lo, hi in chunks:
+                part, cut = rollout.rows(lo, hi), _rows(hidden, lo, hi)
+                frozen.append(tuple(None if m is None else self._scores(m, part, cut).logp for m in models))
+        return frozen
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = self.options.param_dtype
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, Any]:
+        """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
+        rl, g = self.config.rl, self.config.gpt_args
+        start = time.perf_counter()
+        items = step_items(self.items, self.step, g.global_batch_size // rl.num_generations, g.seed)
+        rollout = self._rollout(items)
+        rewards = self._rewards(rollout, items)
+        advantages = group_advantages(rewards, rl.num_generations)
+        batch = rollout.tokens.shape[0]
+        hidden = None
+        if rl.likelihood == "sampled_timestep":
+            first = self.step * batch
+            generators = [sample_generator(g.seed, 2 * (first + i) + 1) for i in range(batch)]
+            hidden = sampled_timestep_mask(rollout, generators)
+        rollout_s = time.perf_counter() - start
+        chunks = [(i, min(i + g.micro_batch_size, batch)) for i in range(0, batch, g.micro_batch_size)]
+        frozen = self._frozen_logps(rollout, hidden, chunks)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        lr = learning_rate(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(rl.num_iterations):
+            for (lo, hi), (old, ref) in zip(chunks, frozen, strict=True):
+                with self._autocast():
+                    scores = self._scores(self.model, rollout.rows(lo, hi), _rows(hidden, lo, hi))
+                old = scores.logp.detach() if old is None else old
+                loss = grpo_loss(scores.logp, old, ref, advantages[lo:hi], scores.scored, rl.epsilon, rl.beta)
+                (loss.per_sequence.sum() / batch).backward()
+                share = (hi - lo) / batch / rl.num_iterations
+                sums["loss"] += float(loss.per_sequence.detach().sum()) / batch / rl.num_iterations
+                sums["kl"] += float(loss.kl) * share
+                sums["clip_fraction"] += float(loss.clip_fraction) * share
+                counted = scores.scored.float()
+                sums["entropy"] += float((scores.entropy * counted).sum() / counted.sum().clamp_min(1)) * share
+            norm = self.step_runner.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else float("inf"))
+            sums["grad_norm"] += float(norm) / rl.num_iterations
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.backend.synchronize()
+        seconds = time.perf_counter() - start
+        self.step += 1
+        self.consumed += g.global_batch_size
+        return {
+            "step": self.step,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if batch > 1 else 0.0,
+            **sums,
+            "lr": lr,
+            "tokens_per_s": rollout.tokens.numel() / seconds,
+            "rollout_s": rollout_s,
+            "update_s": seconds - rollout_s,
+            "step_time_s": seconds,
+        }
+
+
+def _rows(hidden: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    return None if hidden is None else hidden[lo:hi]
+
+
+def run_grpo(config: TrainConfig) -> list[float]:
+    """Self-GRPO as configured (one process); returns this call's losses (rewards are in metrics.jsonl)."""
+    trainer = GRPOTrainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

@@ -1,0 +1,166 @@
+"""Self-GRPO through the trainer on a tiny model with the bundled model's tokenizer and VQ: the metrics, exact
+resume, a failing reward stopping the run with its last checkpoint intact, and refusals before any rollout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.errors import ConfigError
+from dimoo_npu.rl.reward import RewardError, checked_rewards
+from dimoo_npu.rl.trainer import GRPOTrainer, check_rl_layout, run_grpo
+from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+from dimoo_npu.train.checkpoint import LATEST
+from dimoo_npu.train.config import TrainConfig, load_config
+from tests.unit import rl_rewards
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "train" / "shapes_self_grpo.yaml"
+STEPS = 3
+METRICS = {"reward_mean", "reward_std", "kl", "clip_fraction", "entropy", "rollout_s", "update_s", "loss", "lr"}
+
+
+def tiny_grpo_config(tmp: Path, *overrides: str) -> TrainConfig:
+    """The shipped Self-GRPO config on a fresh one-layer model with the bundled model's vocabulary and assets."""
+    model = DiMOOConfig.from_json(EMBEDDED_CHECKPOINT).to_hf_dict()
+    model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
+    base = [
+        f"output_dir={tmp / 'run'}", "model.init_from=null", f"model.config={json.dumps(model)}",
+        f"rl.assets={EMBEDDED_CHECKPOINT}", "rl.timesteps=4", "rl.answer_steps=2", "rl.num_generations=2",
+        "global_batch_size=4", "micro_batch_size=2", "lr=1e-3", f"train_iters={STEPS}", "save_interval=0",
+        "plot=false",
+    ]  # fmt: skip
+    return load_config(CONFIG, [*base, *overrides])
+
+
+def _records(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, list[float]]:
+    """An uninterrupted run with an external reward (rewards differ within groups, so the policy moves)."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    return tmp, run_grpo(tiny_grpo_config(tmp, "rl.reward_function=tests.unit.rl_rewards:redness"))
+
+
+def test_metrics_of_every_step(reference):
+    tmp, losses = reference
+    records = _records(tmp)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in records] == losses
+    for record in records:
+        assert METRICS <= set(record)
+        assert 0 <= record["reward_mean"] <= 1 and record["reward_std"] > 0
+        assert record["rollout_s"] > 0 and record["update_s"] > 0 and record["grad_norm"] > 0
+    assert records[0]["kl"] == 0, "the policy starts at the reference"
+    assert records[-1]["kl"] > 0, "and moves away from it"
+
+
+def test_resume_repeats_the_uninterrupted_run(reference, tmp_path):
+    ref_tmp, expected = reference
+    reward = "rl.reward_function=tests.unit.rl_rewards:redness"
+    first = run_grpo(tiny_grpo_config(tmp_path, reward, "train_iters=2", f"lr_decay_iters={STEPS}"))
+    second = run_grpo(tiny_grpo_config(tmp_path, reward))
+    assert first + second == expected  # bit for bit: weights, optimizer, prompts, samples, hidden tokens
+    rewards = [r["reward_mean"] for r in _records(tmp_path)]
+    assert rewards == [r["reward_mean"] for r in _records(ref_tmp)]
+
+
+def test_self_reward_asks_the_policy_about_its_images(tmp_path, monkeypatch):
+    from dimoo_npu.rl import trainer as grpo_trainer
+
+    asked: list[str] = []
+    answer = GRPOTrainer._answer
+
+    def spy(self, model, images, questions):
+        asked.extend(questions)
+        assert model is self.model and all(image.size == (128, 128) for image in images)
+        return answer(self, model, images, questions)
+
+    monkeypatch.setattr(grpo_trainer.GRPOTrainer, "_answer", spy)
+    run_grpo(tiny_grpo_config(tmp_path, "train_iters=1", "rl.attributes=[colour, size]", "rl.beta=0"))
+    (record,) = _records(tmp_path)
+    assert len(asked) == 4 * 2, "two questions about each of the 4 images"
+    assert 0 <= record["reward_mean"] <= 1 and record["kl"] == 0
+
+
+@pytest.mark.parametrize("function", ["raises", "not_a_number", "too_large"])
+def test_bad_reward_is_named_and_refused(function):
+    images = [object(), object()]
+    with pytest.raises(RewardError, match=f"reward function {function}"):
+        checked_rewards(function, getattr(rl_rewards, function), images, ["a", "b"])
+
+
+def test_bad_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    good = "rl.reward_function=tests.unit.rl_rewards:redness"
+    run_grpo(tiny_grpo_config(tmp_path, good, "train_iters=1"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}
+    with pytest.raises(RewardError, match="tests.unit.rl_rewards:raises raised RuntimeError: the scorer is down"):
+        run_grpo(tiny_grpo_config(tmp_path, "rl.reward_function=tests.unit.rl_rewards:raises"))
+    assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == before
+    assert (checkpoints / LATEST).read_text().strip() == "step-00000001"
+    run_grpo(tiny_grpo_config(tmp_path, good, "train_iters=2"))  # the lock was released; the run goes on
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rl.num_generations=1"], "at least 2 completions"),
+        (["rl.attributes=[colour, texture]"], "'texture'"),
+        (["rl.attributes=[]"], "rl.attributes is empty"),
+        (["rl.temperature=0"], "every advantage 0"),
+        (["global_batch_size=3", "micro_batch_size=1"], "multiple of rl.num_generations"),
+        (["rl.reward_function=tests.unit.rl_rewards:missing"], "has no function missing"),
+    ],
+)
+def test_refused_before_any_rollout(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        GRPOTrainer(tiny_grpo_config(tmp_path, *overrides))
+    assert not (tmp_path / "run").exists(), "nothing was started"
+
+
+def test_empty_jsonl_spec_is_refused(tmp_path):
+    spec = tmp_path / "spec.jsonl"
+    spec.write_text("\n")
+    with pytest.raises(ConfigError, match="holds no prompt"):
+        GRPOTrainer(tiny_grpo_config(tmp_path, f"rl.prompts={spec}", "rl.attributes=null"))
+    spec.write_text(json.dumps({"prompt": "a red circle", "questions": []}) + "\n")
+    with pytest.raises(ConfigError, match="line 1 has no questions"):
+        GRPOTrainer(tiny_grpo_config(tmp_path, f"rl.prompts={spec}", "rl.attributes=null"))
+
+
+def test_jsonl_spec_drives_the_self_reward(tmp_path):
+    spec = tmp_path / "spec.jsonl"
+    question = {"question": "what shape is it?", "answer": "circle"}
+    line = {"prompt": "a small red circle in the center", "questions": [question]}
+    spec.write_text(json.dumps(line) + "\n")
+    run_grpo(tiny_grpo_config(tmp_path, f"rl.prompts={spec}", "rl.attributes=null", "train_iters=1", "rl.beta=0"))
+    assert _records(tmp_path)[0]["reward_mean"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_parallel_layouts_are_refused():
+    config = load_config(CONFIG)
+    with pytest.raises(ConfigError, match="one process"):
+        check_rl_layout(config, world_size=2)
+    config.gpt_args.tensor_model_parallel_size = 2
+    with pytest.raises(ConfigError, match="tp 2"):
+        check_rl_layout(config, world_size=1)
+
+
+def test_dimoo_train_runs_the_rl_section(tmp_path, capsys, caplog):
+    from dimoo_npu.cli import main
+
+    config = tiny_grpo_config(tmp_path, "train_iters=1", "rl.reward_function=tests.unit.rl_rewards:redness")
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", str(path)]) == 0
+    assert "trained 1 step(s)" in capsys.readouterr().out
+    assert "reward_mean" in _records(tmp_path)[0]
+    assert main(["train", str(path), "rl.num_generations=1"]) == 2
+    assert "num_generations is 1" in caplog.text
