@@ -87,10 +87,8 @@ def trajectory_scores(model, rollout: Rollout, mask_id: int, vocab_range, temper
     """The trajectory estimate: every sampled token scored at the step that revealed it (one forward per step)."""
     logp = torch.zeros(rollout.tokens.shape, device=rollout.tokens.device)
     entropy = torch.zeros_like(logp)
-    for step in range(rollout.steps):
+    for step in range(rollout.steps):  # every step, even one that revealed nothing: data-parallel ranks stay in step
         revealed = rollout.reveal_step == step
-        if not bool(revealed.any()):  # a text row that stopped early, or a step after every row finished
-            continue
         step_logp, step_entropy = token_logprobs(
             model, rollout, rollout.reveal_step >= step, mask_id, vocab_range, temperature
         )

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.generation_settings import check_image_settings, check_text_settings
@@ -27,6 +28,7 @@ from dimoo_npu.rl.likelihood import TokenScores, sampled_timestep_mask, sampled_
 from dimoo_npu.rl.objective import group_advantages, grpo_loss
 from dimoo_npu.rl.reward import (
     SHAPES_SPEC,
+    RewardError,
     RewardItem,
     checked_rewards,
     load_reward_function,
@@ -47,13 +49,23 @@ logger = logging.getLogger(__name__)
 
 
 def check_rl_layout(config: TrainConfig, world_size: int) -> None:
-    """Self-GRPO runs in one process for now: refuse torchrun worlds and tp/pp before anything is built."""
-    g = config.gpt_args
-    if world_size > 1 or g.tensor_model_parallel_size > 1 or g.pipeline_model_parallel_size > 1:
+    """Self-GRPO runs in one process or as FSDP2 data parallel (every rank samples and scores whole groups of its own
+    prompts); tensor and pipeline parallelism, and DDP, are refused before anything is built."""
+    g, groups = config.gpt_args, config.gpt_args.global_batch_size // config.rl.num_generations
+    if g.tensor_model_parallel_size > 1 or g.pipeline_model_parallel_size > 1:
         raise ConfigError(
-            f"Self-GRPO (the rl: section) runs in one process: world size {world_size}, tp "
-            f"{g.tensor_model_parallel_size}, pp {g.pipeline_model_parallel_size} are not supported yet; run "
-            "`dimoo train` without torchrun and with tensor/pipeline_model_parallel_size 1"
+            f"Self-GRPO (the rl: section) runs data parallel only: tp {g.tensor_model_parallel_size} and pp "
+            f"{g.pipeline_model_parallel_size} are not supported; set tensor/pipeline_model_parallel_size to 1"
+        )
+    if world_size > 1 and not g.use_distributed_optimizer:
+        raise ConfigError(
+            "Self-GRPO under torchrun needs FSDP2 (use_distributed_optimizer: true): the rollouts sample through "
+            "the sharded model, which DDP's wrapper does not expose"
+        )
+    if groups % world_size:
+        raise ConfigError(
+            f"{groups} prompt group(s) per step (global_batch_size / num_generations) do not split over {world_size} "
+            f"data-parallel ranks: make global_batch_size a multiple of num_generations * {world_size}"
         )
 
 
@@ -143,10 +155,10 @@ class GRPOTrainer(Trainer):
 
     # ---- one step ----
 
-    def _rollout(self, items: list[RewardItem]) -> Rollout:
+    def _rollout(self, items: list[RewardItem], first: int) -> Rollout:
+        """``num_generations`` images of each item; row i draws from the generator of the run's row ``first + i``."""
         rl, batch = self.config.rl, len(items) * self.config.rl.num_generations
         prepared = [self.prompts[item.prompt] for item in items for _ in range(rl.num_generations)]
-        first = self.step * batch
         return sample_image(
             self.model,
             [p.prompt.to(self.device) for p in prepared],
@@ -163,12 +175,35 @@ class GRPOTrainer(Trainer):
         codes = (rollout.tokens - self.codes[0]).reshape(-1, *grid).cpu()
         images = self.image_tokenizer.decode_images(codes)
         per_image = [item for item in items for _ in range(self.config.rl.num_generations)]
-        if self.reward_function is not None:
-            name = self.config.rl.reward_function
-            values = checked_rewards(name, self.reward_function, images, [i.prompt for i in per_image])
-        else:
-            values = checked_rewards("self-reward", lambda imgs, _: self.score(imgs, per_image), images, [])
+        failure = None
+        try:
+            if self.reward_function is not None:
+                name = self.config.rl.reward_function
+                values = checked_rewards(name, self.reward_function, images, [i.prompt for i in per_image])
+            else:
+                values = checked_rewards("self-reward", lambda imgs, _: self.score(imgs, per_image), images, [])
+        except RewardError as err:
+            failure, values = err, [0.0] * len(images)
+        self._agree_on(failure)
         return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    def _agree_on(self, failure: RewardError | None) -> None:
+        """Every rank stops when one rank's reward failed (else the others would wait for it in a collective)."""
+        failed = torch.tensor([failure is not None], dtype=torch.float32, device=self.device)
+        if self.dims.dp > 1:
+            dist.all_reduce(failed)
+        if failure is not None:
+            raise failure
+        if float(failed) > 0:
+            raise RewardError("the reward function failed on another data-parallel rank (its log names it)")
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole step's values from every data-parallel rank's (equal-length) share."""
+        if self.dims.dp == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.dims.dp)]
+        dist.all_gather(parts, local)
+        return torch.cat(parts)
 
     def _scores(self, model, rollout: Rollout, hidden: torch.Tensor | None) -> TokenScores:
         temperature = self.config.rl.temperature
@@ -196,14 +231,16 @@ class GRPOTrainer(Trainer):
         """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
         rl, g = self.config.rl, self.config.gpt_args
         start = time.perf_counter()
-        items = step_items(self.items, self.step, g.global_batch_size // rl.num_generations, g.seed)
-        rollout = self._rollout(items)
-        rewards = self._rewards(rollout, items)
-        advantages = group_advantages(rewards, rl.num_generations)
+        groups = g.global_batch_size // rl.num_generations // self.dims.dp
+        items = step_items(self.items, self.step, groups * self.dims.dp, g.seed)[self.dp_rank * groups :][:groups]
+        first = self.step * g.global_batch_size + self.dp_rank * groups * rl.num_generations  # this rank's first row
+        rollout = self._rollout(items, first)
+        local_rewards = self._rewards(rollout, items)
+        advantages = group_advantages(local_rewards, rl.num_generations)
+        rewards = self._gather(local_rewards)
         batch = rollout.tokens.shape[0]
         hidden = None
         if rl.likelihood == "sampled_timestep":
-            first = self.step * batch
             generators = [sample_generator(g.seed, 2 * (first + i) + 1) for i in range(batch)]
             hidden = sampled_timestep_mask(rollout, generators)
         rollout_s = time.perf_counter() - start
@@ -219,7 +256,8 @@ class GRPOTrainer(Trainer):
                     scores = self._scores(self.model, rollout.rows(lo, hi), _rows(hidden, lo, hi))
                 old = scores.logp.detach() if old is None else old
                 loss = grpo_loss(scores.logp, old, ref, advantages[lo:hi], scores.scored, rl.epsilon, rl.beta)
-                (loss.per_sequence.sum() / batch).backward()
+                # FSDP averages gradients over the dp ranks: each rank's share of the global mean, times dp
+                (loss.per_sequence.sum() * self.dims.dp / g.global_batch_size).backward()
                 share = (hi - lo) / batch / rl.num_iterations
                 sums["loss"] += float(loss.per_sequence.detach().sum()) / batch / rl.num_iterations
                 sums["kl"] += float(loss.kl) * share
@@ -230,6 +268,8 @@ class GRPOTrainer(Trainer):
             sums["grad_norm"] += float(norm) / rl.num_iterations
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        averaged = self._gather(torch.tensor([sums[k] for k in _RANK_MEANS], device=self.device))
+        sums.update(zip(_RANK_MEANS, averaged.view(self.dims.dp, -1).mean(dim=0).tolist(), strict=True))
         self.backend.synchronize()
         seconds = time.perf_counter() - start
         self.step += 1
@@ -237,14 +277,17 @@ class GRPOTrainer(Trainer):
         return {
             "step": self.step,
             "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if batch > 1 else 0.0,
+            "reward_std": float(rewards.std()),
             **sums,
             "lr": lr,
-            "tokens_per_s": rollout.tokens.numel() / seconds,
+            "tokens_per_s": rollout.tokens.numel() * self.dims.dp / seconds,
             "rollout_s": rollout_s,
             "update_s": seconds - rollout_s,
             "step_time_s": seconds,
         }
+
+
+_RANK_MEANS = ("loss", "kl", "clip_fraction", "entropy")  # per-rank means of equal shares: averaged over ranks
 
 
 def _rows(hidden: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:

@@ -9,32 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.rl.reward import RewardError, checked_rewards
 from dimoo_npu.rl.trainer import GRPOTrainer, check_rl_layout, run_grpo
-from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
 from dimoo_npu.train.checkpoint import LATEST
-from dimoo_npu.train.config import TrainConfig, load_config
+from dimoo_npu.train.config import load_config
 from tests.unit import rl_rewards
+from tests.unit.rl_support import CONFIG, tiny_grpo_config
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = REPO / "configs" / "train" / "shapes_self_grpo.yaml"
 STEPS = 3
 METRICS = {"reward_mean", "reward_std", "kl", "clip_fraction", "entropy", "rollout_s", "update_s", "loss", "lr"}
-
-
-def tiny_grpo_config(tmp: Path, *overrides: str) -> TrainConfig:
-    """The shipped Self-GRPO config on a fresh one-layer model with the bundled model's vocabulary and assets."""
-    model = DiMOOConfig.from_json(EMBEDDED_CHECKPOINT).to_hf_dict()
-    model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
-    base = [
-        f"output_dir={tmp / 'run'}", "model.init_from=null", f"model.config={json.dumps(model)}",
-        f"rl.assets={EMBEDDED_CHECKPOINT}", "rl.timesteps=4", "rl.answer_steps=2", "rl.num_generations=2",
-        "global_batch_size=4", "micro_batch_size=2", "lr=1e-3", f"train_iters={STEPS}", "save_interval=0",
-        "plot=false",
-    ]  # fmt: skip
-    return load_config(CONFIG, [*base, *overrides])
 
 
 def _records(tmp: Path) -> list[dict]:
@@ -162,13 +146,17 @@ def test_jsonl_spec_drives_the_self_reward(tmp_path):
     assert _records(tmp_path)[0]["reward_mean"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def test_parallel_layouts_are_refused():
-    config = load_config(CONFIG)
-    with pytest.raises(ConfigError, match="one process"):
+def test_layouts_other_than_data_parallel_fsdp_are_refused():
+    config = load_config(CONFIG, ["global_batch_size=8", "rl.num_generations=2"])  # 4 groups
+    check_rl_layout(config, world_size=4)
+    with pytest.raises(ConfigError, match="do not split over 8"):
+        check_rl_layout(config, world_size=8)
+    config.gpt_args.use_distributed_optimizer = False
+    with pytest.raises(ConfigError, match="needs FSDP2"):
         check_rl_layout(config, world_size=2)
     config.gpt_args.tensor_model_parallel_size = 2
     with pytest.raises(ConfigError, match="tp 2"):
-        check_rl_layout(config, world_size=1)
+        check_rl_layout(config, world_size=2)
 
 
 def test_dimoo_train_runs_the_rl_section(tmp_path, capsys, caplog):
