@@ -12,7 +12,6 @@ resume and metrics are the supervised trainer's (`dimoo_npu.train.trainer.Traine
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from dimoo_npu.errors import ConfigError
 from dimoo_npu.generation_settings import check_image_settings, check_text_settings
 from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.lengths import LengthLimit
+from dimoo_npu.requests import PIXELS_PER_CELL
 from dimoo_npu.rl.likelihood import TokenScores, sampled_timestep_mask, sampled_timestep_scores, trajectory_scores
 from dimoo_npu.rl.objective import group_advantages, grpo_loss
 from dimoo_npu.rl.reward import (
@@ -44,8 +44,6 @@ from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.masking import sample_generator
 from dimoo_npu.train.schedule import learning_rate
 from dimoo_npu.train.trainer import DistEnv, Trainer
-
-logger = logging.getLogger(__name__)
 
 
 def check_rl_layout(config: TrainConfig, world_size: int) -> None:
@@ -105,8 +103,7 @@ class GRPOTrainer(Trainer):
             raise ConfigError("rl needs a tokenizer and vqvae/: set rl.assets, or model.init_from to a checkpoint")
         self.assets = assets
         tuned = self.model_config.generation_defaults
-        self.width = rl.width or tuned.get("width", 512)
-        self.height = rl.height or tuned.get("height", 512)
+        self.width, self.height = rl.image_size(tuned)
         self.timesteps = rl.timesteps or tuned.get("timesteps", 64)
         self.answer_length = rl.answer_length or tuned.get("gen_length", 32)
         self.answer_steps = rl.answer_steps or self.answer_length
@@ -171,7 +168,7 @@ class GRPOTrainer(Trainer):
         )
 
     def _rewards(self, rollout: Rollout, items: list[RewardItem]) -> torch.Tensor:
-        grid = (self.height // 16, self.width // 16)
+        grid = (self.height // PIXELS_PER_CELL, self.width // PIXELS_PER_CELL)
         codes = (rollout.tokens - self.codes[0]).reshape(-1, *grid).cpu()
         images = self.image_tokenizer.decode_images(codes)
         per_image = [item for item in items for _ in range(self.config.rl.num_generations)]

@@ -100,6 +100,10 @@ class RLArgs:
     answer_length: int | None = None  # answer tokens of the self-reward; null: generation_defaults, else 32
     answer_steps: int | None = None  # answer sampling steps (greedy); null: answer_length
 
+    def image_size(self, defaults: dict[str, Any]) -> tuple[int, int]:
+        """(width, height) of the rollouts: as set, else the checkpoint's generation_defaults, else 512."""
+        return self.width or defaults.get("width", 512), self.height or defaults.get("height", 512)
+
     def check(self, global_batch_size: int) -> None:
         """Value checks that need no model: before any weight is read or any rollout sampled."""
         if self.num_generations < 2:
