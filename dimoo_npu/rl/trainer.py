@@ -12,6 +12,7 @@ resume and metrics are the supervised trainer's (`dimoo_npu.train.trainer.Traine
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from typing import Any
@@ -72,10 +73,15 @@ def step_items(items: list[RewardItem], step: int, count: int, seed: int) -> lis
     chosen = []
     for index in range(step * count, (step + 1) * count):
         epoch, offset = divmod(index, len(items))
-        order = list(range(len(items)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        chosen.append(items[order[offset]])
+        chosen.append(items[_pass_order(seed, epoch, len(items))[offset]])
     return chosen
+
+
+@functools.lru_cache(maxsize=2)
+def _pass_order(seed: int, epoch: int, count: int) -> tuple[int, ...]:
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
 
 
 class GRPOTrainer(Trainer):

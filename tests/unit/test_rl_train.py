@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from dimoo_npu.errors import ConfigError
-from dimoo_npu.rl.reward import RewardError, checked_rewards
-from dimoo_npu.rl.trainer import GRPOTrainer, check_rl_layout, run_grpo
+from dimoo_npu.rl.reward import RewardError, RewardItem, checked_rewards
+from dimoo_npu.rl.trainer import GRPOTrainer, check_rl_layout, run_grpo, step_items
 from dimoo_npu.train.checkpoint import LATEST
 from dimoo_npu.train.config import load_config
 from tests.unit import rl_rewards
@@ -73,7 +73,8 @@ def test_resume_repeats_the_uninterrupted_run(reference, tmp_path):
     assert rewards == [r["reward_mean"] for r in _records(ref_tmp)]
 
 
-def test_self_reward_asks_the_policy_about_its_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("answers", ["policy", "reference"])
+def test_self_reward_asks_the_chosen_model_about_each_image(tmp_path, monkeypatch, answers):
     from dimoo_npu.rl import trainer as grpo_trainer
 
     asked: list[str] = []
@@ -81,14 +82,24 @@ def test_self_reward_asks_the_policy_about_its_images(tmp_path, monkeypatch):
 
     def spy(self, model, images, questions):
         asked.extend(questions)
-        assert model is self.model and all(image.size == (128, 128) for image in images)
+        assert model is (self.model if answers == "policy" else self.reference)
+        assert all(image.size == (128, 128) for image in images)
         return answer(self, model, images, questions)
 
     monkeypatch.setattr(grpo_trainer.GRPOTrainer, "_answer", spy)
-    run_grpo(tiny_grpo_config(tmp_path, "train_iters=1", "rl.attributes=[colour, size]", "rl.beta=0"))
+    overrides = ["train_iters=1", "rl.attributes=[colour, size]", "rl.beta=0", f"rl.reward_model={answers}"]
+    run_grpo(tiny_grpo_config(tmp_path, *overrides))
     (record,) = _records(tmp_path)
     assert len(asked) == 4 * 2, "two questions about each of the 4 images"
     assert 0 <= record["reward_mean"] <= 1 and record["kl"] == 0
+
+
+def test_prompts_follow_a_seeded_order_per_pass():
+    items = [RewardItem(str(i), ()) for i in range(5)]
+    drawn = [item.prompt for step in range(5) for item in step_items(items, step, 2, seed=3)]
+    assert sorted(drawn[:5]) == sorted(drawn[5:]) == [str(i) for i in range(5)], "each pass shows every prompt once"
+    assert drawn[:5] != drawn[5:], "in a new order"
+    assert step_items(items, 4, 2, seed=3) == step_items(items, 4, 2, seed=3)
 
 
 @pytest.mark.parametrize("function", ["raises", "not_a_number", "too_large"])
