@@ -108,12 +108,12 @@ def load_reward_function(name: str) -> RewardFunction:
     return function
 
 
-def checked_rewards(name: str, function: RewardFunction, images: list[Image.Image], prompts: list[str]) -> list[float]:
-    """``function(images, prompts)`` as floats, or `RewardError` naming ``name`` when it raises or returns anything
-    but one finite number in [0, 1] per image."""
+def checked_rewards(name: str, function: Callable, images: list[Image.Image], requests: list) -> list[float]:
+    """``function(images, requests)`` (the prompts, or for the self-reward their items) as floats, or `RewardError`
+    naming ``name`` when it raises or returns anything but one finite number in [0, 1] per image."""
     stop = "the run stopped before this step's update; the last checkpoint is intact"
     try:
-        values = list(function(images, prompts))
+        values = list(function(images, requests))
     except Exception as err:  # noqa: BLE001 - any failure of user code is reported, with the function's name
         raise RewardError(f"reward function {name} raised {type(err).__name__}: {err}; {stop}") from err
     if len(values) != len(images):

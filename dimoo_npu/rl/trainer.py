@@ -184,7 +184,7 @@ class GRPOTrainer(Trainer):
                 name = self.config.rl.reward_function
                 values = checked_rewards(name, self.reward_function, images, [i.prompt for i in per_image])
             else:
-                values = checked_rewards("self-reward", lambda imgs, _: self.score(imgs, per_image), images, [])
+                values = checked_rewards("self-reward", self.score, images, per_image)
         except RewardError as err:
             failure, values = err, [0.0] * len(images)
         self._agree_on(failure)
@@ -230,27 +230,13 @@ class GRPOTrainer(Trainer):
         dtype = self.options.param_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def train_step(self) -> dict[str, Any]:
-        """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
+    def _update(self, rollout: Rollout, hidden: torch.Tensor | None, advantages: torch.Tensor, lr: float) -> dict:
+        """``num_iterations`` optimizer steps of the GRPO loss on this rank's rollouts; this rank's metric sums."""
         rl, g = self.config.rl, self.config.gpt_args
-        start = time.perf_counter()
-        groups = g.global_batch_size // rl.num_generations // self.dims.dp
-        items = step_items(self.items, self.step, groups * self.dims.dp, g.seed)[self.dp_rank * groups :][:groups]
-        first = self.step * g.global_batch_size + self.dp_rank * groups * rl.num_generations  # this rank's first row
-        rollout = self._rollout(items, first)
-        local_rewards = self._rewards(rollout, items)
-        advantages = group_advantages(local_rewards, rl.num_generations)
-        rewards = self._gather(local_rewards)
         batch = rollout.tokens.shape[0]
-        hidden = None
-        if rl.likelihood == "sampled_timestep":
-            generators = [sample_generator(g.seed, 2 * (first + i) + 1) for i in range(batch)]
-            hidden = sampled_timestep_mask(rollout, generators)
-        rollout_s = time.perf_counter() - start
         chunks = [(i, min(i + g.micro_batch_size, batch)) for i in range(0, batch, g.micro_batch_size)]
         frozen = self._frozen_logps(rollout, hidden, chunks)
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for _ in range(rl.num_iterations):
@@ -271,6 +257,27 @@ class GRPOTrainer(Trainer):
             sums["grad_norm"] += float(norm) / rl.num_iterations
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    def train_step(self) -> dict[str, Any]:
+        """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
+        rl, g = self.config.rl, self.config.gpt_args
+        start = time.perf_counter()
+        groups = g.global_batch_size // rl.num_generations // self.dims.dp
+        items = step_items(self.items, self.step, groups * self.dims.dp, g.seed)[self.dp_rank * groups :][:groups]
+        first = self.step * g.global_batch_size + self.dp_rank * groups * rl.num_generations  # this rank's first row
+        rollout = self._rollout(items, first)
+        local_rewards = self._rewards(rollout, items)
+        advantages = group_advantages(local_rewards, rl.num_generations)
+        rewards = self._gather(local_rewards)
+        batch = rollout.tokens.shape[0]
+        hidden = None
+        if rl.likelihood == "sampled_timestep":
+            generators = [sample_generator(g.seed, 2 * (first + i) + 1) for i in range(batch)]
+            hidden = sampled_timestep_mask(rollout, generators)
+        rollout_s = time.perf_counter() - start
+        lr = learning_rate(self.step, self.config)
+        sums = self._update(rollout, hidden, advantages, lr)
         averaged = self._gather(torch.tensor([sums[k] for k in _RANK_MEANS], device=self.device))
         sums.update(zip(_RANK_MEANS, averaged.view(self.dims.dp, -1).mean(dim=0).tolist(), strict=True))
         self.backend.synchronize()
