@@ -56,6 +56,7 @@ def test_metrics_of_every_step(reference):
         ("rl.likelihood=trajectory",),
         ("rl.cfg_scale=2.0",),
         ("rl.num_iterations=2", "lr=0.05"),
+        ("bf16=true",),
     ],
 )
 def test_one_step_of_each_option(tmp_path, overrides):
