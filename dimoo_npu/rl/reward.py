@@ -16,7 +16,7 @@ import json
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -38,6 +38,7 @@ class RewardError(InputError):
 class RewardItem:
     prompt: str
     questions: tuple[tuple[str, str], ...]  # (question, expected answer)
+    scene: world.Scene | None = field(default=None, compare=False)  # what the prompt asks for (shapes world)
 
 
 def shapes_spec(attributes: Sequence[str] | None, seed: int) -> list[RewardItem]:
@@ -57,6 +58,7 @@ def shapes_spec(attributes: Sequence[str] | None, seed: int) -> list[RewardItem]
         RewardItem(
             world.canonical_caption(obj),
             tuple((world.question(obj, name, rng), world.answer(obj, name)) for name in asked),
+            world.Scene((obj,)),
         )
         for obj in world.split_objects("train")
     ]

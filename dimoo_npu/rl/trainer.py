@@ -15,6 +15,7 @@ import contextlib
 import functools
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ from dimoo_npu.rl.reward import (
 )
 from dimoo_npu.sampling import sample_image, sample_text
 from dimoo_npu.sampling.record import Rollout
+from dimoo_npu.shapes import world
+from dimoo_npu.shapes.evaluate import normalise_answer
 from dimoo_npu.tasks import PromptEncoder, text_to_image, understand
 from dimoo_npu.text_tokenizer import load_text_tokenizer
 from dimoo_npu.train.config import TrainConfig
@@ -103,6 +106,11 @@ class GRPOTrainer(Trainer):
                 raise ConfigError("rl.attributes is for the shapes world (rl.prompts: shapes); a JSONL spec names "
                                   "its own questions")  # fmt: skip
             self.items = load_spec(rl.prompts, questions_needed=not external)
+        if rl.understanding and rl.prompts != SHAPES_SPEC:
+            raise ConfigError(
+                "rl.understanding needs pictures whose answers are known: it runs on the shapes world "
+                "(rl.prompts: shapes), whose prompts come with their true picture"
+            )
         self.reward_function = load_reward_function(rl.reward_function) if external else None
         assets = rl.assets or self.config.model.init_from
         if assets is None:
@@ -169,9 +177,40 @@ class GRPOTrainer(Trainer):
             timesteps=self.timesteps,
             temperature=rl.temperature,
             cfg_scale=rl.cfg_scale,
-            generator=[sample_generator(self.config.gpt_args.seed, 2 * (first + i)) for i in range(batch)],
+            generator=self._generators(IMAGE_SAMPLING, first, batch),
             record=True,
         )
+
+    def _generators(self, kind: int, first: int, count: int) -> list[torch.Generator]:
+        """One generator per row ``first .. first + count - 1`` of the run, for one kind of draw."""
+        return [sample_generator(self.config.gpt_args.seed, DRAW_KINDS * (first + i) + kind) for i in range(count)]
+
+    def _answer_rollout(self, items: list[RewardItem], first: int) -> tuple[Rollout, torch.Tensor]:
+        """Understanding rollouts: ``num_generations`` sampled answers to one question of each item (the step's
+        turn through its questions) about the item's true picture, and their rewards (1 for the expected answer)."""
+        rl = self.config.rl
+        asked = [item.questions[self.step % len(item.questions)] for item in items]
+        prompts = [
+            understand.prepare(self.encoder, world.render(item.scene), question, self.answer_length, None)
+            for item, (question, _) in zip(items, asked, strict=True)
+            for _ in range(rl.num_generations)
+        ]
+        rollout = sample_text(
+            self.model,
+            [p.to(self.device) for p in prompts],
+            gen_length=self.answer_length,
+            block_length=self.answer_length,
+            steps=self.answer_steps,
+            temperature=rl.temperature,
+            generator=self._generators(ANSWER_SAMPLING, first, len(prompts)),
+            record=True,
+        )
+        expected = [want for _, want in asked for _ in range(rl.num_generations)]
+        rewards = [
+            float(normalise_answer(understand.decode_answer(self.encoder, p, row[: p.numel()])) == normalise_answer(e))
+            for p, row, e in zip(prompts, rollout.sequence, expected, strict=True)
+        ]
+        return rollout, torch.tensor(rewards, device=self.device)
 
     def _rewards(self, rollout: Rollout, items: list[RewardItem]) -> torch.Tensor:
         grid = (self.height // PIXELS_PER_CELL, self.width // PIXELS_PER_CELL)
@@ -208,56 +247,69 @@ class GRPOTrainer(Trainer):
         dist.all_gather(parts, local)
         return torch.cat(parts)
 
-    def _scores(self, model, rollout: Rollout, hidden: torch.Tensor | None) -> TokenScores:
-        temperature = self.config.rl.temperature
-        if hidden is None:
-            return trajectory_scores(model, rollout, self.mask_id, self.codes, temperature)
-        return sampled_timestep_scores(model, rollout, hidden, self.mask_id, self.codes, temperature)
+    def _scores(self, model, part: _Part, lo: int, hi: int) -> TokenScores:
+        """The configured likelihood estimate of rows ``lo:hi`` of ``part`` under ``model``."""
+        temperature, rollout = self.config.rl.temperature, part.rollout.rows(lo, hi)
+        if part.hidden is None:
+            return trajectory_scores(model, rollout, self.mask_id, part.vocab_range, temperature)
+        return sampled_timestep_scores(model, rollout, part.hidden[lo:hi], self.mask_id, part.vocab_range, temperature)
 
-    def _frozen_logps(self, rollout: Rollout, hidden, chunks) -> list[tuple]:
+    def _frozen_logps(self, part: _Part, chunks) -> list[tuple]:
         """Per micro-batch: logp_old (with num_iterations > 1; else each update's own logp, detached) and the
         reference's logp (beta > 0), under no_grad and the same hidden tokens as the updates."""
         rl = self.config.rl
         models = (self.model if rl.num_iterations > 1 else None, self.reference if rl.beta > 0 else None)
-        frozen = []
         with torch.no_grad(), self._autocast():
-            for lo, hi in chunks:
-                part, cut = rollout.rows(lo, hi), _rows(hidden, lo, hi)
-                frozen.append(tuple(None if m is None else self._scores(m, part, cut).logp for m in models))
-        return frozen
+            return [
+                tuple(None if m is None else self._scores(m, part, lo, hi).logp for m in models) for lo, hi in chunks
+            ]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.options.param_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def _update(self, rollout: Rollout, hidden: torch.Tensor | None, advantages: torch.Tensor, lr: float) -> dict:
-        """``num_iterations`` optimizer steps of the GRPO loss on this rank's rollouts; this rank's metric sums."""
+    def _update(self, parts: list[_Part], lr: float) -> dict[str, float]:
+        """``num_iterations`` optimizer steps of the GRPO loss on this rank's rollouts (every part: images, and
+        answers with ``rl.understanding``); this rank's metric sums."""
         rl, g = self.config.rl, self.config.gpt_args
-        batch = rollout.tokens.shape[0]
-        chunks = [(i, min(i + g.micro_batch_size, batch)) for i in range(0, batch, g.micro_batch_size)]
-        frozen = self._frozen_logps(rollout, hidden, chunks)
+        rows = sum(p.rollout.tokens.shape[0] for p in parts)  # this rank's completions
+        every = rows * self.dims.dp  # the step's, over every rank
+        chunked = []
+        for part in parts:
+            batch = part.rollout.tokens.shape[0]
+            chunks = [(i, min(i + g.micro_batch_size, batch)) for i in range(0, batch, g.micro_batch_size)]
+            chunked.append((part, chunks, self._frozen_logps(part, chunks)))
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for _ in range(rl.num_iterations):
-            for (lo, hi), (old, ref) in zip(chunks, frozen, strict=True):
-                with self._autocast():
-                    scores = self._scores(self.model, rollout.rows(lo, hi), _rows(hidden, lo, hi))
-                old = scores.logp.detach() if old is None else old
-                loss = grpo_loss(scores.logp, old, ref, advantages[lo:hi], scores.scored, rl.epsilon, rl.beta)
-                # FSDP averages gradients over the dp ranks: each rank's share of the global mean, times dp
-                (loss.per_sequence.sum() * self.dims.dp / g.global_batch_size).backward()
-                share = (hi - lo) / batch / rl.num_iterations
-                sums["loss"] += float(loss.per_sequence.detach().sum()) / batch / rl.num_iterations
-                sums["kl"] += float(loss.kl) * share
-                sums["clip_fraction"] += float(loss.clip_fraction) * share
-                counted = scores.scored.float()
-                sums["entropy"] += float((scores.entropy * counted).sum() / counted.sum().clamp_min(1)) * share
+            for part, chunks, frozen in chunked:
+                for (lo, hi), (old, ref) in zip(chunks, frozen, strict=True):
+                    with self._autocast():
+                        scores = self._scores(self.model, part, lo, hi)
+                    old = scores.logp.detach() if old is None else old
+                    advantages = part.advantages[lo:hi]
+                    loss = grpo_loss(scores.logp, old, ref, advantages, scores.scored, rl.epsilon, rl.beta)
+                    # FSDP averages gradients over the dp ranks: each rank's share of the global mean, times dp
+                    (loss.per_sequence.sum() * self.dims.dp / every).backward()
+                    share = (hi - lo) / rows / rl.num_iterations
+                    sums["loss"] += float(loss.per_sequence.detach().sum()) / rows / rl.num_iterations
+                    sums["kl"] += float(loss.kl) * share
+                    sums["clip_fraction"] += float(loss.clip_fraction) * share
+                    counted = scores.scored.float()
+                    sums["entropy"] += float((scores.entropy * counted).sum() / counted.sum().clamp_min(1)) * share
             norm = self.step_runner.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else float("inf"))
             sums["grad_norm"] += float(norm) / rl.num_iterations
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return sums
+
+    def _part(self, rollout: Rollout, rewards: torch.Tensor, vocab_range, first: int, hidden_kind: int) -> _Part:
+        """A rollout with its group advantages and, for the sampled-timestep estimate, its hidden tokens."""
+        hidden = None
+        if self.config.rl.likelihood == "sampled_timestep":
+            hidden = sampled_timestep_mask(rollout, self._generators(hidden_kind, first, rollout.tokens.shape[0]))
+        return _Part(rollout, hidden, group_advantages(rewards, self.config.rl.num_generations), vocab_range)
 
     def train_step(self) -> dict[str, Any]:
         """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
@@ -268,16 +320,17 @@ class GRPOTrainer(Trainer):
         first = self.step * g.global_batch_size + self.dp_rank * groups * rl.num_generations  # this rank's first row
         rollout = self._rollout(items, first)
         local_rewards = self._rewards(rollout, items)
-        advantages = group_advantages(local_rewards, rl.num_generations)
         rewards = self._gather(local_rewards)
-        batch = rollout.tokens.shape[0]
-        hidden = None
-        if rl.likelihood == "sampled_timestep":
-            generators = [sample_generator(g.seed, 2 * (first + i) + 1) for i in range(batch)]
-            hidden = sampled_timestep_mask(rollout, generators)
+        parts = [self._part(rollout, local_rewards, self.codes, first, IMAGE_HIDDEN)]
+        extra = {}
+        if rl.understanding:
+            answers, answer_rewards = self._answer_rollout(items, first)
+            parts.append(self._part(answers, answer_rewards, None, first, ANSWER_HIDDEN))
+            every = self._gather(answer_rewards)
+            extra = {"answer_reward_mean": float(every.mean()), "answer_reward_std": float(every.std())}
         rollout_s = time.perf_counter() - start
         lr = learning_rate(self.step, self.config)
-        sums = self._update(rollout, hidden, advantages, lr)
+        sums = self._update(parts, lr)
         averaged = self._gather(torch.tensor([sums[k] for k in _RANK_MEANS], device=self.device))
         sums.update(zip(_RANK_MEANS, averaged.view(self.dims.dp, -1).mean(dim=0).tolist(), strict=True))
         self.backend.synchronize()
@@ -288,6 +341,7 @@ class GRPOTrainer(Trainer):
             "step": self.step,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
+            **extra,
             **sums,
             "lr": lr,
             "tokens_per_s": rollout.tokens.numel() * self.dims.dp / seconds,
@@ -297,11 +351,20 @@ class GRPOTrainer(Trainer):
         }
 
 
+@dataclass
+class _Part:
+    """One kind of rollout of a step (images, or answers) and what its update needs."""
+
+    rollout: Rollout
+    hidden: torch.Tensor | None  # the sampled-timestep estimate's hidden tokens; None: the trajectory estimate
+    advantages: torch.Tensor
+    vocab_range: tuple[int, int] | None  # what the sampler drew from: the image codes, or every id
+
+
+# Draws of a row, each from its own generator stream: image sampling, its hidden tokens, answers, theirs.
+IMAGE_SAMPLING, IMAGE_HIDDEN, ANSWER_SAMPLING, ANSWER_HIDDEN = range(4)
+DRAW_KINDS = 4
 _RANK_MEANS = ("loss", "kl", "clip_fraction", "entropy")  # per-rank means of equal shares: averaged over ranks
-
-
-def _rows(hidden: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
-    return None if hidden is None else hidden[lo:hi]
 
 
 def run_grpo(config: TrainConfig) -> list[float]:

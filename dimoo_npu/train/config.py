@@ -98,7 +98,8 @@ class RLArgs:
     timesteps: int | None = None  # image sampling steps; null: generation_defaults, else 64
     cfg_scale: float = 0.0  # text guidance of the rollouts (the likelihood scores the conditional branch)
     answer_length: int | None = None  # answer tokens of the self-reward; null: generation_defaults, else 32
-    answer_steps: int | None = None  # answer sampling steps (greedy); null: answer_length
+    answer_steps: int | None = None  # answer sampling steps; null: answer_length
+    understanding: bool = False  # also num_generations sampled answers per prompt about its true picture (shapes)
 
     def image_size(self, defaults: dict[str, Any]) -> tuple[int, int]:
         """(width, height) of the rollouts: as set, else the checkpoint's generation_defaults, else 512."""

@@ -57,6 +57,8 @@ def test_metrics_of_every_step(reference):
         ("rl.cfg_scale=2.0",),
         ("rl.num_iterations=2", "lr=0.05"),
         ("bf16=true",),
+        ("rl.understanding=true", "rl.likelihood=trajectory"),
+        ("rl.understanding=true",),
     ],
 )
 def test_one_step_of_each_option(tmp_path, overrides):
@@ -66,6 +68,7 @@ def test_one_step_of_each_option(tmp_path, overrides):
     assert record["grad_norm"] > 0 and record["entropy"] > 0
     if "rl.num_iterations=2" in overrides:  # the second update's ratio moved off 1 and past the clip range
         assert record["clip_fraction"] > 0
+    assert ("answer_reward_mean" in record) == ("rl.understanding=true" in overrides)
 
 
 KILLED_IN_STEP_3 = """
@@ -164,6 +167,30 @@ def test_refused_before_any_rollout(tmp_path, overrides, message):
     assert not (tmp_path / "run").exists(), "nothing was started"
 
 
+def test_understanding_rollouts_are_rewarded_by_answer_correctness(tmp_path, monkeypatch):
+    """Every completion slot also gets a sampled answer about its prompt's true picture; an answer earns 1 when it is
+    the expected one (here every answer decodes to 'circle', so the circles' groups earn 1 and the others 0)."""
+    from dimoo_npu.rl import trainer as grpo_trainer
+    from dimoo_npu.rl.reward import shapes_spec
+
+    pictures = []
+    prepare = grpo_trainer.understand.prepare
+
+    def remember(encoder, image, question, *args):
+        pictures.append(image.size)
+        return prepare(encoder, image, question, *args)
+
+    monkeypatch.setattr(grpo_trainer.understand, "prepare", remember)
+    monkeypatch.setattr(grpo_trainer.understand, "decode_answer", lambda *_: "circle")
+    reward = "rl.reward_function=tests.unit.rl_rewards:redness"
+    config = tiny_grpo_config(tmp_path, reward, "train_iters=1", "rl.understanding=true", "rl.attributes=[shape]")
+    run_grpo(config)
+    (record,) = _records(tmp_path)
+    assert pictures == [(128, 128)] * 4, "one answer per completion slot: 2 prompts x 2 generations"
+    items = step_items(shapes_spec(["shape"], config.gpt_args.seed), 0, 2, config.gpt_args.seed)
+    assert record["answer_reward_mean"] == sum(item.scene.objects[0].shape == "circle" for item in items) / 2
+
+
 def test_empty_jsonl_spec_is_refused(tmp_path):
     spec = tmp_path / "spec.jsonl"
     spec.write_text("\n")
@@ -172,6 +199,9 @@ def test_empty_jsonl_spec_is_refused(tmp_path):
     spec.write_text(json.dumps({"prompt": "a red circle", "questions": []}) + "\n")
     with pytest.raises(ConfigError, match="line 1 has no questions"):
         GRPOTrainer(tiny_grpo_config(tmp_path, f"rl.prompts={spec}", "rl.attributes=null"))
+    spec.write_text(json.dumps({"prompt": "a red circle", "questions": [{"question": "q", "answer": "a"}]}) + "\n")
+    with pytest.raises(ConfigError, match="rl.understanding needs pictures"):
+        GRPOTrainer(tiny_grpo_config(tmp_path, f"rl.prompts={spec}", "rl.attributes=null", "rl.understanding=true"))
 
 
 def test_jsonl_spec_drives_the_self_reward(tmp_path):
