@@ -110,6 +110,10 @@ def plan_train(config: Any, args: argparse.Namespace) -> int:
         return 0 if plans else 1
     dims, options = plan_layout(config, model, world)
     plan = plan_training(model, layout_of(config, dims, options, model), device)
+    if config.rl is not None:  # Self-GRPO: the reference model and the rollout batch too
+        from dimoo_npu.planner.rl_plan import add_rl_terms
+
+        add_rl_terms(plan, config)
     emit(format_plan(plan, model_name))
     _write_json(args.json, plan.to_dict())
     return 0 if plan.fits else 1

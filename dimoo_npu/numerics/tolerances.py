@@ -63,6 +63,10 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     # A decoded image rounds fp32 to uint8 levels, so round-off that differs with the thread count or SIMD width
     # (ATEN_CPU_CAPABILITY) can move a value across a rounding boundary: one level.
     "pixels": {"float32": Tolerance(atol=1.0, rtol=0.0)},
+    # A value or gradient against the same formula written out term by term (dimoo_npu.rl's log-likelihoods and
+    # GRPO gradients against autograd of the explicit sums), element by element as ``op``: fp32 on both sides, only
+    # the summation order and the batch's padding differ.
+    "explicit": {"float32": Tolerance(atol=1e-6, rtol=1e-4)},
 }
 GOLDEN_LOSS_ATOL = 1e-4  # cases.json loss.atol_fp32: the scalar loss against the golden's
 

@@ -30,6 +30,7 @@ from dimoo_npu.sampling.batching import (
 )
 from dimoo_npu.sampling.cache import MLCache
 from dimoo_npu.sampling.graph import static_shapes
+from dimoo_npu.sampling.record import NOT_SAMPLED, Rollout, check_recordable, mark_revealed, sampling_context
 from dimoo_npu.sampling.schedule import transfer_tokens
 from dimoo_npu.sampling.step import predict_text, reveal
 
@@ -75,6 +76,8 @@ class _TextRun:
         self.cache = MLCache() if kv_cache != "none" else None
         self.static = static_shapes(model)  # graph mode: the head sees the whole block on every cached step
         self.first_block_start = 0  # the rows' lowest current block start (host): sizes a "prefix" cached step
+        self.reveal_step: torch.Tensor | None = None  # (B, L) when recording a rollout (`sample_text(record=True)`)
+        self.step_index = 0
 
     def logits(self, positions: torch.Tensor, slots: torch.Tensor | None = None, kind: str = "plain") -> torch.Tensor:
         """Guided full-vocabulary logits (B, K, V) at block positions (B, K), or at ``slots`` (B, k) of them.
@@ -122,6 +125,7 @@ class _TextRun:
         if kind == "plain":
             predicted, prob = predict_text(self.logits(positions), self.temperature, self.generators)
             chosen = reveal(prob.masked_fill(~masked, float("-inf")), counts, self.threshold)
+            self._record(positions, chosen)
             self.x.scatter_(1, positions, torch.where(chosen, predicted, current))
             return
         block = positions.shape[1]
@@ -131,7 +135,12 @@ class _TextRun:
         predicted, prob = predict_text(logits, self.temperature, self.generators, slots, block, torch.float32)
         chosen = reveal(prob.masked_fill(~masked.gather(1, slots), float("-inf")), counts, self.threshold)
         where = positions.gather(1, slots)
+        self._record(where, chosen)
         self.x.scatter_(1, where, torch.where(chosen, predicted, current.gather(1, slots)))
+
+    def _record(self, positions: torch.Tensor, chosen: torch.Tensor) -> None:
+        if self.reveal_step is not None:
+            mark_revealed(self.reveal_step, positions, chosen, self.step_index)
 
     def stop_finished(self, answer_so_far: torch.Tensor) -> bool:
         """Freeze rows whose answer (B, K) positions hold EOS; True when every row is frozen."""
@@ -168,7 +177,6 @@ def _prepare(model, rows: list[torch.Tensor], code_start: int | None, gen_length
     return x, real, answer, masked, starts
 
 
-@torch.inference_mode()
 def sample_text(
     model,
     prompt_ids: RowsLike,
@@ -183,39 +191,49 @@ def sample_text(
     parallel_threshold: float | None = None,
     generator=None,
     progress: bool = False,
-) -> torch.Tensor | list[torch.Tensor]:
+    record: bool = False,
+) -> torch.Tensor | list[torch.Tensor] | Rollout:
     """Fill the answer's MASK positions; returns the whole sequences in the form given (tensor or list).
 
     The answer is ``gen_length`` positions from ``code_start`` (None: 1 + the index of each row's last BOA).
     ``kv_cache``: "none" (exact), "prefix" or "dual" (see `step_kinds`); ``parallel_threshold`` t in (0, 1]: each
     step also reveals every masked block position of confidence >= t, and a block ends once revealed.
+    ``record``: return a `Rollout` (answer ids, their positions and the step that revealed each) for a policy
+    log-likelihood, sampled outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
     """
     blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale, kv_cache, parallel_threshold)
-    rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
-    x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
-    device = x.device
-    run = _TextRun(
-        model, x, real, cfg_scale, temperature, row_generators(generator, len(rows)), None, kv_cache, parallel_threshold
-    )
-    per_block = steps // blocks
-    kinds = step_kinds(kv_cache, per_block)
-    for block in tqdm(range(blocks), desc="answer blocks", disable=not progress):
-        positions = answer[:, block * block_length : (block + 1) * block_length]  # (B, block_length)
-        so_far = answer[:, : (block + 1) * block_length]
-        counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=device)  # (B, S)
-        widths = masked_bounds([m[block] for m in masked], per_block)
-        run.first_block_start = min(starts) + block * block_length
-        for step in range(per_block):
-            run.step(positions, counts[:, step], kinds[step], widths[step])
-            if parallel_threshold is not None:
-                done, stopped = run.settle(positions, so_far)
-                if done:
-                    break
-        if stopped if parallel_threshold is not None else run.stop_finished(so_far):
-            break
-    if was_tensor:
-        return x.to(rows[0].device)
-    return [x[index, : row.numel()].to(row.device) for index, row in enumerate(rows)]
+    if record:
+        check_recordable(model)
+    with sampling_context(record):
+        rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
+        x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
+        device = x.device
+        generators = row_generators(generator, len(rows))
+        run = _TextRun(model, x, real, cfg_scale, temperature, generators, None, kv_cache, parallel_threshold)
+        if record:
+            run.reveal_step = torch.full_like(x, NOT_SAMPLED)
+        per_block = steps // blocks
+        kinds = step_kinds(kv_cache, per_block)
+        for block in tqdm(range(blocks), desc="answer blocks", disable=not progress):
+            positions = answer[:, block * block_length : (block + 1) * block_length]  # (B, block_length)
+            so_far = answer[:, : (block + 1) * block_length]
+            counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=device)  # (B, S)
+            widths = masked_bounds([m[block] for m in masked], per_block)
+            run.first_block_start = min(starts) + block * block_length
+            for step in range(per_block):
+                run.step_index = block * per_block + step
+                run.step(positions, counts[:, step], kinds[step], widths[step])
+                if parallel_threshold is not None:
+                    done, stopped = run.settle(positions, so_far)
+                    if done:
+                        break
+            if stopped if parallel_threshold is not None else run.stop_finished(so_far):
+                break
+        if record:
+            return Rollout(x.gather(1, answer), answer, x, real, run.reveal_step.gather(1, answer), steps)
+        if was_tensor:
+            return x.to(rows[0].device)
+        return [x[index, : row.numel()].to(row.device) for index, row in enumerate(rows)]
 
 
 # ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
