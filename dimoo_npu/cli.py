@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "masked-diffusion fine-tuning from a YAML config (one process or torchrun; tp/pp/dp)"),
     "export-hf": ("train", "training checkpoint -> Hugging Face safetensors folder that load_model reads"),
     "serve": ("serve", "OpenAI-compatible HTTP server (images, edits, chat) with continuous batching"),
+    "quantize": ("quantize", "float checkpoint -> int8 checkpoint (w8a8: int8 weights and activations; w8a16)"),
     "plan": ("plan", "memory of sampling for a size, batch and CFG on an accelerator (training: train --plan)"),
 }
 

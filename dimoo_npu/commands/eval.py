@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dimoo_npu.commands import emit
+from dimoo_npu.commands.quantize import add_quantize_argument
 
 SUITES = ("shapes",)
 PAINT_TASKS = ("inpaint", "outpaint")
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("suite", choices=SUITES, help="what to evaluate (shapes: the embedded model's world)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the embedded shapes model)")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | npu")
+    add_quantize_argument(parser)
     parser.add_argument(
         "--split",
         choices=("heldout", "train"),
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = selected_tasks(args.task)
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
-    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
+    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device, quantize=args.quantize)
     image_settings = ImageSettings(
         timesteps=_pick(args.timesteps, defaults, "timesteps", 64),
         temperature=_pick(args.temperature, defaults, "temperature", 0.0),

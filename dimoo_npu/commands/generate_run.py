@@ -46,6 +46,7 @@ class GenerationRun:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    quantize: str | None = None  # w8a8 | w8a16: quantize a float checkpoint while it loads
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -66,7 +67,7 @@ def load_pipeline(run: GenerationRun) -> DiMOOPipeline:
     device = pick_device(run.device, run.local_rank)
     logger.info("checkpoint %s on %s (%s)", run.checkpoint, device, run.dtype)
     pipeline = DiMOOPipeline.from_pretrained(
-        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile
+        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile, quantize=run.quantize
     )
     pipeline.progress = True
     return pipeline

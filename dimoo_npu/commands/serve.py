@@ -7,6 +7,7 @@ import logging
 import signal
 
 from dimoo_npu import envs
+from dimoo_npu.commands.quantize import add_quantize_argument
 from dimoo_npu.errors import ConfigError, InputError
 
 logger = logging.getLogger("dimoo")
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="graph mode (torch.compile); groups pad to fixed batch buckets"
     )
+    add_quantize_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         api_key=args.api_key or envs.api_key(),
         compile=args.compile or envs.compile_enabled(),
+        quantize=args.quantize,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
     )
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", config.checkpoint, args.host, args.port)

@@ -55,6 +55,7 @@ class ServeConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_n: int = 4
     max_steps: int = 1024
+    quantize: str | None = None  # w8a8 | w8a16: quantize a float checkpoint while it loads
 
     @property
     def model_id(self) -> str:
@@ -225,7 +226,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     def load():
         from dimoo_npu.pipeline import DiMOOPipeline
 
-        pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device, compile=config.compile)
+        pipeline = DiMOOPipeline.from_pretrained(
+            config.checkpoint, config.device, compile=config.compile, quantize=config.quantize
+        )
         state["pipeline"] = pipeline
         return pipeline.model
 
