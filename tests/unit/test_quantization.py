@@ -66,14 +66,19 @@ def quantized_dir(tmp_path_factory):
 # --- the op -----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 5, 7), (16, 8, 8), (17, 16, 24), (33, 72, 40), (3, 130, 9)])
-def test_int8_matmul_is_integer_math_exactly(m, k, n):
-    """Below, on and above torch._int_mm's strictest shape rule (padded), and at the int8 extremes."""
+@pytest.mark.parametrize("use_int_mm", [True, False], ids=["int_mm", "fp32-slices"])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(1, 5, 7), (16, 8, 8), (17, 16, 24), (33, 72, 40), (3, 130, 9), (5, 2 * 1040 + 3, 6)]
+)
+def test_int8_matmul_is_integer_math_exactly(m, k, n, use_int_mm):
+    """Both paths, whatever this CPU would pick: below, on and above torch._int_mm's strictest shape rule (padded),
+    inner sizes over one exact fp32 slice, and the int8 extremes (sums past fp32's exact integers)."""
     generator = torch.Generator().manual_seed(m * k * n)
     a = torch.randint(-127, 128, (m, k), generator=generator, dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
-    a[0], b[0] = -127, 127  # the largest sum of products a row can have
-    got = torch_impl.int8_matmul(a, b)
+    a[0], b[0] = -127, 127  # the largest sum of products a row can have: 2**24 is passed at k = 1041
+    a[-1, ::2], b[-1, ::2] = 127, 127  # and an odd one just off a power of two
+    got = torch_impl.int8_matmul(a, b, use_int_mm)
     assert got.dtype == torch.int32 and got.shape == (m, n)
     assert torch.equal(got.long(), a.long() @ b.long().t())
 
