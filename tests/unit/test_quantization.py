@@ -287,3 +287,19 @@ def test_plan_counts_int8_bytes():
     assert bf16 - w8a8 == matmuls - layers * (5 * d + 2 * h) * 4  # 2 bytes -> 1 byte, plus fp32 scales
     assert 9.0e9 < w8a8 < 9.4e9  # the issue's estimate: int8 blocks 7.0 GB + bf16 embedding and head 2.2 GB
     assert weight_bytes(model, SampleSettings(quantize="w8a16")) == w8a8 + 2 * d * h * 2
+
+
+def test_rehearsal_loads_int8_in_less_than_the_bf16_weights(tmp_path):
+    """scripts/rehearse_8b.py --quantize on its small shape: the 8B memory figure's code path."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "rehearse_8b.py"
+    spec = importlib.util.spec_from_file_location("rehearse_8b", script)
+    rehearse_8b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rehearse_8b)
+    figures = rehearse_8b.write_checkpoint(tmp_path / "ckpt", "small")
+    for scheme in SCHEMES:
+        load = rehearse_8b.run_step(f"load-{scheme}", tmp_path / "ckpt", 1, "float32", fresh_process=False)
+        assert load["quantize"] == scheme
+        assert load["weights_bytes"] < figures["weights_bytes"]  # int8 blocks, bf16 embedding and head
