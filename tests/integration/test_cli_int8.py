@@ -84,3 +84,10 @@ def test_serve_quantizes_while_it_loads(monkeypatch):
         assert response.status_code == 200, response.text
         assert response.json()["data"][0]["b64_json"]
     assert is_quantized(loaded[0].model)
+
+
+def test_export_onnx_refuses_an_int8_folder(int8_checkpoint, checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="dimoo"):
+        assert main(["export-onnx", "--checkpoint", str(int8_checkpoint), "--output", str(tmp_path / "onnx")]) == 2
+    assert f"export-onnx (no int8 graph yet) needs its unquantized source {checkpoint.resolve()}" in caplog.text
+    assert not (tmp_path / "onnx").exists()
