@@ -23,8 +23,16 @@ from dimoo_npu.ops.registry import (
     OP_NAMES,
     OpSet,
     available_implementations,
+    has_quantized_matmul,
     require_quantized_matmul,
     resolve_ops,
 )
 
-__all__ = ["OP_NAMES", "OpSet", "available_implementations", "require_quantized_matmul", "resolve_ops"]
+__all__ = [
+    "OP_NAMES",
+    "OpSet",
+    "available_implementations",
+    "has_quantized_matmul",
+    "require_quantized_matmul",
+    "resolve_ops",
+]

@@ -48,12 +48,17 @@ class OpSet:
         return ", ".join(f"{op}={self.names[op]}" for op in OP_NAMES)
 
 
+def has_quantized_matmul(ops: OpSet, device_type: str) -> bool:
+    """Whether the chosen ``quantized_matmul`` has a kernel for ``device_type`` (meta: plans, always)."""
+    devices = QUANTIZED_MATMUL_DEVICES.get(ops.names["quantized_matmul"])
+    return devices is None or device_type in devices or device_type == "meta"
+
+
 def require_quantized_matmul(ops: OpSet, device_type: str, scheme: str) -> None:
     """Refuse an int8 model where the chosen ``quantized_matmul`` has no kernel, rather than run it another way."""
-    impl = ops.names["quantized_matmul"]
-    devices = QUANTIZED_MATMUL_DEVICES.get(impl)
-    if devices is None or device_type in devices or device_type == "meta":
+    if has_quantized_matmul(ops, device_type):
         return
+    impl = ops.names["quantized_matmul"]
     from dimoo_npu.errors import InputError
 
     supported = sorted({device for kernels in QUANTIZED_MATMUL_DEVICES.values() for device in kernels})
