@@ -275,6 +275,22 @@ def test_check_compares_int8_with_fp32_by_the_int8_rows(quantized_dir):
         run_check(source, parse_targets("cpu-ref,cpu"), "bfloat16", quantize="w8a8")
 
 
+def _scale_lost(x, weight, weight_scale, scheme):
+    return F.linear(x, weight.float()).to(x.dtype) * weight_scale.mean()  # one scale for every channel
+
+
+def _token_scale_lost(x, weight, weight_scale, scheme):
+    q, _ = reference.quantize_rows(x)
+    return reference.quantized_matmul(q.to(x.dtype) / 127, weight, weight_scale, "w8a16")  # every token at 1/127
+
+
+@pytest.mark.parametrize("mutant", [_scale_lost, _token_scale_lost])
+def test_int8_check_catches_a_broken_kernel(mutant, monkeypatch):
+    monkeypatch.setattr(torch_impl, "quantized_matmul", mutant)
+    report = run_check(CHECKPOINT, parse_targets("cpu-ref,cpu"), quantize="w8a8", length=24)
+    assert not report.passed
+
+
 def test_plan_counts_int8_bytes():
     from dimoo_npu.planner.sample_plan import SampleSettings, weight_bytes
     from dimoo_npu.presets import preset_config
