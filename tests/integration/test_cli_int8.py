@@ -91,3 +91,8 @@ def test_export_onnx_refuses_an_int8_folder(int8_checkpoint, checkpoint, tmp_pat
         assert main(["export-onnx", "--checkpoint", str(int8_checkpoint), "--output", str(tmp_path / "onnx")]) == 2
     assert f"export-onnx (no int8 graph yet) needs its unquantized source {checkpoint.resolve()}" in caplog.text
     assert not (tmp_path / "onnx").exists()
+
+
+def test_plan_sample_of_an_int8_folder_counts_int8_bytes(int8_checkpoint, capsys):
+    main(["plan", "sample", "--checkpoint", str(int8_checkpoint), "--width", "64", "--height", "64"])
+    assert "weights (w8a8: int8 block matmuls + scales)" in capsys.readouterr().out
