@@ -319,3 +319,15 @@ def test_rehearsal_loads_int8_in_less_than_the_bf16_weights(tmp_path):
         load = rehearse_8b.run_step(f"load-{scheme}", tmp_path / "ckpt", 1, "float32", fresh_process=False)
         assert load["quantize"] == scheme
         assert load["weights_bytes"] < figures["weights_bytes"]  # int8 blocks, bf16 embedding and head
+
+
+def test_keep_leaves_more_layers_in_float_and_loads_back(tmp_path, inputs, fp32_logits):
+    out = tmp_path / "kept"
+    argv = ["quantize", "--checkpoint", str(CHECKPOINT), "--scheme", "w8a8", "--output", str(out)]
+    assert main([*argv, "--keep", "*.attn_out", "--keep", "*.blocks.1.v_proj"]) == 0
+    model = fuse_for_sampling(dimoo_npu.load_model(out))
+    blocks = model.transformer.blocks
+    assert type(blocks["0"].attn_out) is torch.nn.Linear and isinstance(blocks["0"].ff_out, QuantizedLinear)
+    assert blocks["1"].qkv_weight is None and isinstance(blocks["0"].qkv_weight, QuantizedLinear)  # a float part
+    with torch.no_grad():
+        assert _cosine(model(*inputs), fp32_logits) >= 0.995
