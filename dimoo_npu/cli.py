@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("train", "training checkpoint -> Hugging Face safetensors folder that load_model reads"),
     "serve": ("serve", "OpenAI-compatible HTTP server (images, edits, chat) with continuous batching"),
     "bench": ("bench", "GenEval / DPG-Bench images from your prompts, in the layout their evaluators read"),
+    "quantize": ("quantize", "float checkpoint -> int8 checkpoint (w8a8: int8 weights and activations; w8a16)"),
     "plan": ("plan", "memory of sampling for a size, batch and CFG on an accelerator (training: train --plan)"),
 }
 

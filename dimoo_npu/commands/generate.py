@@ -14,6 +14,7 @@ import logging
 from dimoo_npu import envs
 from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share
 from dimoo_npu.errors import InputError
+from dimoo_npu.commands.quantize import add_quantize_argument
 from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults
 
 logger = logging.getLogger("dimoo")
@@ -53,6 +54,7 @@ def add_model_arguments(common: argparse._ArgumentGroup) -> None:
     common.add_argument(
         "--dtype", default="auto", type=dtype_name, choices=DTYPES, help="auto: fp32 on CPU, bf16 otherwise"
     )
+    add_quantize_argument(common)
     common.add_argument("--seed", type=int, default=0, help="request i uses seed + i (a batch line may set its own)")
     common.add_argument("--batch-size", type=int, default=4, help="requests per forward, after grouping by size")
     common.add_argument(
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         compile=args.compile or None,
+        quantize=args.quantize,
         overwrite=args.overwrite,
         output=args.output,
         from_batch_file=bool(args.batch_file),

@@ -55,6 +55,7 @@ class GenerationRun:
     def checkpoint_path(self) -> str:
         """The checkpoint as outputs record it: its resolved folder, however it was named."""
         return str(resolve_checkpoint(self.checkpoint).resolve())
+    quantize: str | None = None  # w8a8 | w8a16: quantize a float checkpoint while it loads
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -75,7 +76,7 @@ def load_pipeline(run: GenerationRun) -> DiMOOPipeline:
     device = pick_device(run.device, run.local_rank)
     logger.info("checkpoint %s on %s (%s)", run.checkpoint, device, run.dtype)
     pipeline = DiMOOPipeline.from_pretrained(
-        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile
+        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile, quantize=run.quantize
     )
     pipeline.progress = True
     return pipeline

@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING
 
 from dimoo_npu import envs
+from dimoo_npu.commands.quantize import add_quantize_argument
 from dimoo_npu.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
     speed = parser.add_argument_group("chat answers' defaults (a request's own fields win)")
     add_request_arguments(speed, "understand", UNDERSTAND_SPEED_FIELDS)
+    add_quantize_argument(parser)
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -87,6 +89,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_steps=args.max_steps,
         api_key=args.api_key or envs.api_key(),
         compile=args.compile or envs.compile_enabled(),
+        quantize=args.quantize,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_concurrent_tokens=tokens or derived,
         header_timeout_s=args.header_timeout,

@@ -67,6 +67,7 @@ class ServeConfig:
     # The server's layer over the checkpoint's generation_defaults, under each request's own values: the chat
     # answers' kv_cache / parallel_threshold / fast (`dimoo serve --kv-cache --parallel-threshold --fast`).
     understand_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantize: str | None = None  # w8a8 | w8a16: quantize a float checkpoint while it loads
 
     @property
     def model_id(self) -> str:
@@ -321,7 +322,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     def load():
         from dimoo_npu.pipeline import DiMOOPipeline
 
-        pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device, compile=config.compile)
+        pipeline = DiMOOPipeline.from_pretrained(
+            config.checkpoint, config.device, compile=config.compile, quantize=config.quantize
+        )
         pipeline.config.generation_defaults = {**pipeline.config.generation_defaults, **config.understand_defaults}
         state["pipeline"] = pipeline
         return pipeline.model

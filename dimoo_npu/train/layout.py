@@ -20,6 +20,7 @@ from dimoo_npu.parallel import ParallelDims, ParallelOptions
 from dimoo_npu.parallel.pipeline_parallel import SCHEDULES
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.presets import preset_config
+from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.config import TrainConfig, check_choice
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:
                 "checkpoint folder (config.json + *.safetensors); --check/--plan without it need model.preset "
                 "(e.g. lumina-dimoo-8b)"
             )
-        return DiMOOConfig.from_json(config.model.init_from)
+        model = DiMOOConfig.from_json(config.model.init_from)
+        refuse_quantized(model, config.model.init_from, "training (model.init_from)")
+        return model
     if config.model.preset is not None:
         return preset_config(config.model.preset)
     return DiMOOConfig.from_dict({"model_type": "llada", **config.model.config})
