@@ -13,8 +13,8 @@ import logging
 
 from dimoo_npu import envs
 from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share
-from dimoo_npu.errors import InputError
 from dimoo_npu.commands.quantize import add_quantize_argument
+from dimoo_npu.errors import InputError
 from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults
 
 logger = logging.getLogger("dimoo")

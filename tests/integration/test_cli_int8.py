@@ -79,7 +79,7 @@ def test_serve_quantizes_while_it_loads(monkeypatch):
         while client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline, "the bundled model did not load within 120 s"
             time.sleep(0.2)
-        body = {"model": "m", "prompt": "a large red circle in the top left", "size": "64x64", "n": 1, "seed": 0}
+        body = {"model": "dimoo", "prompt": "a large red circle in the top left", "size": "64x64", "n": 1, "seed": 0}
         response = client.post("/v1/images/generations", json=body)
         assert response.status_code == 200, response.text
         assert response.json()["data"][0]["b64_json"]
