@@ -22,6 +22,7 @@ from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.hub_cache import resolve_checkpoint
+from dimoo_npu.lora import Adapter, check_adapter, check_not_quantized, merge_adapter, read_adapter
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import OpSet, resolve_ops
 from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
@@ -82,8 +83,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     ops: OpSet | None = None,
     max_layers: int | None = None,
+    lora: str | os.PathLike | None = None,
 ) -> DiMOOModel:
     """Load a DiMOO checkpoint folder onto ``device`` in ``dtype`` (None: fp32 on CPU, else the backend's).
+
+    ``lora``: a LoRA adapter folder (peft's format) merged into the weights as they load (`dimoo_npu.lora`).
 
     ``device="meta"`` checks every weight's name and shape against the headers and reads no data: a model
     to plan memory or sharding with. ``max_layers=N`` builds the embedding, the first N blocks, the final
@@ -96,11 +100,23 @@ def load_model(
     config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     target = resolve_target(device)
     dtype = dtype or default_dtype_for(target)
+    adapter = None if lora is None else read_lora(folder, lora)
     with torch.device("meta"):
         model = DiMOOModel(config, ops or resolve_ops(target.type))
+    if adapter is not None:
+        check_adapter(adapter, {name: tuple(p.shape) for name, p in model.state_dict().items()})
     state = load_state(find_shards(folder), model, target, dtype, max_layers)
+    if adapter is not None and target.type != "meta":
+        merge_adapter(state, adapter)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def read_lora(checkpoint: str | os.PathLike, adapter: str | os.PathLike) -> Adapter:
+    """The adapter to merge into ``checkpoint``, refusing a quantized checkpoint or an adapter folder without its
+    config before any weight is read."""
+    check_not_quantized(checkpoint, "merging a LoRA adapter")
+    return read_adapter(adapter)
 
 
 def with_max_layers(config: DiMOOConfig, max_layers: int | None) -> DiMOOConfig:

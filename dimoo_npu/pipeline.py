@@ -103,9 +103,11 @@ class DiMOOPipeline:
         lazy: bool = False,
         max_length: int | None = None,
         compile: bool | None = None,
+        lora: str | os.PathLike | None = None,
     ) -> DiMOOPipeline:
         """Tokenizers now; the transformer now, or on first use when ``lazy``, in the fused sampling layout and,
-        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode."""
+        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode. ``lora``: an adapter folder merged at load,
+        checked against the checkpoint now (even when ``lazy``)."""
         from dimoo_npu.checkpoint import load_model, resolve_target
         from dimoo_npu.config import DiMOOConfig
         from dimoo_npu.sampling.graph import prepare_for_sampling
@@ -116,8 +118,12 @@ class DiMOOPipeline:
         text_tokenizer = load_text_tokenizer(folder)
         image_tokenizer = ImageTokenizer.from_pretrained(folder, device=target)
 
+        if lora is not None:  # a mismatched adapter is refused before any request is sampled
+            load_model(folder, device="meta", lora=lora)
+
         def loader():
-            return prepare_for_sampling(load_model(folder, device=target, dtype=dtype).eval(), compile=compile)
+            model = load_model(folder, device=target, dtype=dtype, lora=lora)
+            return prepare_for_sampling(model.eval(), compile=compile)
 
         return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target, max_length)
 

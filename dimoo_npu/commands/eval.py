@@ -27,6 +27,7 @@ def task_names() -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("suite", choices=SUITES, help="what to evaluate (shapes: the embedded model's world)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the embedded shapes model)")
+    parser.add_argument("--lora", help="LoRA adapter folder (peft format) merged into the weights at load")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | npu")
     parser.add_argument(
         "--split",
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = selected_tasks(args.task)
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
-    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
+    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device, lora=args.lora)
     image_settings = ImageSettings(
         timesteps=_pick(args.timesteps, defaults, "timesteps", 64),
         temperature=_pick(args.temperature, defaults, "temperature", 0.0),

@@ -43,6 +43,7 @@ class GenerationRun:
     overwrite: bool
     output: str | None  # one request's PNG; understanding: the answers file
     from_batch_file: bool
+    lora: str | None = None  # adapter folder merged at load
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -66,7 +67,7 @@ def load_pipeline(run: GenerationRun) -> DiMOOPipeline:
     device = pick_device(run.device, run.local_rank)
     logger.info("checkpoint %s on %s (%s)", run.checkpoint, device, run.dtype)
     pipeline = DiMOOPipeline.from_pretrained(
-        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile
+        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile, lora=run.lora
     )
     pipeline.progress = True
     return pipeline

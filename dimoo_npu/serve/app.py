@@ -52,6 +52,7 @@ class ServeConfig:
     """What `dimoo serve` was started with."""
 
     checkpoint: str
+    lora: str | None = None  # LoRA adapter folder merged into the weights at load
     device: str = "auto"
     max_batch: int = 8
     max_queue: int = 64
@@ -318,7 +319,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     def load():
         from dimoo_npu.pipeline import DiMOOPipeline
 
-        pipeline = DiMOOPipeline.from_pretrained(config.checkpoint, config.device, compile=config.compile)
+        pipeline = DiMOOPipeline.from_pretrained(
+            config.checkpoint, config.device, compile=config.compile, lora=config.lora
+        )
         state["pipeline"] = pipeline
         return pipeline.model
 
