@@ -4,7 +4,10 @@ equal to merging at load, and every bad input refused in one line before anythin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +25,11 @@ from dimoo_npu.train.checkpoint import export_hf
 from dimoo_npu.train.config import load_config
 from dimoo_npu.train.layout import plan_layout
 from dimoo_npu.train.trainer import Trainer, run_training
-from tests.unit.train_support import TINY_CONFIG, tiny_run_config
+from tests.unit.train_support import KILL_AT_STEP_4, TINY_CONFIG, tiny_run_config
 
 pytest.importorskip("peft")
 
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 LORA = ("lora.rank=4", "lora.alpha=8", "lora.dropout=0.1", f"lr_decay_iters={STEPS}")
 
@@ -79,6 +83,24 @@ def test_resume_reproduces_the_uninterrupted_losses(finished, base, tmp_path):
     first = run_training(lora_config(tmp_path, base, "train_iters=2", "save_interval=0"))
     second = run_training(lora_config(tmp_path, base, f"train_iters={STEPS}"))
     assert first + second == expected  # adapter dropout included: its draws are a function of the step
+
+
+def test_a_run_killed_while_saving_resumes_with_the_uninterrupted_losses(finished, base, tmp_path):
+    _, expected = finished
+    tiny_run_config(tmp_path)  # write the shards before the subprocess uses them
+    overrides = [f"model.init_from={base}", *LORA, f"train_iters={STEPS}"]
+    result = subprocess.run([sys.executable, "-c", KILL_AT_STEP_4, str(tmp_path), *overrides], cwd=REPO,
+                            capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert result.returncode == -9, result.stderr[-2000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / ".tmp-step-00000004" / "lora" / ADAPTER_WEIGHTS).is_file(), "killed with step 4 written"
+    assert not (tmp_path / "run" / "lora").exists()
+    trainer = Trainer(lora_config(tmp_path, base, f"train_iters={STEPS}", "save_interval=2"))
+    assert trainer.step == 2 and not (checkpoints / ".tmp-step-00000004").exists()
+    assert trainer.train() == expected[2:]
+    trainer.close()
+    assert (tmp_path / "run" / "lora" / ADAPTER_WEIGHTS).is_file()
 
 
 def test_adapter_in_peft_format_at_the_end_and_beside_each_checkpoint(finished, base):
