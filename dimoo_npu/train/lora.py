@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.errors import CheckpointError, ConfigError
 from dimoo_npu.lora import ADAPTER_WEIGHTS, PEFT_PREFIX
 from dimoo_npu.safetensors_io import atomic_save_file
 from dimoo_npu.train.config import LoraArgs
@@ -57,6 +57,19 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
                 f"lora.target_modules entry {name!r} matches no projection of the blocks: choose among "
                 f"{', '.join(sorted(found))}"
             )
+
+
+def check_same_adapters(path: Path, saved_run_config: dict, args: LoraArgs) -> None:
+    """A checkpoint resumes only with the LoRA rank and targets it was saved with (or none, if it had none)."""
+    saved = saved_run_config.get("lora") or {}
+    before = (saved.get("rank"), saved.get("target_modules") if saved.get("rank") is not None else None)
+    now = (args.rank, list(args.target_modules) if args.enabled else None)
+    if before != now:
+        said = lambda rank, targets: f"lora rank {rank} on {targets}" if rank is not None else "no lora"  # noqa: E731
+        raise CheckpointError(
+            f"{path} was trained with {said(*before)}, this run has {said(*now)}: choose a new output_dir, or "
+            "restore the lora section it was trained with"
+        )
 
 
 def lora_config(args: LoraArgs, base: str | None = None):

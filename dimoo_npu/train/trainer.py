@@ -10,7 +10,6 @@ weights); the frozen base is held once, in bf16 when ``bf16`` (`dimoo_npu.train.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,14 @@ from dimoo_npu.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, lo
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.data import BatchSource
 from dimoo_npu.train.layout import model_config_of, plan_layout
-from dimoo_npu.train.lora import LORA_DIR, adapter_tensors, apply_lora, init_adapters, save_adapter
+from dimoo_npu.train.lora import (
+    LORA_DIR,
+    adapter_tensors,
+    apply_lora,
+    check_same_adapters,
+    init_adapters,
+    save_adapter,
+)
 from dimoo_npu.train.masking import Objective
 from dimoo_npu.train.metrics import MetricsLog, flops_per_token, measure_peak_flops
 from dimoo_npu.train.schedule import learning_rate
@@ -169,16 +175,7 @@ class Trainer:
         return apply_lora(model, self.config.lora, torch.bfloat16 if self.config.gpt_args.bf16 else None)
 
     def _restore(self, path: Path) -> None:
-        saved_lora = json.loads((path / STATE_FILE).read_text()).get("run_config", {}).get("lora") or {}
-        mine = dataclasses.asdict(self.config.lora)
-        if [saved_lora.get("rank"), saved_lora.get("target_modules")] != [mine["rank"], mine["target_modules"]] and (
-            saved_lora.get("rank") is not None or mine["rank"] is not None
-        ):
-            raise CheckpointError(
-                f"{path} was trained with lora rank {saved_lora.get('rank')} on {saved_lora.get('target_modules')}, "
-                f"this run has rank {mine['rank']} on {mine['target_modules']}: choose a new output_dir, or restore "
-                "the lora section it was trained with"
-            )
+        check_same_adapters(path, json.loads((path / STATE_FILE).read_text()).get("run_config", {}), self.config.lora)
         saved = DiMOOConfig.from_json(path / CONFIG_FILE)
         if saved.to_hf_dict() != self.model_config.to_hf_dict():
             raise CheckpointError(

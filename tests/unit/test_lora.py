@@ -103,6 +103,20 @@ def test_a_run_killed_while_saving_resumes_with_the_uninterrupted_losses(finishe
     assert (tmp_path / "run" / "lora" / ADAPTER_WEIGHTS).is_file()
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("lora.rank=8", "trained with lora rank 4 on .*this run has lora rank 8"),
+        ("lora.target_modules=[q_proj]", r"this run has lora rank 4 on \['q_proj'\]"),
+        ("lora.rank=null", "this run has no lora"),
+    ],
+)
+def test_resuming_with_other_adapters_is_refused(finished, base, tmp_path, change, message):
+    shutil.copytree(finished[0] / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(lora_config(tmp_path, base, f"train_iters={STEPS + 1}", change))
+
+
 def test_adapter_in_peft_format_at_the_end_and_beside_each_checkpoint(finished, base):
     tmp, _ = finished
     run = tmp / "run"
