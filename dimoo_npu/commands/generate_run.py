@@ -90,6 +90,7 @@ def png_metadata(request: ImageRequest, grid: tuple[int, int], run: GenerationRu
             "width": cols * 16,
             "height": rows * 16,
             "checkpoint": str(run.checkpoint),
+            **({"lora": str(run.lora)} if run.lora else {}),
             "dtype": run.dtype,
         },
         "software": f"dimoo_npu {dimoo_npu.__version__}",

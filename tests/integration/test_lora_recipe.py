@@ -16,6 +16,7 @@ from PIL import Image
 from dimoo_npu.cli import main
 from dimoo_npu.errors import CheckpointError
 from dimoo_npu.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from dimoo_npu.outputs import read_png_text
 from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
 
 pytest.importorskip("peft")
@@ -70,6 +71,7 @@ def test_the_recipe_writes_a_peft_adapter_and_t2i_with_lora_equals_the_merged_ex
         assert main([*T2I, *flags, "--out", str(tmp_path / f"{name}.png")]) == 0
         outputs[name] = pixels(tmp_path / f"{name}.png")
     assert np.array_equal(outputs["lora"], outputs["merged"])
+    assert json.loads(read_png_text(tmp_path / "lora.png")["settings"])["lora"] == str(adapter), "the PNG names it"
     assert not np.array_equal(outputs["lora"], outputs["base"]), "the adapter changes the picture"
 
 
