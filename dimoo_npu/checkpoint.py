@@ -22,6 +22,7 @@ from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.hub_cache import resolve_checkpoint
+from dimoo_npu.lora import Adapter, check_adapter, merge_adapter, read_adapter
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import OpSet, require_quantized_matmul, resolve_ops
 from dimoo_npu.quantization import (
@@ -29,6 +30,7 @@ from dimoo_npu.quantization import (
     QuantizationSpec,
     quantize_model,
     quantize_weight,
+    refuse_quantized,
     spec_of,
 )
 from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
@@ -90,12 +92,14 @@ def load_model(
     ops: OpSet | None = None,
     max_layers: int | None = None,
     quantize: str | QuantizationSpec | None = None,
+    lora: str | os.PathLike | None = None,
 ) -> DiMOOModel:
     """Load a DiMOO checkpoint folder onto ``device`` in ``dtype`` (None: fp32 on CPU, else the backend's).
 
     An int8 folder (``quantization_config`` in config.json) loads as one; ``quantize="w8a8"|"w8a16"`` quantizes a
     float folder while it loads, one weight at a time (`dimoo_npu.quantization`): the float model never exists.
     ``dtype`` then applies to what stays unquantized (embedding, norms, head).
+    ``lora``: a LoRA adapter folder (peft's format) merged into the float weights as they load (`dimoo_npu.lora`).
 
     ``device="meta"`` checks every weight's name and shape against the headers and reads no data: a model
     to plan memory or sharding with. ``max_layers=N`` builds the embedding, the first N blocks, the final
@@ -109,12 +113,17 @@ def load_model(
     target = resolve_target(device)
     dtype = dtype or default_dtype_for(target)
     spec = quantization_of(folder, config, quantize)
+    adapter = None if lora is None else read_lora(folder, config, lora, quantize)
     with torch.device("meta"):
         model = DiMOOModel(config, ops or resolve_ops(target.type))
+    if adapter is not None:
+        check_adapter(adapter, {name: tuple(p.shape) for name, p in model.state_dict().items()})
     if spec is not None:
         require_quantized_matmul(model.ops, target.type, spec.scheme)
         quantize_model(model, spec, quantize_weights=False)
     state = load_state(find_shards(folder), model, target, dtype, max_layers, quantize_on_load=quantize is not None)
+    if adapter is not None and target.type != "meta":
+        merge_adapter(state, adapter)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -133,6 +142,17 @@ def quantization_of(
             f"unquantized source ({spec.source or 'the checkpoint it came from'})"
         )
     return asked
+
+
+def read_lora(folder: Path, config: DiMOOConfig, adapter: str | os.PathLike, quantize: object) -> Adapter:
+    """The adapter to merge into ``folder``, checked before any weight is read: LoRA merges into float weights."""
+    refuse_quantized(config, folder, "merging a LoRA adapter")
+    if quantize is not None:
+        raise InputError(
+            f"--lora and --quantize {quantize} cannot load together (an adapter merges into float weights): export "
+            "the merged weights (dimoo export-hf RUN/checkpoints OUT --merge-lora), then dimoo quantize OUT"
+        )
+    return read_adapter(adapter)
 
 
 def with_max_layers(config: DiMOOConfig, max_layers: int | None) -> DiMOOConfig:

@@ -104,9 +104,11 @@ class DiMOOPipeline:
         max_length: int | None = None,
         compile: bool | None = None,
         quantize: str | None = None,
+        lora: str | os.PathLike | None = None,
     ) -> DiMOOPipeline:
         """Tokenizers now; the transformer now, or on first use when ``lazy``, in the fused sampling layout and,
-        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode; ``quantize``: see `load_model`."""
+        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode; ``quantize``: see `load_model`. ``lora``: an
+        adapter folder merged at load, checked against the checkpoint now (even when ``lazy``)."""
         from dimoo_npu.checkpoint import load_model, resolve_target
         from dimoo_npu.config import DiMOOConfig
         from dimoo_npu.sampling.graph import prepare_for_sampling
@@ -117,8 +119,11 @@ class DiMOOPipeline:
         text_tokenizer = load_text_tokenizer(folder)
         image_tokenizer = ImageTokenizer.from_pretrained(folder, device=target)
 
+        if lora is not None:  # a mismatched adapter is refused before any request is sampled
+            load_model(folder, device="meta", quantize=quantize, lora=lora)
+
         def loader():
-            model = load_model(folder, device=target, dtype=dtype, quantize=quantize)
+            model = load_model(folder, device=target, dtype=dtype, quantize=quantize, lora=lora)
             return prepare_for_sampling(model.eval(), compile=compile)
 
         return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target, max_length)

@@ -2,6 +2,7 @@
 
     python scripts/make_shapes_manifest.py data                   # data/manifest.jsonl, data/images/, data/masks/
     python scripts/make_shapes_manifest.py data --mix-scale 0.05  # 5% of the bundled model's training mix
+    python scripts/make_shapes_manifest.py data --edit-weight recolour=8  # 8x the recolour edits (LoRA recipe)
 
 The records use the README's manifest layout (relative image paths, read from the manifest's folder), and
 training-split scenes only, so `dimoo eval shapes` stays held out.
@@ -28,18 +29,42 @@ def mix_scale(text: str) -> float:
     return value
 
 
+def edit_weight(text: str) -> tuple[str, float]:
+    """KIND=FACTOR, a known edit kind and a factor >= 0."""
+    from dimoo_npu.shapes.world import EDITS
+
+    kind, _, factor = text.partition("=")
+    if kind not in EDITS:
+        raise argparse.ArgumentTypeError(f"{kind[:40]!r} is not an edit kind: choose among {', '.join(EDITS)}")
+    try:
+        value = float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not KIND=FACTOR, e.g. recolour=8") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"factor {factor[:40]!r} must be a number >= 0 (0 drops that kind)")
+    return kind, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="where manifest.jsonl, images/ and masks/ go (new or empty)")
     parser.add_argument("--mix-scale", type=mix_scale, default=0.01, help="share of the default mix (default 0.01)")
     parser.add_argument("--seed", type=int, default=1, help="scene seed (the bundled model's own run used 0)")
+    parser.add_argument(
+        "--edit-weight",
+        type=edit_weight,
+        action="append",
+        default=[],
+        metavar="KIND=FACTOR",
+        help="scale one edit kind's records (repeatable), e.g. recolour=8",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.folder.exists() and (not args.folder.is_dir() or any(args.folder.iterdir())):
         parser.error(f"{args.folder} exists and is not an empty folder: name a new one")
     from dimoo_npu.shapes.dataset import DataMix, scaled, write_manifest
 
-    mix = dataclasses.replace(scaled(DataMix(), args.mix_scale), seed=args.seed)
+    mix = dataclasses.replace(scaled(DataMix(), args.mix_scale), seed=args.seed, edit_weights=tuple(args.edit_weight))
     write_manifest(args.folder, mix)
     return 0
 

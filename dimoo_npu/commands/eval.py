@@ -28,6 +28,7 @@ def task_names() -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("suite", choices=SUITES, help="what to evaluate (shapes: the embedded model's world)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the embedded shapes model)")
+    parser.add_argument("--lora", help="LoRA adapter folder (peft format) merged into the weights at load")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | npu")
     add_quantize_argument(parser)
     parser.add_argument(
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     defaults = generation_defaults(checkpoint)
     speed = resolve(UnderstandRequest(**{name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS}), defaults)
     check_cache_settings(speed.kv_cache, speed.parallel_threshold)  # before the model loads
-    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device, quantize=args.quantize)
+    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device, quantize=args.quantize, lora=args.lora)
     image_settings = ImageSettings(
         timesteps=_pick(args.timesteps, defaults, "timesteps", 64),
         temperature=_pick(args.temperature, defaults, "temperature", 0.0),

@@ -51,6 +51,7 @@ def add_model_arguments(common: argparse._ArgumentGroup) -> None:
         "in the local cache (e.g. Alpha-VLLM/Lumina-DiMOO; nothing is downloaded); default: the bundled model",
     )
     common.add_argument("--device", default="auto", help="auto | cpu | cuda | npu (auto: npu, then cuda, then cpu)")
+    common.add_argument("--lora", help="LoRA adapter folder (peft format) merged into the weights at load")
     common.add_argument(
         "--dtype", default="auto", type=dtype_name, choices=DTYPES, help="auto: fp32 on CPU, bf16 otherwise"
     )
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     run = GenerationRun(
         task=task,
         checkpoint=args.checkpoint,
+        lora=args.lora,
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,

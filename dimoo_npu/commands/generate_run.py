@@ -46,6 +46,7 @@ class GenerationRun:
     overwrite: bool
     output: str | None  # one request's PNG; understanding: the answers file
     from_batch_file: bool
+    lora: str | None = None  # adapter folder merged at load
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -55,6 +56,7 @@ class GenerationRun:
     def checkpoint_path(self) -> str:
         """The checkpoint as outputs record it: its resolved folder, however it was named."""
         return str(resolve_checkpoint(self.checkpoint).resolve())
+
     quantize: str | None = None  # w8a8 | w8a16: quantize a float checkpoint while it loads
 
 
@@ -76,7 +78,14 @@ def load_pipeline(run: GenerationRun) -> DiMOOPipeline:
     device = pick_device(run.device, run.local_rank)
     logger.info("checkpoint %s on %s (%s)", run.checkpoint, device, run.dtype)
     pipeline = DiMOOPipeline.from_pretrained(
-        run.checkpoint, device, dtype, lazy=True, max_length=run.max_length, compile=run.compile, quantize=run.quantize
+        run.checkpoint,
+        device,
+        dtype,
+        lazy=True,
+        max_length=run.max_length,
+        compile=run.compile,
+        quantize=run.quantize,
+        lora=run.lora,
     )
     pipeline.progress = True
     return pipeline
@@ -99,6 +108,7 @@ def png_metadata(request: ImageRequest, grid: tuple[int, int], run: GenerationRu
             "width": cols * 16,
             "height": rows * 16,
             "checkpoint": run.checkpoint_path,
+            **({"lora": str(run.lora)} if run.lora else {}),
             "dtype": run.dtype,
         },
         "software": f"dimoo_npu {dimoo_npu.__version__}",

@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--checkpoint", help="DiMOO checkpoint folder or cached Hugging Face id; default: the bundled model"
     )
+    parser.add_argument("--lora", help="LoRA adapter folder (peft format) merged into the weights at load")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | npu")
@@ -80,8 +81,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     understand_defaults = _understand_defaults(args)
     resolve_target(args.device)  # a device this machine does not have is named now, not after binding
     derived = default_token_limit(checkpoint, args.max_batch)  # reads config.json and DIMOO_MAX_LENGTH: both checked
+    if args.lora is not None:  # a mismatched adapter is refused before the server binds
+        from dimoo_npu.checkpoint import load_model
+
+        load_model(checkpoint, device="meta", lora=args.lora)
     return ServeConfig(
         checkpoint=checkpoint,
+        lora=args.lora,
         device=args.device,
         max_batch=args.max_batch,
         max_queue=args.max_queue,

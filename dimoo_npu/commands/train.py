@@ -71,6 +71,7 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         "--assets-from", help="copy tokenizer files and vqvae/ from here (default: the run's model.init_from)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (swapped whole)")
+    parser.add_argument("--merge-lora", action="store_true", help="a LoRA run's checkpoint: merge its adapter in")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,6 +140,8 @@ def _export(args: argparse.Namespace) -> int:
 
     from dimoo_npu.train.checkpoint import export_hf
 
-    folder = export_hf(args.checkpoint, args.output, getattr(torch, args.dtype), args.assets_from, args.overwrite)
+    folder = export_hf(
+        args.checkpoint, args.output, getattr(torch, args.dtype), args.assets_from, args.overwrite, args.merge_lora
+    )
     emit(f"exported to {folder}")
     return 0

@@ -14,6 +14,11 @@ Memory of a rank (pipeline stage x tensor rank x data rank), in the order the pa
   schedule holds, one block's working set in backward, and the logits while the loss runs;
 - buffers: the flat fp32 reduce-scatter input of the largest FSDP group, and a runtime reserve.
 
+A LoRA run (``lora.rank``) holds the frozen base once in the compute dtype (bf16, or fp32 without ``bf16``), with
+no gradients or AdamW states for it; the adapters (rank x in and out x rank per targeted projection) carry fp32
+weights, gradients and AdamW states, and only they are reduce-scattered. Backward computes input gradients only
+through the frozen weights (1 x forward instead of 2 x); activations are kept as for a full fine-tune.
+
 Step time: FLOPs (2 per multiply-add; backward twice the forward; full recompute one more forward of the
 blocks) at the accelerator's utilisation, plus tensor-parallel collectives (not overlapped), pipeline
 point-to-point transfers and the bubble ((pp-1)/(m+pp-1)), plus the part of the data-parallel traffic that
@@ -78,6 +83,19 @@ def stage_parameters(config: DiMOOConfig, stage: int, stages: int) -> list[Param
     return params
 
 
+def adapter_parameters(specs: list[ParamSpec], rank: int, targets: tuple[str, ...]) -> list[ParamSpec]:
+    """The LoRA A (rank x in) and B (out x rank) of every block projection among ``targets`` (tp is refused)."""
+    adapters = []
+    for spec in specs:
+        parts = spec.name.split(".")
+        if ".blocks." in spec.name and parts[-2] in targets:
+            out, inner = spec.shape
+            stem = spec.name.removesuffix(".weight")
+            adapters += [ParamSpec(f"{stem}.lora_A.weight", (rank, inner), None)]
+            adapters += [ParamSpec(f"{stem}.lora_B.weight", (out, rank), None)]
+    return adapters
+
+
 def local_shape(spec: ParamSpec, tp: int, tp_rank: int, dp: int, dp_rank: int, fsdp: bool) -> tuple[int, ...]:
     """The shape of this rank's piece: the tensor-parallel chunk, then (FSDP) its dim-0 chunk over data parallel."""
     shape = list(spec.shape)
@@ -107,6 +125,8 @@ class Layout:
     fsdp: bool
     schedule: str
     bf16: bool
+    lora_rank: int = 0  # 0: a full fine-tune
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def world(self) -> int:
@@ -119,6 +139,7 @@ class Layout:
     def describe(self) -> str:
         data = "FSDP2" if self.fsdp else ("DDP" if self.dp > 1 else "one replica")
         sp = ", sequence parallel" if self.sequence_parallel else ""
+        data += f", LoRA rank {self.lora_rank} on {len(self.lora_targets)} projections" if self.lora_rank else ""
         return (
             f"world {self.world} = pp {self.pp} x dp {self.dp} x tp {self.tp}; {self.microbatches} micro-batch(es) of "
             f"{self.micro_batch} x {self.seq_length} tokens per step (global batch {self.global_batch}); "
@@ -295,7 +316,9 @@ def _rank_memory(
     largest_group = max(groups.values())
     compute_bytes = 2 if layout.bf16 else 4
     memory: dict[str, float] = {}
-    if layout.fsdp and layout.world > 1:
+    if layout.lora_rank:
+        trained = _lora_memory(memory, layout, specs, owned, groups, block, tp_rank, dp_rank)
+    elif layout.fsdp and layout.world > 1:
         memory["weights fp32 (owned shard)"] = 4 * owned
         held = gathered if layout.pp > 1 else groups.get("root", 0) + min(2, len(groups) - ("root" in groups)) * block
         memory["weights gathered for compute"] = compute_bytes * held
@@ -324,7 +347,40 @@ def _rank_memory(
     )
     memory[WORKING_SET] = sum(working.values()) * compute_bytes / 2
     memory[RESERVE] = accelerator.reserve_gib * GIB
-    return RankPlan(rank, stage, tp_rank, dp_rank, memory, owned, in_flight)
+    return RankPlan(rank, stage, tp_rank, dp_rank, memory, trained if layout.lora_rank else owned, in_flight)
+
+
+def _lora_memory(
+    memory: dict[str, float],
+    layout: Layout,
+    specs: list[ParamSpec],
+    owned: int,
+    groups: dict[str, int],
+    block: int,
+    tp_rank: int,
+    dp_rank: int,
+) -> int:
+    """The weight, gradient and optimizer terms of a LoRA rank into ``memory``; returns its trained elements."""
+    compute_bytes = 2 if layout.bf16 else 4
+    dtype = "bf16" if layout.bf16 else "fp32"
+    adapters = adapter_parameters(specs, layout.lora_rank, layout.lora_targets)
+    trained = sum(_numel(local_shape(s, layout.tp, tp_rank, layout.dp, dp_rank, layout.fsdp)) for s in adapters)
+    sharded = layout.fsdp and layout.world > 1
+    memory[f"frozen base {dtype}{' (owned shard)' if sharded else ''}"] = compute_bytes * owned
+    if sharded:
+        held = groups.get("root", 0) + min(2, len(groups) - ("root" in groups)) * block
+        memory["weights gathered for compute"] = compute_bytes * held
+    memory["LoRA adapters fp32"] = 4 * trained
+    memory["LoRA grads fp32"] = 4 * trained
+    memory["LoRA AdamW m, v fp32"] = 8 * trained
+    if sharded:
+        per_block: dict[str, int] = {}
+        for spec in adapters:
+            per_block[spec.name.split(".")[3]] = per_block.get(spec.name.split(".")[3], 0) + _numel(spec.shape)
+        memory["reduce-scatter buffer"] = (4 + compute_bytes) * max(per_block.values(), default=0)
+    elif layout.bf16:
+        memory["LoRA adapters bf16 (autocast copies)"] = 2 * trained
+    return trained
 
 
 def stage_flops_per_token(model: DiMOOConfig, layers: int, last: bool, seq_length: int) -> tuple[float, float]:
@@ -356,7 +412,8 @@ def _step_time(
         blocks, head = stage_flops_per_token(model, counts[stage], stage == pp - 1, layout.seq_length)
         forward = (blocks + head) * tokens / tp
         recompute = blocks * tokens / tp if layout.recompute == "full" else 0.0
-        compute = (3 * forward + recompute) / rate
+        backward = 1 if layout.lora_rank else 2  # frozen weights: input gradients only
+        compute = ((1 + backward) * forward + recompute) / rate
         if layout.recompute == "selective":  # elementwise ops rerun: what they did not keep, written and read
             dropped = BLOCK[family, "none"].bytes_per_token(model, tp, layout.sequence_parallel)
             dropped -= BLOCK[family, "selective"].bytes_per_token(model, tp, layout.sequence_parallel)
@@ -410,6 +467,14 @@ def assumptions(layout: Layout, accelerator: Accelerator, family: str) -> list[s
         "selective recompute rewrites and rereads at HBM bandwidth what it did not keep; "
         "attention is bidirectional over the whole data.seq_length (4 x seq x d_model per token per layer)",
         f"AdamW update: {ADAMW_BYTES_MOVED} bytes moved per owned parameter at HBM bandwidth",
+        *(
+            [
+                "LoRA: backward = 1 x forward (no weight gradients for the frozen base); MFU counts a full fine-tune's "
+                "FLOPs per token, so it reads high"
+            ]
+            if layout.lora_rank
+            else []
+        ),
     ]
 
 
@@ -428,4 +493,6 @@ def layout_of(config: TrainConfig, dims: ParallelDims, options: ParallelOptions,
         fsdp=options.data_parallel == "fsdp" and dims.world_size > 1,
         schedule=config.pipeline_schedule,
         bf16=g.bf16,
+        lora_rank=config.lora.rank or 0,
+        lora_targets=tuple(config.lora.target_modules) if config.lora.enabled else (),
     )

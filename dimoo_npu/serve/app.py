@@ -52,6 +52,7 @@ class ServeConfig:
     """What `dimoo serve` was started with."""
 
     checkpoint: str
+    lora: str | None = None  # LoRA adapter folder merged into the weights at load
     device: str = "auto"
     max_batch: int = 8
     max_queue: int = 64
@@ -323,7 +324,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         from dimoo_npu.pipeline import DiMOOPipeline
 
         pipeline = DiMOOPipeline.from_pretrained(
-            config.checkpoint, config.device, compile=config.compile, quantize=config.quantize
+            config.checkpoint, config.device, compile=config.compile, quantize=config.quantize, lora=config.lora
         )
         pipeline.config.generation_defaults = {**pipeline.config.generation_defaults, **config.understand_defaults}
         state["pipeline"] = pipeline

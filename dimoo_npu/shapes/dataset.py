@@ -37,6 +37,7 @@ class DataMix:
     mmu: int = 2500  # questions reached 1.00 on held-out images with 3000 and 3400 steps
     caption: int = 2000
     edit: int = 900  # per edit kind
+    edit_weights: tuple[tuple[str, float], ...] = ()  # (kind, factor): that kind gets round(edit * factor) records
     two_object_caption_share: float = 0.4
     two_object_share: float = 0.15  # of the text-to-image and inpainting records
     partial_caption_share: float = 0.3  # of single-object text-to-image records: one attribute left out
@@ -50,6 +51,12 @@ def scaled(mix: DataMix, factor: float) -> DataMix:
         for name in ("t2i", "inpaint", "outpaint", "mmu", "caption", "edit")
     }
     return dataclasses.replace(mix, **counts)
+
+
+def edit_counts(mix: DataMix) -> dict[str, int]:
+    """Records per edit kind: ``mix.edit`` each, scaled by the kinds' ``edit_weights``."""
+    weights = dict(mix.edit_weights)
+    return {kind: round(mix.edit * weights.get(kind, 1.0)) for kind in world.EDITS}
 
 
 def scene_key(scene: world.Scene) -> str:
@@ -141,7 +148,8 @@ def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool 
     folder = Path(folder)
     rng = random.Random(mix.seed)
     writer = ManifestWriter(folder)
-    total = mix.t2i + mix.inpaint + mix.outpaint + mix.mmu + mix.caption + mix.edit * len(world.EDITS)
+    edits = edit_counts(mix)
+    total = mix.t2i + mix.inpaint + mix.outpaint + mix.mmu + mix.caption + sum(edits.values())
     bar = tqdm(total=total, desc="shapes manifest", disable=not progress)
     for scene in _scenes(rng, mix.t2i, mix.two_object_share):
         partial = len(scene.objects) == 1 and rng.random() < mix.partial_caption_share
@@ -156,8 +164,8 @@ def write_manifest(folder: str | Path, mix: DataMix = DataMix(), progress: bool 
         mask = writer.region_mask(world.paint_region(scene.objects[0], "outpaint", rng), "outpaint")
         writer.add("inpaint", prompt=world.caption(scene, rng), target_image=writer.image(scene), mask=mask)
         bar.update()
-    for kind in world.EDITS:
-        for _ in range(mix.edit):
+    for kind, count in edits.items():
+        for _ in range(count):
             edit = world.sample_edit(kind, rng)
             image, target = writer.image(edit.source), writer.image(edit.target)
             writer.add("edit", prompt=edit.instruction, image=image, target_image=target)

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ from torch.distributed.checkpoint.state_dict import (
 from dimoo_npu.atomic import fsync, replace_directory, write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
+from dimoo_npu.lora import Adapter, merge_adapter, read_adapter
 from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.dcp_reader import SafeFileSystemReader, UnsafeCheckpointError
+from dimoo_npu.train.lora import LORA_DIR, is_adapter, saved_name
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +77,19 @@ def _barrier() -> None:
 
 
 def model_state(parts: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """Parameter name -> (possibly sharded) tensor, over every model part this rank owns."""
+    """Saved parameter name -> (possibly sharded) tensor, over every model part this rank owns (LoRA runs: peft's
+    names mapped by `saved_name`, so base weights keep their plain names)."""
     state: dict[str, torch.Tensor] = {}
     for part in parts:
-        state.update(get_model_state_dict(part))
+        state.update({saved_name(name): value for name, value in get_model_state_dict(part).items()})
     return state
+
+
+def _set_model_state(parts: list[nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """Load a `model_state`-keyed dict into the parts under their own (possibly peft) names."""
+    for part in parts:
+        own = {name: state[saved_name(name)] for name in get_model_state_dict(part) if saved_name(name) in state}
+        set_model_state_dict(part, own, options=StateDictOptions(strict=False))
 
 
 def _only_part(parts: list[nn.Module]) -> nn.Module:
@@ -89,6 +100,7 @@ def _only_part(parts: list[nn.Module]) -> nn.Module:
 
 
 def _optimizer_state(parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The flattened optimizer state under the part's own parameter names."""
     return get_optimizer_state_dict(_only_part(parts), optimizer, options=_FLAT)
 
 
@@ -141,19 +153,24 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         trainer_state: dict[str, Any],
         model_config: DiMOOConfig,
+        extra: Callable[[Path], None] | None = None,
     ) -> Path:
+        """Save a checkpoint; ``extra(folder)`` (rank 0) adds files to it before it is committed."""
         final = self.root / step_name(step)
         tmp = self.root / f".tmp-{final.name}"
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        state = {"model": model_state(parts), "optim": _tensors_only(_optimizer_state(parts, optimizer))}
+        optim = _tensors_only(_optimizer_state(parts, optimizer))
+        state = {"model": model_state(parts), "optim": {saved_name(key): value for key, value in optim.items()}}
         try:
             with _dcp_call():
                 dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             if self.rank == 0:
                 _write_json(tmp / STATE_FILE, trainer_state)
                 _write_json(tmp / CONFIG_FILE, model_config.to_hf_dict())
+                if extra is not None:
+                    extra(tmp)
                 self._commit(tmp, final)
         except BaseException as err:  # DCP wraps what interrupts it (Ctrl-C too) in a CheckpointException
             if self.rank == 0:  # no half-written save is left behind (``latest`` still names the last one)
@@ -182,13 +199,12 @@ class Checkpointer:
         optim_full = None
         if optimizer is not None:
             optim_full = _optimizer_state(parts, optimizer)  # creates the states to load into
-            state["optim"] = _tensors_only(optim_full)
+            state["optim"] = {saved_name(key): value for key, value in _tensors_only(optim_full).items()}
         with _dcp_call():
             dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=not dist.is_initialized())
-        for part in parts:
-            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        _set_model_state(parts, state["model"])
         if optimizer is not None:
-            optim_full.update(state["optim"])
+            optim_full.update({key: state["optim"][saved_name(key)] for key in _tensors_only(optim_full)})
             set_optimizer_state_dict(_only_part(parts), optimizer, optim_full, options=_FLAT)
         logger.info("loaded checkpoint %s", path)
         return json.loads((path / STATE_FILE).read_text())
@@ -234,11 +250,10 @@ def load_hf_weights(parts: list[nn.Module], folder: str | os.PathLike) -> None:
     """
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    state = model_state(parts)
+    state = {name: value for name, value in model_state(parts).items() if not is_adapter(name)}
     with _dcp_call():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
-    for part in parts:
-        set_model_state_dict(part, state, options=StateDictOptions(strict=False))
+    _set_model_state(parts, state)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -262,13 +277,15 @@ def export_hf(
     dtype: torch.dtype = torch.bfloat16,
     assets_from: str | os.PathLike | None = None,
     overwrite: bool = False,
+    merge_lora: bool = False,
 ) -> Path:
     """Write a training checkpoint (any layout it was saved in) as a folder `dimoo_npu.load_model` reads.
 
     Runs in one process: DCP gathers every shard into whole tensors of ``dtype``. The tokenizer files and
     ``vqvae/`` are copied from ``assets_from`` (default: the folder the run was initialised from, if any).
     A non-empty ``output`` is refused unless ``overwrite``; then the new folder is built beside it and
-    swapped in whole, so old shards never sit next to new ones.
+    swapped in whole, so old shards never sit next to new ones. A LoRA run's checkpoint exports only with
+    ``merge_lora``: its adapter (``lora/`` beside the DCP files) is merged into the base weights.
     """
     from dimoo_npu.checkpoint import save_pretrained
     from dimoo_npu.model import DiMOOModel
@@ -286,13 +303,17 @@ def export_hf(
             f"{checkpoint} is not a training checkpoint (no {STATE_FILE}): pass a step-* folder "
             "or the checkpoints folder of a run"
         )
+    trainer_state = json.loads((checkpoint / STATE_FILE).read_text())
+    adapter = _adapter_to_merge(checkpoint, trainer_state, merge_lora)
     config = DiMOOConfig.from_json(checkpoint / CONFIG_FILE)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in DiMOOModel(config).state_dict().items()}
     weights = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     with _dcp_call():
         dcp.load({"model": weights}, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True)
-    assets_from = assets_from or json.loads((checkpoint / STATE_FILE).read_text()).get("init_from")
+    if adapter is not None:
+        merge_adapter(weights, adapter)
+    assets_from = assets_from or trainer_state.get("init_from")
 
     def fill(staging: Path) -> None:
         save_pretrained(weights, config, staging)
@@ -300,6 +321,20 @@ def export_hf(
             copy_assets(Path(assets_from), staging)
 
     return replace_directory(output, fill)
+
+
+def _adapter_to_merge(checkpoint: Path, trainer_state: dict[str, Any], merge_lora: bool) -> Adapter | None:
+    """The adapter of a LoRA run's checkpoint when ``merge_lora``; a LoRA checkpoint without it (or the flag on a
+    full fine-tune's) is refused, since its base weights alone are not what was trained."""
+    trained_lora = (trainer_state.get("run_config", {}).get("lora") or {}).get("rank") is not None
+    if trained_lora and not merge_lora:
+        raise CheckpointError(
+            f"{checkpoint} is from a LoRA run: pass --merge-lora to export the base with the adapter merged in "
+            f"(or sample the base checkpoint with --lora {checkpoint / LORA_DIR})"
+        )
+    if merge_lora and not trained_lora:
+        raise CheckpointError(f"{checkpoint} is from a full fine-tune, not a LoRA run: export it without --merge-lora")
+    return read_adapter(checkpoint / LORA_DIR) if merge_lora else None
 
 
 def _check_export_target(output: Path, overwrite: bool) -> None:

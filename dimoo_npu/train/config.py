@@ -6,6 +6,7 @@ Sections (``configs/train/*.yaml`` document every key with a comment):
   ``gpt_args`` (Megatron's CLI flags), so a MindSpeed-MM user reads them without a glossary.
 - ``model``: where the weights come from (``init_from`` a Hugging Face folder, or a fresh ``config``).
 - ``data``: the pre-tokenized shards and how batches are formed.
+- ``lora``: low-rank adapters (peft) on the blocks' projections instead of a full fine-tune (``rank`` null: off).
 - ``rl`` (optional): Self-GRPO instead of supervised fine-tuning (`dimoo_npu.rl`); its presence turns it on.
 - top level: ``output_dir`` (metrics.jsonl, checkpoints), ``device``, ``resume`` and the rest of our own keys.
 
@@ -87,6 +88,39 @@ class DataArgs:
     group_by_length: bool = False  # batches of similar-length samples: less padding when lengths vary widely
 
 
+# The blocks' attention and MLP projections. Matched as ``blocks.N.<name>`` only: ``ff_out`` also names the output
+# head, which the forward reads as a bare weight (an adapter on it would be bypassed).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+
+@dataclass
+class LoraArgs:
+    """LoRA (peft): the base weights stay frozen, held once in the compute dtype; only adapters are trained."""
+
+    rank: int | None = None  # adapter rank r; null: no LoRA (a full fine-tune)
+    alpha: float | None = None  # scale = alpha / rank; null: alpha = rank (scale 1)
+    dropout: float = 0.0  # dropout on the adapters' input
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # block projections to adapt
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        if self.rank < 1:
+            raise ConfigError(
+                f"lora.rank is {self.rank}; it must be at least 1 (e.g. 16), or null for full fine-tuning"
+            )
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"lora.alpha is {self.alpha}; it must be positive (null: equal to the rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout {self.dropout} is not a probability in [0, 1)")
+        if not self.target_modules or not all(isinstance(name, str) for name in self.target_modules):
+            raise ConfigError(f"lora.target_modules must list block projections, e.g. {list(LORA_TARGETS)}")
+
+
 @dataclass
 class RLArgs:
     """Self-GRPO (`dimoo_npu.rl`), under TRL's GRPOConfig names where one fits (num_generations, beta, epsilon,
@@ -149,6 +183,7 @@ class TrainConfig:
     gpt_args: GptArgs = field(default_factory=GptArgs)
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
     output_dir: str = "runs/dimoo"
     device: str = "auto"  # auto, cpu, cuda, npu; each rank takes LOCAL_RANK's device
     resume: str = "auto"  # auto: continue from output_dir's latest checkpoint; never: refuse a folder that has one
@@ -165,8 +200,8 @@ class TrainConfig:
     def check(self) -> None:
         """Value checks that need no model and no world size; the parallel layout is `train.layout.plan_layout`'s."""
         g = self.gpt_args
-        sections = [("gpt_args.", g), ("data.", self.data), ("", self)] + ([("rl.", self.rl)] if self.rl else [])
-        for prefix, section in sections:
+        sections = [("gpt_args.", g), ("data.", self.data), ("lora.", self.lora), ("", self)]
+        for prefix, section in sections + ([("rl.", self.rl)] if self.rl else []):
             for item in dataclasses.fields(section):
                 value = getattr(section, item.name)
                 if isinstance(value, float) and not math.isfinite(value):
@@ -199,6 +234,7 @@ class TrainConfig:
             self.rl.check(g.global_batch_size)
         elif not self.data.shards:
             raise ConfigError("data.shards is empty: point it at the folder `dimoo pretokenize` wrote")
+        self.lora.check()
 
     def warmup_iters(self) -> int:
         g = self.gpt_args

@@ -8,6 +8,7 @@ the per-step micro-batch count is global_batch / (micro_batch * dp).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -16,12 +17,14 @@ import torch
 
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import ConfigError
+from dimoo_npu.model import DiMOOModel
 from dimoo_npu.parallel import ParallelDims, ParallelOptions
 from dimoo_npu.parallel.pipeline_parallel import SCHEDULES
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.presets import preset_config
 from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.config import TrainConfig, check_choice
+from dimoo_npu.train.lora import check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ def plan_layout(config: TrainConfig, model: DiMOOConfig, world_size: int) -> tup
             f" = {tp}*{pp}: launch a multiple of {tp * pp} processes, or change tp/pp"
         )
     dims = ParallelDims(pp=pp, dp=world_size // (tp * pp), tp=tp)
+    _check_lora(config, dims, model)
     _check_model_split(dims, model)
     per_pass = g.micro_batch_size * dims.dp
     if g.global_batch_size % per_pass:
@@ -91,6 +95,21 @@ def plan_layout(config: TrainConfig, model: DiMOOConfig, world_size: int) -> tup
         reduce_dtype=torch.float32,
     )
     return dims, options
+
+
+def _check_lora(config: TrainConfig, dims: ParallelDims, model: DiMOOConfig) -> None:
+    """LoRA runs on one device or FSDP2 data parallel (not tensor or pipeline parallel), on targets the blocks have."""
+    if not config.lora.enabled:
+        return
+    with torch.device("meta"):
+        check_targets(DiMOOModel(dataclasses.replace(model, n_layers=1)), config.lora.target_modules)
+    ddp = dims.dp > 1 and not config.gpt_args.use_distributed_optimizer
+    if dims.tp > 1 or dims.pp > 1 or ddp:
+        raise ConfigError(
+            f"LoRA runs on one device or FSDP2 data parallel only (got tp {dims.tp}, pp {dims.pp}, dp {dims.dp}"
+            f"{' with DDP' if ddp else ''}): set tensor_model_parallel_size and pipeline_model_parallel_size to 1 "
+            "and use_distributed_optimizer: true"
+        )
 
 
 def _check_model_split(dims: ParallelDims, model: DiMOOConfig) -> None:

@@ -4,14 +4,17 @@ One process or many (torchrun): rank, world size and the local device come from 
 torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK); the collective backend from the device's adapter
 (gloo on CPU, nccl on CUDA, hccl on Ascend). Parameters are fp32 master weights; with ``bf16`` the
 compute runs in bf16 (FSDP2's mixed-precision policy, or autocast in a single process), gradients are
-reduced in fp32, and AdamW updates fp32 weights.
+reduced in fp32, and AdamW updates fp32 weights. With a ``lora`` section only peft adapters train (fp32 master
+weights); the frozen base is held once, in bf16 when ``bf16`` (`dimoo_npu.train.lora`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dimoo_npu import envs
 from dimoo_npu.adapters import resolve_device
+from dimoo_npu.atomic import replace_directory
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, ConfigError
 from dimoo_npu.lengths import LengthLimit
@@ -29,10 +33,18 @@ from dimoo_npu.model import DiMOOModel
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import build_mesh, parallelize
 from dimoo_npu.run_lock import RunFolderBusyError, hold_run_folder
-from dimoo_npu.train.checkpoint import CONFIG_FILE, Checkpointer, load_hf_weights
+from dimoo_npu.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, load_hf_weights
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.data import BatchSource
 from dimoo_npu.train.layout import model_config_of, plan_layout
+from dimoo_npu.train.lora import (
+    LORA_DIR,
+    adapter_tensors,
+    apply_lora,
+    check_same_adapters,
+    init_adapters,
+    save_adapter,
+)
 from dimoo_npu.train.masking import Objective
 from dimoo_npu.train.metrics import MetricsLog, flops_per_token, measure_peak_flops
 from dimoo_npu.train.schedule import learning_rate
@@ -61,6 +73,7 @@ def build_optimizer(parts: list[torch.nn.Module], config: TrainConfig) -> torch.
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     g = config.gpt_args
+    groups = [group for group in groups if group["params"]]  # LoRA trains no vectors (DCP refuses empty groups)
     return torch.optim.AdamW(groups, lr=g.lr, betas=(g.adam_beta1, g.adam_beta2), eps=g.adam_eps)
 
 
@@ -144,19 +157,30 @@ class Trainer:
         """This rank's part of a fresh model (seeded, built whole on every rank) or of ``init_from``'s weights
         (built on meta, so only this rank's shards are ever allocated)."""
         ops = resolve_ops(self.device.type, self.config.model.ops)
+        lora, seed = self.config.lora, self.config.gpt_args.seed
         if self.config.model.init_from is None:
-            torch.manual_seed(self.config.gpt_args.seed)
-            part = parallelize(DiMOOModel(self.model_config, ops), self.dims, self.mesh, self.options, self.device)
+            torch.manual_seed(seed)
+            model = self._with_adapters(DiMOOModel(self.model_config, ops))
+            part = parallelize(model, self.dims, self.mesh, self.options, self.device)
         else:
             with torch.device("meta"):
-                model = DiMOOModel(self.model_config, ops)
+                model = self._with_adapters(DiMOOModel(self.model_config, ops))
             part = parallelize(model, self.dims, self.mesh, self.options, self.device)
             part.to_empty(device=self.device)
             if load_weights:
                 load_hf_weights([part], self.config.model.init_from)
+        if lora.enabled and load_weights:
+            init_adapters(part, seed)
         return part.train()
 
+    def _with_adapters(self, model: DiMOOModel) -> torch.nn.Module:
+        """The model with LoRA adapters and its base frozen in the compute dtype, when the run has a lora section."""
+        if not self.config.lora.enabled:
+            return model
+        return apply_lora(model, self.config.lora, torch.bfloat16 if self.config.gpt_args.bf16 else None)
+
     def _restore(self, path: Path) -> None:
+        check_same_adapters(path, json.loads((path / STATE_FILE).read_text()).get("run_config", {}), self.config.lora)
         saved = DiMOOConfig.from_json(path / CONFIG_FILE)
         if saved.to_hf_dict() != self.model_config.to_hf_dict():
             raise CheckpointError(
@@ -191,7 +215,25 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return self.checkpointer.save(self.step, [self.model], self.optimizer, self.trainer_state(), self.model_config)
+        """A checkpoint (every rank); a LoRA run's holds its adapter (peft's format) in ``lora/``."""
+        extra = None
+        if self.config.lora.enabled:
+            writer = self._adapter_writer()
+            extra = lambda folder: writer(folder / LORA_DIR)  # noqa: E731
+        state = self.trainer_state()
+        return self.checkpointer.save(self.step, [self.model], self.optimizer, state, self.model_config, extra)
+
+    def _adapter_writer(self) -> Callable[[Path], None]:
+        """Gathers the adapters now (a collective: every rank calls it); the writer puts them in a folder."""
+        tensors = adapter_tensors(self.model)
+        return lambda folder: save_adapter(folder, tensors, self.config.lora, self.config.model.init_from)
+
+    def save_final_adapter(self) -> Path | None:
+        """``output_dir/lora``: the adapter as the run ends (swapped in whole; written by rank 0)."""
+        writer = self._adapter_writer()
+        if self.env.rank != 0:
+            return None
+        return replace_directory(self.output / LORA_DIR, writer)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its metrics line."""
@@ -201,6 +243,8 @@ class Trainer:
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.config.lora.dropout:  # adapter dropout draws from the global RNG: a function of the step, for resume
+            torch.manual_seed(hash((g.seed, self.step, self.env.rank)) & 0x7FFF_FFFF)
         loss = self.step_runner.forward_backward(batch.input_ids, batch.labels, batch.attention_mask)
         grad_norm = self.step_runner.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else math.inf)
         self.optimizer.step()
@@ -248,6 +292,8 @@ class Trainer:
             if (g.save_interval and self.step % g.save_interval == 0) or self.step == g.train_iters:
                 self.save()
         bar.close()
+        if self.config.lora.enabled:
+            self.save_final_adapter()
         self.metrics.close()
         if self.config.plot and self.env.rank == 0:
             from dimoo_npu.train.plots import plot_curves

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 def walkthrough_blocks() -> list[list[str]]:
     """The bash blocks of the README's fine-tuning section: their command lines, comments and blanks dropped."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Fine-tuning: from a manifest to an exported checkpoint")[1].split("\n## ")[0]
+    section = readme.split("## Fine-tuning: from a manifest to an exported checkpoint")[1].split("\n#")[0]
     blocks = [part.split("```")[0] for part in section.split("```bash\n")[1:]]
     return [[line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
             for block in blocks]  # fmt: skip

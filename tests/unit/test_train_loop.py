@@ -16,7 +16,7 @@ from dimoo_npu.errors import CheckpointError, ConfigError
 from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.train.checkpoint import LATEST, export_hf
 from dimoo_npu.train.trainer import Trainer, run_training
-from tests.unit.train_support import tiny_run_config
+from tests.unit.train_support import KILL_AT_STEP_4, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -52,28 +52,12 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(reference, tmp_path):
     assert steps == list(range(1, STEPS + 1)), "metrics of steps trained again are not duplicated"
 
 
-KILL_AT_STEP_4 = """
-import os, signal, sys
-from pathlib import Path
-from dimoo_npu.train import checkpoint
-from dimoo_npu.train.trainer import run_training
-from tests.unit.train_support import tiny_run_config
-
-commit = checkpoint.Checkpointer._commit
-def killed_before_rename(self, tmp, final):
-    if final.name == checkpoint.step_name(4):  # DCP has written every file of step 4; the rename is next
-        os.kill(os.getpid(), signal.SIGKILL)
-    commit(self, tmp, final)
-checkpoint.Checkpointer._commit = killed_before_rename
-run_training(tiny_run_config(Path(sys.argv[1]), "save_interval=2", "train_iters=6"))
-"""
-
-
 def test_a_process_killed_during_save_leaves_the_last_good_checkpoint(reference, tmp_path):
     _, expected = reference
     tiny_run_config(tmp_path)  # write the shards before the subprocess uses them
-    result = subprocess.run([sys.executable, "-c", KILL_AT_STEP_4, str(tmp_path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", KILL_AT_STEP_4, str(tmp_path), "train_iters=6"], cwd=REPO,
+                            capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert result.returncode == -9, result.stderr[-2000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / LATEST).read_text() == "step-00000002"

@@ -87,3 +87,22 @@ def tiny_run_config(tmp: Path, *overrides: str, shards: Path | None = None) -> T
             write_synthetic_shards(shards)
     base = [f"data.shards={shards}", f"output_dir={tmp / 'run'}", "peak_tflops=1.0"]
     return load_config(TINY_CONFIG, [*base, *overrides])
+
+
+# A run (tiny config under argv[1], overrides argv[2:], saving every 2 steps) SIGKILLed while saving step 4: DCP has
+# written every file, the rename into place is next.
+KILL_AT_STEP_4 = """
+import os, signal, sys
+from pathlib import Path
+from dimoo_npu.train import checkpoint
+from dimoo_npu.train.trainer import run_training
+from tests.unit.train_support import tiny_run_config
+
+commit = checkpoint.Checkpointer._commit
+def killed_before_rename(self, tmp, final):
+    if final.name == checkpoint.step_name(4):  # DCP has written every file of step 4; the rename is next
+        os.kill(os.getpid(), signal.SIGKILL)
+    commit(self, tmp, final)
+checkpoint.Checkpointer._commit = killed_before_rename
+run_training(tiny_run_config(Path(sys.argv[1]), "save_interval=2", *sys.argv[2:]))
+"""
