@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -23,9 +24,21 @@ from dimoo_npu.errors import InputError
 from dimoo_npu.generation_settings import DEFAULTS, ImageSettings, TextSettings
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
-from dimoo_npu.validate import check_finite, check_image_dimension, check_seeds, check_text
+from dimoo_npu.validate import (
+    MAX_LENGTH_LIMIT,
+    PIXELS_PER_CELL,
+    SCALE_LIMIT,
+    check_finite,
+    check_image_dimension,
+    check_int,
+    check_number,
+    check_seeds,
+    check_text,
+    shown,
+)
 
-PIXELS_PER_CELL = 16  # one image token per 16 x 16 pixels
+IMAGE_FRAME = 4  # BOA BOI ... EOI EOA around a generated image's rows
+BUDGET_PATCH = 32  # image budgets are multiples of 32 pixels (the bucket lists' patch)
 BUDGET_HELP = "crop input images to the closest aspect bucket of about N x N pixels (0: keep the size, cropped to 16s)"
 
 
@@ -181,8 +194,75 @@ def check_image_size(width: int, height: int, where: str = "the request") -> Non
             raise InputError(f"{name} {value} is not a multiple of 16 pixels: use {nearest}")
 
 
-def check(request: Request, where: str = "the request") -> Request:
-    """Every check that needs no model, tokenizer or file: a resolved request passes or an InputError names the fix."""
+# ---- the budget of a request: every size-like field bounded by the length cap, before any image is touched ----
+
+
+def image_tokens(rows: int, cols: int) -> int:
+    """Tokens of a ``rows`` x ``cols`` grid in a sequence: each row ends with an end-of-line."""
+    return rows * (cols + 1)
+
+
+def budget_tokens(budget: int) -> int:
+    """Image tokens an input image costs at ``budget`` (about budget x budget pixels, one token per 16 x 16)."""
+    return (budget // PIXELS_PER_CELL) ** 2
+
+
+def field_maxima(cap: int) -> dict[str, int]:
+    """The largest value of each size-like request field under a length cap of ``cap`` tokens (the README's
+    table): a side of one row of cells, an image budget whose picture alone fills the cap, and step counts and
+    answer lengths of at most one per position."""
+    budget = math.isqrt(cap) * PIXELS_PER_CELL // BUDGET_PATCH * BUDGET_PATCH
+    side = PIXELS_PER_CELL * max(1, cap - IMAGE_FRAME - 1)
+    return {
+        "width": side,
+        "height": side,
+        "image_budget": budget,
+        "timesteps": cap,
+        "steps": cap,
+        "refresh_interval": cap,
+        "gen_length": cap,
+        "block_length": cap,
+    }
+
+
+def least_tokens(request: Request) -> int:
+    """A lower bound on the longest sequence of a resolved request, from its fields alone: what the cap is
+    checked against before an image is opened (the exact length is checked again once the prompt is encoded)."""
+    budget = getattr(request, "image_budget", None) or 0
+    picture = budget_tokens(budget)
+    if isinstance(request, TextToImageRequest):
+        return image_tokens(request.height // PIXELS_PER_CELL, request.width // PIXELS_PER_CELL) + IMAGE_FRAME
+    if isinstance(request, EditRequest):
+        return (2 + bool(request.ref_image)) * picture  # the sources and an output of the last source's size
+    if isinstance(request, UnderstandRequest):
+        return picture + request.gen_length + 2  # BOA answer EOA
+    return picture
+
+
+def check_budget(request: Request, cap: int, where: str = "the request") -> Request:
+    """Every size-like field within `field_maxima` of ``cap`` and the request's `least_tokens` within ``cap``:
+    refused by the field's name before any image is decoded, resized or encoded."""
+    cap = check_int("the length cap", cap, 1, MAX_LENGTH_LIMIT)
+    fix = f" for the length cap of {cap} tokens (raise it with --max-length or DIMOO_MAX_LENGTH)"
+    for name, high in field_maxima(cap).items():
+        value = getattr(request, name, None)
+        if value is not None:
+            check_int(f"{name} of {where}", value, 0 if name == "image_budget" else 1, high, fix)
+    need = least_tokens(request)
+    if need > cap:
+        raise InputError(
+            f"{where} needs at least {need} tokens, more than the length cap of {cap}: use a smaller image, "
+            f"image_budget or answer length, or raise the cap with --max-length {need} (or DIMOO_MAX_LENGTH={need})"
+        )
+    return request
+
+
+def check(request: Request, where: str = "the request", cap: int | None = None, count: int = 1) -> Request:
+    """Every check that needs no model, tokenizer or file: a resolved request passes or an InputError names the fix.
+
+    ``cap`` (the length cap in tokens) bounds every size-like field (`check_budget`); ``count`` images are sampled
+    from seeds ``seed .. seed + count - 1``, each a valid seed.
+    """
     for f in dataclasses.fields(request):
         value = getattr(request, f.name)
         if f.metadata["required"] and value in (None, ""):
@@ -190,6 +270,9 @@ def check(request: Request, where: str = "the request") -> Request:
             raise InputError(f"{where} has no {f.name}: pass {flag} (or set it in every line of the batch file)")
         if isinstance(value, float):
             check_finite(f"{where}: {f.name}", value)
+    for name in ("cfg_scale", "cfg_img", "temperature"):
+        if getattr(request, name, None) is not None:
+            check_number(f"{name} of {where}", getattr(request, name), 0.0, SCALE_LIMIT)
     for name in ("prompt", "question"):
         check_text(f"{name} of {where}", getattr(request, name, None))
     if isinstance(request, TextToImageRequest):
@@ -197,15 +280,30 @@ def check(request: Request, where: str = "the request") -> Request:
     if isinstance(request, EditRequest):
         check_edit_type(request.edit_type)
     budget = getattr(request, "image_budget", None)
-    if budget is not None and (budget < 0 or budget % 32):
-        raise InputError(f"image budget {budget} of {where} must be a multiple of 32 (e.g. 512; 0 keeps the size)")
+    if budget is not None and (budget < 0 or budget % BUDGET_PATCH):
+        raise InputError(
+            f"image budget {shown(budget)} of {where} must be a multiple of 32 (e.g. 512; 0 keeps the size)"
+        )
     if request.seed is not None:
-        check_seeds(request.seed)
+        check_seeds(request.seed, count)
+    if cap is not None:
+        check_budget(request, cap, where)
     if isinstance(request, ImageRequest):
         request.image_settings().check()
     if isinstance(request, UnderstandRequest):
         request.text_settings().check()
     return request
+
+
+def trained_length(checkpoint: str | os.PathLike) -> int:
+    """The checkpoint's max_sequence_length (config.json; 4096 when it names none): what the length cap derives
+    from (`dimoo_npu.lengths.length_cap`) before any model or tokenizer loads."""
+    path = resolve_checkpoint(checkpoint) / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_sequence_length", 4096)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return 4096  # load_model reports an unreadable config with the fix
+    return check_int(f"max_sequence_length of {path}", value, 1, MAX_LENGTH_LIMIT)
 
 
 def generation_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:

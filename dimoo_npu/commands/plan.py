@@ -15,6 +15,7 @@ from dimoo_npu.commands import emit
 from dimoo_npu.errors import InputError
 from dimoo_npu.planner.hardware import ACCELERATORS
 from dimoo_npu.presets import PRESETS
+from dimoo_npu.validate import check_image_dimension
 
 DEFAULT_PRESET = "lumina-dimoo-8b"
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.presets import preset_config
 
     for name in ("width", "height"):
-        value = getattr(args, name)
+        value = check_image_dimension(f"--{name}", getattr(args, name))
         if value < 16 or value % 16:
             raise InputError(
                 f"--{name} {value} is not a positive multiple of 16 pixels: use {max(16, value // 16 * 16)}"

@@ -94,6 +94,8 @@ def _fields_of(*classes: type[requests.Request], skip: set[str] = _NOT_ON_THE_WI
 
 
 _FORBID = ConfigDict(extra="forbid")
+# JSON bodies are typed as batch-file lines are: {"n": true} or {"n": "2"} is refused, not read as 1 or 2.
+_STRICT = ConfigDict(extra="forbid", strict=True)
 _WIRE = {
     "model": (str | None, Field(None, description="ignored: this server serves one model")),
     "n": (int, Field(1, ge=1, description="number of images (seeds seed, seed + 1, ...)")),
@@ -104,7 +106,7 @@ _WIRE = {
     "response_format": (Literal["b64_json"], Field("b64_json", description="PNG as base64 (URLs are not served)")),
 }
 ImageGenerationBody = create_model(
-    "ImageGenerationBody", __config__=_FORBID, **_fields_of(requests.TextToImageRequest), **_WIRE
+    "ImageGenerationBody", __config__=_STRICT, **_fields_of(requests.TextToImageRequest), **_WIRE
 )
 PAINT_TASKS = ("inpaint", "outpaint")
 EditForm = create_model(
@@ -139,7 +141,7 @@ class ChatMessage(BaseModel):
 
 ChatBody = create_model(
     "ChatBody",
-    __config__=ConfigDict(extra="ignore"),  # OpenAI clients send more options than this model has
+    __config__=ConfigDict(extra="ignore", strict=True),  # OpenAI clients send more options than this model has
     **_fields_of(requests.UnderstandRequest),
     model=_WIRE["model"],
     messages=(list[ChatMessage], Field(min_length=1, description="a user message with an image_url and a question")),
@@ -343,7 +345,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if body.size is not None:
             values["width"], values["height"] = (int(v) for v in body.size.split("x"))
         _check_n(body.n, config)
-        request, prepared = await asyncio.to_thread(_prepared, pipe, "t2i", values, {}, config.max_steps)
+        request, prepared = await asyncio.to_thread(_prepared, pipe, "t2i", values, {}, config.max_steps, body.n)
         return _images_response(await run(_image_job(pipe, prepared, request, body.n), http))
 
     @app.post("/v1/images/edits", dependencies=[Depends(authorised)])
@@ -367,7 +369,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             if mask is not None:
                 files["mask"] = await mask.read()
         _check_n(form.n, config)
-        request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files, config.max_steps)
+        request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files, config.max_steps, form.n)
         return _images_response(await run(_image_job(pipe, prepared, request, form.n), http))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
@@ -450,9 +452,11 @@ def _check_n(n: int, config: ServeConfig) -> None:
         )
 
 
-def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], max_steps: int):
+def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], max_steps: int, n: int = 1):
     """The resolved, checked request and its sampler input, as ``dimoo <task>`` makes them from flags and files
-    (uploads are written to a temporary folder for the duration). Runs in a worker thread; bad input -> 400."""
+    (uploads are written to a temporary folder for the duration). Runs in a worker thread; bad input -> 400.
+    Every size-like field and the seeds of all ``n`` images are checked (`requests.check`) before the upload is
+    decoded."""
     from dimoo_npu.tasks import check_files
 
     with tempfile.TemporaryDirectory(prefix="dimoo-serve-") as folder:
@@ -461,7 +465,7 @@ def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], 
             values[name] = str(Path(folder) / name)
         try:
             given = {k: v for k, v in values.items() if v is not None}
-            request = pipe.resolve(requests.from_mapping(task, given, "the request"))
+            request = pipe.resolve(requests.from_mapping(task, given, "the request"), count=n)
             steps = getattr(request, "timesteps", None) or getattr(request, "steps", None)
             if steps > max_steps:
                 raise ApiError(400, f"{steps} sampling steps is over this server's limit of {max_steps}: ask for fewer")
@@ -481,7 +485,7 @@ def _image_job(pipe, prepared, request: requests.ImageRequest, n: int) -> dict[s
 
     settings = request.image_settings()
     seed = request.seed if request.seed is not None else secrets.randbits(62)
-    requests.check(dataclasses.replace(request, seed=seed))  # seed + n - 1 must be a valid seed too
+    requests.check(dataclasses.replace(request, seed=seed), count=n)  # seed + n - 1 must be a valid seed too
     offset = pipe.tokens["image_offset"]
 
     def make():
