@@ -97,8 +97,11 @@ def check_number(name: str, value: Any, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(f"{name} is {shown(value)}, not a number: pass a number in [{low:g}, {high:g}]")
     check_finite(name, value)
-    if not low <= value <= high:
-        raise InputError(f"{name}={shown(value)} is outside [{low:g}, {high:g}]")
+    if value < low:
+        least = "must not be negative" if low == 0 else f"must be at least {low:g}"
+        raise InputError(f"{name}={shown(value)} {least}")
+    if value > high:
+        raise InputError(f"{name}={shown(value)} is over the maximum of {high:g}")
     return value
 
 

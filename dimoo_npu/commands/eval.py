@@ -93,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+    from dimoo_npu.validate import output_file
 
     tasks = selected_tasks(args.task)
+    if args.output:
+        output_file(args.output, "--output")  # a folder or an unwritable path is refused before the run
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
     pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
