@@ -11,6 +11,7 @@ the user's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,11 +28,9 @@ from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
 from dimoo_npu.validate import (
     MAX_LENGTH_LIMIT,
     PIXELS_PER_CELL,
-    SCALE_LIMIT,
     check_finite,
     check_image_dimension,
     check_int,
-    check_number,
     check_seeds,
     check_text,
     shown,
@@ -133,6 +132,7 @@ TASKS: dict[str, type[Request]] = {
 }
 
 
+@functools.cache
 def field_type(cls: type[Request], name: str) -> type:
     """The value type of a field (``int | None`` -> ``int``): what the CLI parses and a batch line must hold."""
     hint = typing.get_type_hints(cls)[name]
@@ -202,16 +202,23 @@ def image_tokens(rows: int, cols: int) -> int:
     return rows * (cols + 1)
 
 
+def square_cells(tokens: int) -> int:
+    """Cells on a side of the largest square grid whose rows fit in ``tokens`` (c with c * (c + 1) <= tokens), in
+    O(1) for any number."""
+    return (math.isqrt(4 * tokens + 1) - 1) // 2 if tokens >= 2 else 0
+
+
 def budget_tokens(budget: int) -> int:
-    """Image tokens an input image costs at ``budget`` (about budget x budget pixels, one token per 16 x 16)."""
-    return (budget // PIXELS_PER_CELL) ** 2
+    """Image tokens an input image costs at ``budget``: its bucket is about budget x budget pixels."""
+    side = budget // PIXELS_PER_CELL
+    return image_tokens(side, side)
 
 
 def field_maxima(cap: int) -> dict[str, int]:
     """The largest value of each size-like request field under a length cap of ``cap`` tokens (the README's
     table): a side of one row of cells, an image budget whose picture alone fills the cap, and step counts and
     answer lengths of at most one per position."""
-    budget = math.isqrt(cap) * PIXELS_PER_CELL // BUDGET_PATCH * BUDGET_PATCH
+    budget = square_cells(cap - IMAGE_FRAME) * PIXELS_PER_CELL // BUDGET_PATCH * BUDGET_PATCH
     side = PIXELS_PER_CELL * max(1, cap - IMAGE_FRAME - 1)
     return {
         "width": side,
@@ -233,10 +240,10 @@ def least_tokens(request: Request) -> int:
     if isinstance(request, TextToImageRequest):
         return image_tokens(request.height // PIXELS_PER_CELL, request.width // PIXELS_PER_CELL) + IMAGE_FRAME
     if isinstance(request, EditRequest):
-        return (2 + bool(request.ref_image)) * picture  # the sources and an output of the last source's size
+        return (2 + bool(request.ref_image)) * picture + IMAGE_FRAME  # the sources and an output of their size
     if isinstance(request, UnderstandRequest):
         return picture + request.gen_length + 2  # BOA answer EOA
-    return picture
+    return picture + IMAGE_FRAME
 
 
 def check_budget(request: Request, cap: int, where: str = "the request") -> Request:
@@ -250,8 +257,12 @@ def check_budget(request: Request, cap: int, where: str = "the request") -> Requ
             check_int(f"{name} of {where}", value, 0 if name == "image_budget" else 1, high, fix)
     need = least_tokens(request)
     if need > cap:
+        what = where
+        if isinstance(request, TextToImageRequest):
+            side = square_cells(cap - IMAGE_FRAME) * PIXELS_PER_CELL
+            what = f"a {request.width}x{request.height} image of {where} (the largest square under this cap is {side}x{side})"
         raise InputError(
-            f"{where} needs at least {need} tokens, more than the length cap of {cap}: use a smaller image, "
+            f"{what} needs at least {need} tokens, more than the length cap of {cap}: use a smaller image, "
             f"image_budget or answer length, or raise the cap with --max-length {need} (or DIMOO_MAX_LENGTH={need})"
         )
     return request
@@ -270,9 +281,6 @@ def check(request: Request, where: str = "the request", cap: int | None = None, 
             raise InputError(f"{where} has no {f.name}: pass {flag} (or set it in every line of the batch file)")
         if isinstance(value, float):
             check_finite(f"{where}: {f.name}", value)
-    for name in ("cfg_scale", "cfg_img", "temperature"):
-        if getattr(request, name, None) is not None:
-            check_number(f"{name} of {where}", getattr(request, name), 0.0, SCALE_LIMIT)
     for name in ("prompt", "question"):
         check_text(f"{name} of {where}", getattr(request, name, None))
     if isinstance(request, TextToImageRequest):
@@ -286,12 +294,12 @@ def check(request: Request, where: str = "the request", cap: int | None = None, 
         )
     if request.seed is not None:
         check_seeds(request.seed, count)
-    if cap is not None:
-        check_budget(request, cap, where)
     if isinstance(request, ImageRequest):
         request.image_settings().check()
     if isinstance(request, UnderstandRequest):
         request.text_settings().check()
+    if cap is not None:
+        check_budget(request, cap, where)
     return request
 
 

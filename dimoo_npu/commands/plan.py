@@ -13,6 +13,7 @@ from typing import Any
 
 from dimoo_npu.commands import emit
 from dimoo_npu.errors import InputError
+from dimoo_npu.generation_settings import check_not_negative
 from dimoo_npu.planner.hardware import ACCELERATORS
 from dimoo_npu.presets import PRESETS
 from dimoo_npu.validate import check_image_dimension
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(
                 f"--{name} {value} is not a positive multiple of 16 pixels: use {max(16, value // 16 * 16)}"
             )
+    check_not_negative(cfg_scale=args.cfg_scale)
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch} must be at least 1")
     if args.prompt_tokens < 0:

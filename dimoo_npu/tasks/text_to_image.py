@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 from dimoo_npu import prompts, sequences
-from dimoo_npu.requests import PIXELS_PER_CELL, check_image_size
+from dimoo_npu.requests import IMAGE_FRAME, PIXELS_PER_CELL, check_image_size, square_cells
 from dimoo_npu.tasks.encoder import PromptEncoder
 
 
@@ -21,8 +19,4 @@ def prepare(encoder: PromptEncoder, prompt: str, width: int, height: int) -> seq
 
 def largest_square(prefix_tokens: int, max_length: int) -> int:
     """Side in pixels of the largest square image that fits after a prompt of ``prefix_tokens`` (0: none)."""
-    room = max_length - prefix_tokens - 4  # BOA BOI rows-with-newline EOI EOA
-    if room < 2:
-        return 0
-    cells = (math.isqrt(4 * room + 1) - 1) // 2  # the largest c with c * (c + 1) <= room, in O(1) for any cap
-    return cells * PIXELS_PER_CELL
+    return square_cells(max_length - prefix_tokens - IMAGE_FRAME) * PIXELS_PER_CELL

@@ -308,6 +308,8 @@ def parse_yaml(text: str, where: str) -> Any:
 
     try:
         return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an integer of over 4300 digits
         detail = " ".join(str(err)[:2000].split())[:300]  # the problem and its line, never the whole value
         raise ConfigError(f"{where} is not valid YAML: {detail}") from None
