@@ -260,7 +260,8 @@ def check_budget(request: Request, cap: int, where: str = "the request") -> Requ
         what = where
         if isinstance(request, TextToImageRequest):
             side = square_cells(cap - IMAGE_FRAME) * PIXELS_PER_CELL
-            what = f"a {request.width}x{request.height} image of {where} (the largest square under this cap is {side}x{side})"
+            square = f"the largest square under this cap is {side}x{side}"
+            what = f"a {request.width}x{request.height} image of {where} ({square})"
         raise InputError(
             f"{what} needs at least {need} tokens, more than the length cap of {cap}: use a smaller image, "
             f"image_budget or answer length, or raise the cap with --max-length {need} (or DIMOO_MAX_LENGTH={need})"

@@ -89,7 +89,7 @@ def parse_int(name: str, text: str, low: int, high: int) -> int:
 
 def check_number(name: str, value: Any, low: float, high: float) -> float:
     """A finite int or float (never a bool or a string) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"{name} is {shown(value)}, not a number: pass a number in [{low:g}, {high:g}]")
     check_finite(name, value)
     if value < low:

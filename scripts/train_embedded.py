@@ -153,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dimoo_npu.atomic import write_text_atomically
+    from dimoo_npu.errors import DimooError
     from dimoo_npu.shapes.dataset import DataMix, scaled, write_manifest
     from dimoo_npu.shapes.embedded import ANSWER_LENGTH, build_skeleton, model_config
-
-    from dimoo_npu.errors import DimooError
     from dimoo_npu.work_folder import claim
 
     try:

@@ -54,10 +54,16 @@ def test_a_huge_number_is_refused_the_same_way_on_every_surface(dimoo, tmp_path,
     surfaces = {
         "flag": ["t2i", "--prompt", "x", "--max-length", str(HUGE)],
         "request flag": ["t2i", "--prompt", "x", "--timesteps", str(HUGE)],
-        "batch file": ["t2i", "--batch-file", write(tmp_path / "b.jsonl", json.dumps({"prompt": "x", "timesteps": HUGE}))],
+        "batch file": [
+            "t2i",
+            "--batch-file",
+            write(tmp_path / "b.jsonl", json.dumps({"prompt": "x", "timesteps": HUGE})),
+        ],
         "run config": [
             "train",
-            write(tmp_path / "c.yaml", TINY_CONFIG.read_text().replace("keep_checkpoints: 2", f"keep_checkpoints: {HUGE}")),
+            write(
+                tmp_path / "c.yaml", TINY_CONFIG.read_text().replace("keep_checkpoints: 2", f"keep_checkpoints: {HUGE}")
+            ),
             "--check",
         ],
         "override": ["train", str(TINY_CONFIG), f"train_iters={HUGE}", "--check"],
@@ -81,7 +87,9 @@ def test_the_length_cap_from_the_environment_is_parsed_with_bounds(dimoo, monkey
 def test_messages_never_format_an_unbounded_value(dimoo, tmp_path):
     """A YAML alias bomb (a value of 10^6 items in a few lines) and a 10^5-digit number: short messages, fast."""
     levels = ["&a [" + ", ".join(["x"] * 10) + "]"]
-    levels += [f"&{name} [" + ", ".join([f"*{previous}"] * 10) + "]" for previous, name in zip("abcde", "bcdef")]
+    levels += [
+        f"&{name} [" + ", ".join([f"*{previous}"] * 10) + "]" for previous, name in zip("abcde", "bcdef", strict=True)
+    ]
     bomb = TINY_CONFIG.read_text().replace("output_dir: runs/tiny-cpu", f"output_dir: [{', '.join(levels)}]")
     code, log = dimoo("train", write(tmp_path / "bomb.yaml", bomb), "--check")
     assert code == 2 and "aliases" in log and len(log) < 500, log[:500]
@@ -96,7 +104,10 @@ def test_messages_never_format_an_unbounded_value(dimoo, tmp_path):
         ("lr=!!python/name:os.system", "override 'lr' is not valid YAML"),
         ("lr=*x", "YAML aliases (*name) are not accepted"),
         ("data.seq_length=-2560", "data.seq_length is -2560; it must be at least 1"),
-        ("global_batch_size=" + "1" + "0" * 40, "gpt_args.global_batch_size is <a 133-bit integer>; it must be at most"),
+        (
+            "global_batch_size=" + "1" + "0" * 40,
+            "gpt_args.global_batch_size is <a 133-bit integer>; it must be at most",
+        ),
     ],
 )
 @pytest.mark.parametrize("mode", ["--check", "--plan"])

@@ -28,7 +28,14 @@ BASE = {
     "edit": {"prompt": "make it blue", "image": "missing.png", "image_budget": 0, **_IMAGE},
     "inpaint": {"prompt": "a red circle", "image": "missing.png", "image_budget": 0, **_IMAGE},
     "outpaint": {"prompt": "a red circle", "image": "missing.png", "image_budget": 0, **_IMAGE},
-    "understand": {"question": "what?", "image": "missing.png", "image_budget": 0, "gen_length": 2, "block_length": 1, "steps": 2},
+    "understand": {
+        "question": "what?",
+        "image": "missing.png",
+        "image_budget": 0,
+        "gen_length": 2,
+        "block_length": 1,
+        "steps": 2,
+    },
 }
 # The next value a field may take after its maximum (sides are multiples of 16, budgets of 32).
 STEP = {"width": 16, "height": 16, "image_budget": 32}
