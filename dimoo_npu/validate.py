@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.errors import DimooError, InputError
 
 NAME_MAX = 255  # bytes in one file name on Linux file systems
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
@@ -67,15 +67,16 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
 
 
-def check_int(name: str, value: Any, low: int, high: int, hint: str = "") -> int:
-    """An integer (never a bool, a string or a float) in [low, high]; the message names both ends."""
+def check_int(name: str, value: Any, low: int, high: int, hint: str = "", error: type[DimooError] = InputError) -> int:
+    """An integer (never a bool, a string or a float) in [low, high]; the message names the end it is past.
+    ``error``: the class raised (a run config's keys raise ConfigError)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{name} is {shown(value)}, not a whole number: pass an integer in [{low}, {high}]{hint}")
+        raise error(f"{name} is {shown(value)}, not a whole number: pass an integer in [{low}, {high}]{hint}")
     if value < low:
         least = "must not be negative" if low == 0 else f"must be at least {low}"
-        raise InputError(f"{name}={shown(value)} {least}{hint}")
+        raise error(f"{name}={shown(value)} {least}{hint}")
     if value > high:
-        raise InputError(f"{name}={shown(value)} is over the maximum of {high}{hint}")
+        raise error(f"{name}={shown(value)} is over the maximum of {high}{hint}")
     return value
 
 

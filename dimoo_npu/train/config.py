@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dimoo_npu.errors import ConfigError
-from dimoo_npu.validate import MAX_LENGTH_LIMIT, shown
+from dimoo_npu.validate import MAX_LENGTH_LIMIT, check_int, shown
 
 DECAY_STYLES = ("cosine", "linear", "constant")
 RESUME_CHOICES = ("auto", "never")
@@ -117,7 +117,7 @@ class TrainConfig:
                     raise ConfigError(f"{prefix}{item.name} is {value}: use a finite number")
                 bounds = INT_BOUNDS.get(prefix + item.name)
                 if bounds is not None and value is not None:
-                    check_bounds(prefix + item.name, value, *bounds)
+                    check_int(prefix + item.name, value, *bounds, error=ConfigError)
         check_choice("gpt_args.lr_decay_style", g.lr_decay_style, DECAY_STYLES)
         check_choice("resume", self.resume, RESUME_CHOICES)
         if not 0.0 <= self.data.cond_drop_prob <= 1.0:
@@ -145,13 +145,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def check_bounds(key: str, value: int, low: int, high: int) -> None:
-    if value < low:
-        raise ConfigError(f"{key} is {shown(value)}; it must be at least {low}")
-    if value > high:
-        raise ConfigError(f"{key} is {shown(value)}; it must be at most {high}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
