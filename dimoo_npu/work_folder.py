@@ -18,18 +18,18 @@ from dimoo_npu.validate import resolved
 logger = logging.getLogger(__name__)
 
 
-def claim(path: str | os.PathLike, marker: str, fresh: bool = False) -> Path:
+def claim(path: str | os.PathLike, marker: str, fresh: bool = False, what: str = "work folder") -> Path:
     """``path`` as a work folder of the tool that writes ``marker``: created (with the marker) when absent or
     empty, reused when marked, emptied first when ``fresh`` and marked; anything else is an InputError."""
     folder = Path(path)
-    real = resolved(folder, "work folder")
+    real = resolved(folder, what)
     if real.exists() and not real.is_dir():
-        raise InputError(f"work folder {folder} is a file: name a folder (it is created when absent)")
+        raise InputError(f"{what} {folder} is a file: name a folder (it is created when absent)")
     mine = (real / marker).is_file()
     if real.is_dir() and not mine and any(real.iterdir()):
         raise InputError(
-            f"work folder {folder} holds files this tool did not make (no {marker} in it): it is left untouched; "
-            "choose a new or empty --work folder"
+            f"{what} {folder} holds files this tool did not make (no {marker} in it): it is left untouched; "
+            "choose a new or empty folder"
         )
     if fresh and mine:
         logger.info("--fresh: deleting the work folder %s (made by this tool: %s)", folder, marker)
