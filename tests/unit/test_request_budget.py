@@ -175,3 +175,20 @@ def test_the_worst_accepted_request_stays_within_its_memory_bound(tmp_path):
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["budget"] == requests.field_maxima(cap)["image_budget"] > 0
     assert measured["grown"] <= RSS_FIXED + RSS_PER_TOKEN * cap, measured
+
+
+def test_pretokenize_rejects_an_image_past_max_length_before_encoding_it(tmp_path, monkeypatch):
+    """`dimoo pretokenize` with image_budget 0 keeps an image's size: one whose grid alone is past max_length is a
+    rejected record, and the VQ encoder never sees it."""
+    import numpy as np
+    from PIL import Image
+
+    from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+    from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
+
+    Image.fromarray(np.zeros((512, 512, 3), np.uint8)).save(tmp_path / "big.png")
+    encoder = RecordEncoder(EncoderSettings(str(EMBEDDED_CHECKPOINT), max_length=256, image_budget=None))
+    monkeypatch.setattr(encoder.images, "encode_image", _never)
+    record = {"id": "big", "task": "t2i", "prompt": "a red circle", "target_image": str(tmp_path / "big.png")}
+    with pytest.raises(InputError, match=r"512x512 image big.png alone needs 1056 tokens > max_length 256"):
+        encoder.encode(record)
