@@ -248,13 +248,14 @@ def least_tokens(request: Request) -> int:
 
 def check_budget(request: Request, cap: int, where: str = "the request") -> Request:
     """Every size-like field within `field_maxima` of ``cap`` and the request's `least_tokens` within ``cap``:
-    refused by the field's name before any image is decoded, resized or encoded."""
+    refused by the field's name before any image is decoded, resized or encoded. Lower bounds and divisibility
+    are the sampler settings' checks (`dimoo_npu.generation_settings`), with their own hints."""
     cap = check_int("the length cap", cap, 1, MAX_LENGTH_LIMIT)
     fix = f" for the length cap of {cap} tokens (raise it with --max-length or DIMOO_MAX_LENGTH)"
     for name, high in field_maxima(cap).items():
         value = getattr(request, name, None)
-        if value is not None:
-            check_int(f"{name} of {where}", value, 0 if name == "image_budget" else 1, high, fix)
+        if isinstance(value, int) and value > high:
+            raise InputError(f"{name} of {where}={shown(value)} is over the maximum of {high}{fix}")
     need = least_tokens(request)
     if need > cap:
         what = where
@@ -295,12 +296,12 @@ def check(request: Request, where: str = "the request", cap: int | None = None, 
         )
     if request.seed is not None:
         check_seeds(request.seed, count)
+    if cap is not None:
+        check_budget(request, cap, where)
     if isinstance(request, ImageRequest):
         request.image_settings().check()
     if isinstance(request, UnderstandRequest):
         request.text_settings().check()
-    if cap is not None:
-        check_budget(request, cap, where)
     return request
 
 
