@@ -14,7 +14,7 @@ import torch
 from dimoo_npu import envs
 from dimoo_npu.adapters.base import Availability, Backend
 
-INSTALL_FIX = "pip install 'dimoo_npu[npu]' (torch-npu==2.13.0 beside the CPU build of torch==2.13.0)"
+INSTALL_FIX = "pip install -e '.[npu]' (torch-npu==2.13.0 beside the CPU build of torch==2.13.0)"
 CANN_FIX = "install CANN 9.x and run: source /usr/local/Ascend/ascend-toolkit/set_env.sh"
 DEVICE_FIX = "check `npu-smi info`, the /dev/davinci* device mounts and ASCEND_RT_VISIBLE_DEVICES"
 

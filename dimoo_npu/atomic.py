@@ -59,6 +59,26 @@ def write_text_atomically(path: str | os.PathLike, text: str, overwrite: bool = 
     return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
 
 
+def append_line_block(path: str | os.PathLike, text: str) -> Path:
+    """Append whole lines to ``path`` in one ``write`` on an ``O_APPEND`` descriptor, flushed to disk.
+
+    A crash can only leave a torn last line (no newline), which readers of such files drop
+    (`dimoo_npu.answer_files`); lines already there are never touched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
 def replace_directory(folder: str | os.PathLike, fill: Callable[[Path], object]) -> Path:
     """Call ``fill(staging)`` on a new folder beside ``folder``, flush it to disk, then swap it in.
 

@@ -23,7 +23,14 @@ from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.model import DiMOOModel
-from dimoo_npu.ops import OpSet, resolve_ops
+from dimoo_npu.ops import OpSet, require_quantized_matmul, resolve_ops
+from dimoo_npu.quantization import (
+    SCALE_SUFFIX,
+    QuantizationSpec,
+    quantize_model,
+    quantize_weight,
+    spec_of,
+)
 from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
 
 logger = logging.getLogger(__name__)
@@ -82,8 +89,13 @@ def load_model(
     dtype: torch.dtype | None = None,
     ops: OpSet | None = None,
     max_layers: int | None = None,
+    quantize: str | QuantizationSpec | None = None,
 ) -> DiMOOModel:
     """Load a DiMOO checkpoint folder onto ``device`` in ``dtype`` (None: fp32 on CPU, else the backend's).
+
+    An int8 folder (``quantization_config`` in config.json) loads as one; ``quantize="w8a8"|"w8a16"`` quantizes a
+    float folder while it loads, one weight at a time (`dimoo_npu.quantization`): the float model never exists.
+    ``dtype`` then applies to what stays unquantized (embedding, norms, head).
 
     ``device="meta"`` checks every weight's name and shape against the headers and reads no data: a model
     to plan memory or sharding with. ``max_layers=N`` builds the embedding, the first N blocks, the final
@@ -96,11 +108,31 @@ def load_model(
     config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     target = resolve_target(device)
     dtype = dtype or default_dtype_for(target)
+    spec = quantization_of(folder, config, quantize)
     with torch.device("meta"):
         model = DiMOOModel(config, ops or resolve_ops(target.type))
-    state = load_state(find_shards(folder), model, target, dtype, max_layers)
+    if spec is not None:
+        require_quantized_matmul(model.ops, target.type, spec.scheme)
+        quantize_model(model, spec, quantize_weights=False)
+    state = load_state(find_shards(folder), model, target, dtype, max_layers, quantize_on_load=quantize is not None)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def quantization_of(
+    folder: Path, config: DiMOOConfig, quantize: str | QuantizationSpec | None
+) -> QuantizationSpec | None:
+    """The folder's own quantization, or the one ``quantize`` asks for; a folder cannot be quantized twice."""
+    spec = spec_of(config)
+    if quantize is None:
+        return spec
+    asked = quantize if isinstance(quantize, QuantizationSpec) else QuantizationSpec(quantize, source=str(folder))
+    if spec is not None:
+        raise InputError(
+            f"{folder} is already quantized ({spec.scheme}): load it without --quantize, or quantize its "
+            f"unquantized source ({spec.source or 'the checkpoint it came from'})"
+        )
+    return asked
 
 
 def with_max_layers(config: DiMOOConfig, max_layers: int | None) -> DiMOOConfig:
@@ -121,15 +153,21 @@ def load_state(
     device: torch.device,
     dtype: torch.dtype,
     max_layers: int | None = None,
+    quantize_on_load: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Materialise every parameter of ``model`` (built on meta) from ``shards``, checking keys and shapes.
 
     Weights of blocks from ``max_layers`` on are left unread. On the meta device nothing is read at all.
+    int8 weights load as int8 and their scales as fp32; with ``quantize_on_load`` a float weight where the model
+    has an int8 one is read in its own dtype and quantized at once, and its scale is made, not read.
     """
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    meta_state = model.state_dict()
+    expected = {name: tuple(p.shape) for name, p in meta_state.items()}
+    int8 = {name for name, p in meta_state.items() if p.dtype == torch.int8}
+    made = {name.removesuffix(".weight") + SCALE_SUFFIX for name in int8} if quantize_on_load else set()
     headers = {shard: [e for e in read_header(shard) if not _is_later_block(e.name, max_layers)] for shard in shards}
     entries = {entry.name: entry for shard_entries in headers.values() for entry in shard_entries}
-    _check_keys(expected, entries)
+    _check_keys({name: shape for name, shape in expected.items() if name not in made}, entries)
 
     def destination(entry: TensorEntry) -> torch.Tensor | None:
         if entry.name not in entries:
@@ -139,19 +177,40 @@ def load_state(
                 f"weight {entry.name} has shape {entry.shape} in the checkpoint but the config asks for "
                 f"{expected[entry.name]}: config.json and the weights come from different models"
             )
-        if not entry.dtype.is_floating_point:
-            raise CheckpointError(f"weight {entry.name} is stored as {entry.dtype}; a float dtype is required")
-        return torch.empty(entry.shape, dtype=dtype, device=device)
+        return torch.empty(
+            entry.shape, dtype=_load_dtype(entry, entry.name in int8, quantize_on_load, dtype), device=device
+        )
 
     if device.type == "meta":
-        return {name: destination(entry) for name, entry in entries.items()}
+        state = {name: destination(entry) for name, entry in entries.items()}
+        state.update({name: torch.empty(expected[name], device=device) for name in made})
+        return {name: t.to(torch.int8) if name in int8 else t for name, t in state.items()}
     state: dict[str, torch.Tensor] = {}
     with tqdm(total=len(entries), desc="loading weights", unit="tensor", disable=len(entries) < 64) as bar:
         for shard in (shard for shard, shard_entries in headers.items() if shard_entries):
             for name, tensor in iter_tensors(shard, destination):
-                state[name] = tensor
+                if name in int8 and tensor.is_floating_point():
+                    state[name], state[name.removesuffix(".weight") + SCALE_SUFFIX] = quantize_weight(tensor)
+                else:
+                    state[name] = tensor
                 bar.update()
     return state
+
+
+def _load_dtype(entry: TensorEntry, int8: bool, quantize_on_load: bool, dtype: torch.dtype) -> torch.dtype:
+    """int8 stays int8, a float weight to quantize is read as it is stored, scales in fp32, the rest in ``dtype``."""
+    if int8 and entry.dtype == torch.int8:
+        return torch.int8
+    if int8 and not (quantize_on_load and entry.dtype.is_floating_point):
+        raise CheckpointError(
+            f"weight {entry.name} is stored as {entry.dtype} where config.json's quantization_config says int8: "
+            "the weights and config.json come from different checkpoints"
+        )
+    if not entry.dtype.is_floating_point:
+        raise CheckpointError(f"weight {entry.name} is stored as {entry.dtype}; a float dtype is required")
+    if int8:
+        return entry.dtype
+    return torch.float32 if entry.name.endswith(SCALE_SUFFIX) else dtype
 
 
 def _is_later_block(name: str, max_layers: int | None) -> bool:

@@ -31,11 +31,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inpaint": ("generate", "regenerate a centred box or the white region of a mask image"),
     "outpaint": ("generate", "regenerate outside a centred box (or the white region of a mask image)"),
     "understand": ("generate", "answer a question about an image"),
-    "eval": ("eval", "GenEval-style accuracy on the shapes world (text-to-image and understanding, held out)"),
+    "eval": (
+        "eval",
+        "GenEval-style accuracy on the shapes world, held out: t2i, edits, inpaint/outpaint, questions, captions",
+    ),
     "pretokenize": ("train", "JSONL manifest -> token shards for training (parallel, resumable, bad records reported)"),
     "train": ("train", "masked-diffusion fine-tuning from a YAML config (one process or torchrun; tp/pp/dp)"),
     "export-hf": ("train", "training checkpoint -> Hugging Face safetensors folder that load_model reads"),
     "serve": ("serve", "OpenAI-compatible HTTP server (images, edits, chat) with continuous batching"),
+    "bench": ("bench", "GenEval / DPG-Bench images from your prompts, in the layout their evaluators read"),
+    "quantize": ("quantize", "float checkpoint -> int8 checkpoint (w8a8: int8 weights and activations; w8a16)"),
     "plan": ("plan", "memory of sampling for a size, batch and CFG on an accelerator (training: train --plan)"),
 }
 

@@ -48,6 +48,8 @@ class DiMOOConfig:
     # Sampling defaults the checkpoint asks for (a small model cannot take the public 1024 x 1024); carried
     # through training and export-hf so an exported model keeps them.
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # An int8 checkpoint's scheme and kept modules (`dimoo_npu.quantization`); {} for a plain one.
+    quantization_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -93,6 +95,7 @@ class DiMOOConfig:
                 max_sequence_length=int(raw.get("max_sequence_length", 4096)),
                 special_tokens=build_special_tokens(raw),
                 generation_defaults=dict(raw.get("generation_defaults") or {}),
+                quantization_config=dict(raw.get("quantization_config") or {}),
             )
         except KeyError as err:
             raise ConfigError(f"config.json lacks {err.args[0]!r}, which a LLaDA config must have") from None
@@ -135,6 +138,7 @@ class DiMOOConfig:
             "activation_type": "silu",
             "special_tokens": dict(self.special_tokens),
             **({"generation_defaults": dict(self.generation_defaults)} if self.generation_defaults else {}),
+            **({"quantization_config": dict(self.quantization_config)} if self.quantization_config else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

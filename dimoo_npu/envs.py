@@ -18,6 +18,7 @@
   ``ASCEND_HOME_PATH``/``ASCEND_TOOLKIT_HOME``: the CANN install `dimoo doctor` reads its version from.
 - ``DIMOO_MAX_LENGTH``: the longest sequence (tokens) to run, as ``--max-length`` (default: 8192, or the
   checkpoint's max_sequence_length when that is larger).
+- ``DIMOO_MAX_CONCURRENT_TOKENS``: the tokens of work `dimoo serve` holds at a time, as ``--max-concurrent-tokens``.
 """
 
 from __future__ import annotations
@@ -112,3 +113,15 @@ def hf_hub_cache() -> Path:
         return Path(explicit).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
     return Path(home).expanduser() / "hub"
+
+
+def max_concurrent_tokens() -> int | None:
+    """DIMOO_MAX_CONCURRENT_TOKENS for `dimoo serve`; None when unset. Not a whole number: refused by name."""
+    raw = os.environ.get("DIMOO_MAX_CONCURRENT_TOKENS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        from dimoo_npu.errors import InputError
+
+        raise InputError(f"DIMOO_MAX_CONCURRENT_TOKENS={raw[:40]!r} must be a positive whole number of tokens")
+    return int(raw)

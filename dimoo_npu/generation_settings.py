@@ -34,9 +34,33 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "temperature": 0.0,
         "cfg_scale": 0.0,
         "image_budget": 1024,
+        "kv_cache": "none",  # the exact algorithm; see KV_CACHE_MODES
+        "parallel_threshold": None,  # None: the schedule's count per step, exactly
     },
 }
+# Understanding's K/V cache modes: "none" recomputes every position at every step (exact); "prefix" reuses the
+# prompt's K/V within a block; "dual" also reuses the later blocks', recomputing only the current block.
+KV_CACHE_MODES = ("none", "prefix", "dual")
+# What --fast sets (explicit flags win): the measured recommended pair (README "Fast understanding").
+FAST_UNDERSTANDING = {"kv_cache": "dual", "parallel_threshold": 0.95}
 _T2I, _UNDERSTAND = DEFAULTS["t2i"], DEFAULTS["understand"]
+
+# Text-to-image settings of `dimoo bench` by name. "lumina-dimoo": the public README's benchmark-scale command
+# (inference_t2i_ddp: 1024 x 1024, --timesteps 64, --cfg_scale 4.0, no ML-Cache; the sampler's temperature 1.0)
+# with the README's --seed 65513 as the base seed, and the paper's "for image generation, we sample 64 steps"
+# (shared/seeds/002, 004). "checkpoint": the checkpoint's generation_defaults, for small models.
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    "lumina-dimoo": {
+        "width": 1024,
+        "height": 1024,
+        "timesteps": 64,
+        "cfg_scale": 4.0,
+        "temperature": 1.0,
+        "use_cache": False,
+        "seed": 65513,
+    },
+    "checkpoint": {},
+}
 
 # What to do instead, for the values a user sets most often.
 _POSITIVE_HINTS = {"timesteps": "sampling needs at least 1 step (e.g. 64)", "steps": "sampling needs at least 1 step"}
@@ -84,10 +108,19 @@ def check_image_settings(
             raise InputError(f"{name}={value} must be within [0, 1]: the share of positions reused / of warm-up steps")
 
 
-def check_text_settings(gen_length: int, block_length: int, steps: int, temperature: float, cfg_scale: float) -> int:
+def check_text_settings(
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    temperature: float,
+    cfg_scale: float,
+    kv_cache: str = "none",
+    parallel_threshold: float | None = None,
+) -> int:
     """The checks `sample_text` runs; returns the number of answer blocks (LLaDA splits steps equally)."""
     check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
     check_not_negative(temperature=temperature, cfg_scale=cfg_scale)
+    check_cache_settings(kv_cache, parallel_threshold)
     if gen_length % block_length:
         raise InputError(
             f"gen_length={gen_length} is not a multiple of block_length={block_length}: choose a "
@@ -100,6 +133,17 @@ def check_text_settings(gen_length: int, block_length: int, steps: int, temperat
             f"use a multiple of {blocks}, e.g. {blocks * max(1, steps // blocks)}"
         )
     return blocks
+
+
+def check_cache_settings(kv_cache: str, parallel_threshold: float | None) -> None:
+    """A known K/V cache mode, and a confidence threshold in (0, 1] or None (off)."""
+    if kv_cache not in KV_CACHE_MODES:
+        raise InputError(f"kv_cache={kv_cache!r} is not a cache mode: use one of {', '.join(KV_CACHE_MODES)}")
+    if parallel_threshold is not None and (isinstance(parallel_threshold, bool) or not 0 < parallel_threshold <= 1):
+        raise InputError(
+            f"parallel_threshold={parallel_threshold!r} must be within (0, 1] (a confidence), or unset for exact "
+            "decoding: e.g. 0.9"
+        )
 
 
 @dataclass
@@ -134,6 +178,8 @@ class TextSettings:
     steps: int = _UNDERSTAND["steps"]
     temperature: float = _UNDERSTAND["temperature"]
     cfg_scale: float = _UNDERSTAND["cfg_scale"]
+    kv_cache: str = _UNDERSTAND["kv_cache"]
+    parallel_threshold: float | None = _UNDERSTAND["parallel_threshold"]
 
     def check(self) -> TextSettings:
         check_text_settings(**self.sampler_kwargs())

@@ -141,10 +141,10 @@ class DiMOOModel(nn.Module):
         return self.model["transformer"]
 
     def use_ops(self, ops: OpSet) -> DiMOOModel:
-        """Switch every op to another implementation set (numerical checks compare them on one model)."""
-        self.ops = ops
+        """Switch every op to another implementation set (numerical checks compare them on one model); every
+        submodule that holds an OpSet (layers applied from outside too) follows."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, DiMOOBlock)):
+            if isinstance(getattr(module, "ops", None), OpSet):
                 module.ops = ops
         return self
 

@@ -103,9 +103,10 @@ class DiMOOPipeline:
         lazy: bool = False,
         max_length: int | None = None,
         compile: bool | None = None,
+        quantize: str | None = None,
     ) -> DiMOOPipeline:
         """Tokenizers now; the transformer now, or on first use when ``lazy``, in the fused sampling layout and,
-        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode."""
+        with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode; ``quantize``: see `load_model`."""
         from dimoo_npu.checkpoint import load_model, resolve_target
         from dimoo_npu.config import DiMOOConfig
         from dimoo_npu.sampling.graph import prepare_for_sampling
@@ -117,7 +118,8 @@ class DiMOOPipeline:
         image_tokenizer = ImageTokenizer.from_pretrained(folder, device=target)
 
         def loader():
-            return prepare_for_sampling(load_model(folder, device=target, dtype=dtype).eval(), compile=compile)
+            model = load_model(folder, device=target, dtype=dtype, quantize=quantize)
+            return prepare_for_sampling(model.eval(), compile=compile)
 
         return cls(loader if lazy else loader(), text_tokenizer, image_tokenizer, config, target, max_length)
 

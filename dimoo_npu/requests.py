@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import DEFAULTS, ImageSettings, TextSettings
+from dimoo_npu.generation_settings import DEFAULTS, FAST_UNDERSTANDING, KV_CACHE_MODES, ImageSettings, TextSettings
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
 from dimoo_npu.validate import (
@@ -121,11 +121,26 @@ class UnderstandRequest(Request):
     steps: int | None = _field("sampling steps over the whole answer (a multiple of gen_length / block_length)")
     temperature: float | None = _field("sampling temperature (0 = greedy)")
     cfg_scale: float | None = _field("guidance scale (0 = off)")
+    kv_cache: str | None = _field(
+        f"K/V cache, one of {', '.join(KV_CACHE_MODES)}: none is exact, prefix reuses the prompt's K/V within a "
+        "block, dual also the later blocks'"
+    )
+    parallel_threshold: float | None = _field(
+        "each step also reveals every masked position at least this confident, in (0, 1] (unset: exact)"
+    )
+    fast: bool | None = _field(
+        "the recommended fast pair: "
+        + ", ".join(f"{k} {v}" for k, v in FAST_UNDERSTANDING.items())
+        + " (explicit settings win)"
+    )
 
     def text_settings(self) -> TextSettings:
         names = [f.name for f in dataclasses.fields(TextSettings)]
         return TextSettings(**{name: getattr(self, name) for name in names})
 
+
+# The understanding fields that trade exactness for speed: the flags `dimoo eval shapes` and `dimoo serve` share.
+UNDERSTAND_SPEED_FIELDS = ("kv_cache", "parallel_threshold", "fast")
 
 TASKS: dict[str, type[Request]] = {
     cls.task: cls for cls in (TextToImageRequest, EditRequest, InpaintRequest, OutpaintRequest, UnderstandRequest)
@@ -144,9 +159,13 @@ def field_type(cls: type[Request], name: str) -> type:
 def resolve(request: Request, checkpoint_defaults: Mapping[str, Any] | None = None) -> Request:
     """Every field the user left out, from the checkpoint's ``generation_defaults``, else `DEFAULTS`.
 
-    Optional inputs (ref_image, mask, output) and the seed stay None when not given.
+    Optional inputs (ref_image, mask, output) and the seed stay None when not given. ``fast`` (the request's, else
+    the checkpoint's) lays `FAST_UNDERSTANDING` over both layers, under the user's own values.
     """
     layers = {**DEFAULTS[request.task], **(checkpoint_defaults or {})}
+    fast = getattr(request, "fast", None)
+    if fast if fast is not None else layers.get("fast"):
+        layers.update(FAST_UNDERSTANDING)
     names = {f.name for f in dataclasses.fields(request)}
     filled = {name: layers[name] for name in names & set(layers) if name != "seed" and getattr(request, name) is None}
     return dataclasses.replace(request, **filled)

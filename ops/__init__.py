@@ -14,8 +14,25 @@ Op signatures (shapes use B batch, H heads, L/Lq/Lk lengths, D head dim, C chann
 - ``add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)``: inference only (the
   npu kernel has no backward).
 - ``swiglu_packed(gate_up) -> swiglu(*gate_up.chunk(2, -1))``: the fused [gate, up] projection as is.
+- ``quantized_matmul(x, weight, weight_scale, scheme) -> F.linear(x, weight * weight_scale[:, None])``: weight
+  (N, K) int8, weight_scale (N,) fp32 per output channel; scheme ``w8a8`` rounds x per token to int8 first,
+  ``w8a16`` takes x as it is. None in an implementation with no int8 kernel (`require_quantized_matmul`).
 """
 
-from dimoo_npu.ops.registry import OP_NAMES, OpSet, available_implementations, resolve_ops
+from dimoo_npu.ops.registry import (
+    OP_NAMES,
+    OpSet,
+    available_implementations,
+    has_quantized_matmul,
+    require_quantized_matmul,
+    resolve_ops,
+)
 
-__all__ = ["OP_NAMES", "OpSet", "available_implementations", "resolve_ops"]
+__all__ = [
+    "OP_NAMES",
+    "OpSet",
+    "available_implementations",
+    "has_quantized_matmul",
+    "require_quantized_matmul",
+    "resolve_ops",
+]

@@ -99,3 +99,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     """The fused [gate, up] projection's output as is: no cat (the layout `fuse_projections` makes)."""
     return import_torch_npu().npu_swiglu(gate_up.contiguous(), dim=-1)
+
+
+# No int8 matmul on torch_npu yet: the next issue adds it (npu_quant_matmul, msModelSlim's layout). Until then
+# `dimoo_npu.ops.registry.require_quantized_matmul` refuses an int8 model on npu.
+quantized_matmul = None

@@ -63,3 +63,28 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     """`swiglu` of a fused [gate, up] projection (gate first, as npu_swiglu splits it)."""
     return swiglu(*gate_up.chunk(2, dim=-1))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row of the last dim: (q int8, scale fp32 (..., 1)) with x ~= q * scale, |q| <= 127.
+
+    The one rounding rule of the int8 path: per output channel for weights, per token for w8a8 activations.
+    A row of zeros gets scale 1 (q = 0), never a division by zero.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """``F.linear(x, weight * weight_scale[:, None])`` for int8 ``weight`` (N, K) and fp32 ``weight_scale`` (N,).
+
+    scheme ``w8a16``: x as it is; ``w8a8``: x rounded per token to int8 first (`quantize_rows`). Here both sides
+    are dequantised and multiplied in fp32, the ground truth of the integer kernels; out (..., N) in x's dtype.
+    """
+    xf = x.float()
+    if scheme == "w8a8":
+        q, scale = quantize_rows(xf)
+        xf = q.float() * scale
+    return F.linear(xf, weight.float() * weight_scale.float()[:, None]).to(x.dtype)

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-OP_NAMES = ("attention", "rms_norm", "rotary", "swiglu", "add_rms_norm", "swiglu_packed")
+OP_NAMES = ("attention", "rms_norm", "rotary", "swiglu", "add_rms_norm", "swiglu_packed", "quantized_matmul")
 
 _MODULES = {
     "reference": "dimoo_npu.ops.reference",
@@ -20,6 +20,10 @@ _MODULES = {
 }
 
 _DEFAULT_FOR_DEVICE = {"cpu": "torch", "cuda": "torch", "npu": "npu", "meta": "reference"}
+
+# The devices each implementation's int8 ``quantized_matmul`` has a kernel for (the reference runs anywhere: it
+# dequantises). The npu and cuda kernels are the next issue's: add their devices here when they land.
+QUANTIZED_MATMUL_DEVICES = {"torch": ("cpu",), "npu": ()}
 
 
 @dataclass(frozen=True)
@@ -36,11 +40,33 @@ class OpSet:
     swiglu: Callable
     add_rms_norm: Callable
     swiglu_packed: Callable
+    quantized_matmul: Callable | None  # None: this implementation has no int8 kernel yet
     attention_mask: Callable
     names: Mapping[str, str]
 
     def describe(self) -> str:
         return ", ".join(f"{op}={self.names[op]}" for op in OP_NAMES)
+
+
+def has_quantized_matmul(ops: OpSet, device_type: str) -> bool:
+    """Whether the chosen ``quantized_matmul`` has a kernel for ``device_type`` (meta: plans, always)."""
+    devices = QUANTIZED_MATMUL_DEVICES.get(ops.names["quantized_matmul"])
+    return devices is None or device_type in devices or device_type == "meta"
+
+
+def require_quantized_matmul(ops: OpSet, device_type: str, scheme: str) -> None:
+    """Refuse an int8 model where the chosen ``quantized_matmul`` has no kernel, rather than run it another way."""
+    if has_quantized_matmul(ops, device_type):
+        return
+    impl = ops.names["quantized_matmul"]
+    from dimoo_npu.errors import InputError
+
+    supported = sorted({device for kernels in QUANTIZED_MATMUL_DEVICES.values() for device in kernels})
+    raise InputError(
+        f"{scheme} has no int8 kernel on {device_type} yet (op quantized_matmul={impl}); supported: "
+        f"{', '.join(supported)}. Fix: run the quantized model with --device {supported[0]}, or load the "
+        "unquantized checkpoint on this device"
+    )
 
 
 def available_implementations() -> tuple[str, ...]:

@@ -51,3 +51,56 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu(*gate_up.chunk(2, dim=-1))
+
+
+# The strictest shape rule torch._int_mm has on any build (CUDA's; CPU builds may accept more): more than 16 rows,
+# inner and output sizes multiples of 8. Other shapes are padded with zeros up to it, which changes no sum.
+INT_MM_MIN_ROWS = 17
+INT_MM_MULTIPLE = 8
+# Integers up to 2**24 are exact in fp32: a sum of at most this many int8 products (each at most 127**2 in size)
+# stays below it in any order of summation, so fp32 matmuls over inner slices this wide are exact.
+EXACT_FP32_TERMS = 2**24 // 127**2
+
+
+def int_mm_is_fast(device: torch.device) -> bool:
+    """torch._int_mm on CPU is fast with AVX-512 VNNI (oneDNN); without it, it falls back to a loop far slower
+    than an fp32 matmul (50x on an AVX2 core), so `int8_matmul` takes the exact fp32 path there."""
+    return device.type != "cpu" or torch.cpu._is_vnni_supported()
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, use_int_mm: bool | None = None) -> torch.Tensor:
+    """a (M, K) int8 @ b (N, K) int8 transposed -> (M, N) int32, exact (no overflow for K < 2**17).
+
+    ``use_int_mm`` (None: `int_mm_is_fast`): torch._int_mm, padded to its shape rule; else fp32 matmuls over inner
+    slices of ``EXACT_FP32_TERMS``, each exact, summed in int32.
+    """
+    if use_int_mm if use_int_mm is not None else int_mm_is_fast(a.device):
+        return _padded_int_mm(a, b)
+    total = None
+    for start in range(0, a.shape[1], EXACT_FP32_TERMS):
+        inner = slice(start, start + EXACT_FP32_TERMS)
+        part = F.linear(a[:, inner].float(), b[:, inner].float()).to(torch.int32)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+def _padded_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    m, k = a.shape
+    n = b.shape[0]
+    pad_m = max(INT_MM_MIN_ROWS - m, 0)
+    pad_k, pad_n = -k % INT_MM_MULTIPLE, -n % INT_MM_MULTIPLE
+    if pad_m or pad_k:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = F.pad(b, (0, pad_k, 0, pad_n))
+    return torch._int_mm(a, b.t())[:m, :n]
+
+
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The reference's `quantized_matmul` with the integer product exact in `int8_matmul` (w8a8), or the int8
+    weight widened to x's dtype inside the matmul and scaled after it (w8a16)."""
+    if scheme == "w8a16":
+        return F.linear(x, weight.to(x.dtype)) * weight_scale.to(x.dtype)
+    q, scale = reference.quantize_rows(x)
+    flat = int8_matmul(q.reshape(-1, q.shape[-1]), weight).view(*q.shape[:-1], -1)  # (..., N) int32
+    return (flat.float() * scale * weight_scale.float()).to(x.dtype)

@@ -8,13 +8,15 @@ tokenizer and the tiny fixture's VQ-VAE), then, each step in a fresh process so 
 2. ``forward``: `load_model(max_layers=N)` (only the embedding, N blocks, final norm and head are read) and one
    forward of a 1024x1024 text-to-image input (4182 tokens) to the image-code logits,
    in fp32 by default (``--dtype``): on a CPU without AVX512-BF16/AMX, bf16 matmuls run several times slower;
-3. ``check``: ``dimoo check --layers N --backends cpu-ref,cpu`` on that checkpoint (short seeded input).
+3. ``check``: ``dimoo check --layers N --backends cpu-ref,cpu`` on that checkpoint (short seeded input);
+4. with ``--quantize w8a16`` / ``w8a8`` (repeatable): ``load-w8a16`` / ``load-w8a8``, step 1 quantizing while it
+   loads (`load_model(quantize=...)`, embedding and head kept in bf16): the goal is a peak RSS of at most 9.5 GB.
 
 The shard files are evicted from the page cache (posix_fadvise) before each load, so reads come from disk.
 Weights are random: each chunk is a rotated, sign-scrambled slice of one pool of small random bf16 values, so
 writing costs little more than the disk. Prints one JSON object of figures; deletes the checkpoint unless --keep.
 
-    python scripts/rehearse_8b.py [--out DIR] [--layers 2] [--keep] [--shape 8b|small]
+    python scripts/rehearse_8b.py [--out DIR] [--layers 2] [--keep] [--shape 8b|small] [--quantize w8a8 ...]
 
 ``--shape small`` runs the same steps on a tiny shape with the real vocabulary (tests/unit/test_rehearsal.py).
 Out of the default test suite: the 8B run writes 16 GB and needs ~18 GB of free memory for step 1.
@@ -171,17 +173,19 @@ def _start_measuring() -> int:
     return before
 
 
-def step_load(folder: Path, layers: int, dtype: str) -> dict:
+def step_load(folder: Path, layers: int, dtype: str, quantize: str | None = None) -> dict:
     from dimoo_npu.checkpoint import load_model
+    from dimoo_npu.quantization import weight_bytes
 
     _evict(folder)
     before = _start_measuring()
     started = time.perf_counter()
-    model = load_model(folder, dtype=torch.bfloat16)
+    model = load_model(folder, dtype=torch.bfloat16, quantize=quantize)
     seconds = time.perf_counter() - started
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)  # int8 weights and their scales are buffers, not parameters
     growth = (_status_kib("VmHWM") - before) * 1024
     return {
+        **({"quantize": quantize} if quantize else {}),
         "seconds": round(seconds, 1),
         "weights_bytes": weights,
         "read_gb_per_s": round(weights / seconds / 1e9, 3),
@@ -259,6 +263,7 @@ def step_check(folder: Path, layers: int, dtype: str) -> dict:
 
 
 STEPS = {"load": step_load, "forward": step_forward, "check": step_check}
+STEPS.update({f"load-{scheme}": functools.partial(step_load, quantize=scheme) for scheme in ("w8a16", "w8a8")})
 
 
 def run_step(name: str, folder: Path, layers: int, dtype: str, fresh_process: bool = True) -> dict:
@@ -280,7 +285,13 @@ def _mem_available() -> int:
 
 
 def rehearse(
-    out: Path | None, shape: str, layers: int, keep: bool, dtype: str = "float32", fresh_processes: bool = True
+    out: Path | None,
+    shape: str,
+    layers: int,
+    keep: bool,
+    dtype: str = "float32",
+    fresh_processes: bool = True,
+    quantize: tuple[str, ...] = (),
 ) -> dict:
     """Every step on a fresh checkpoint under ``out``; the figures as one dict.
 
@@ -309,6 +320,8 @@ def rehearse(
             figures["load"] = run_step("load", folder, layers, dtype, fresh_processes)
         figures["forward"] = run_step("forward", folder, layers, dtype, fresh_processes)
         figures["check"] = run_step("check", folder, layers, dtype, fresh_processes)
+        for scheme in quantize:
+            figures[f"load-{scheme}"] = run_step(f"load-{scheme}", folder, layers, dtype, fresh_processes)
         return figures
     finally:
         if not keep:
@@ -322,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (default: delete it at the end)")
     parser.add_argument("--shape", choices=SHAPES, default="8b", help="8b (default) or small (the test's)")
     parser.add_argument("--dtype", default="float32", help="dtype of the forward step (default float32)")
+    parser.add_argument(
+        "--quantize", action="append", default=[], choices=("w8a16", "w8a8"), help="also load quantizing (repeatable)"
+    )
     parser.add_argument("--step", nargs=4, metavar=("NAME", "FOLDER", "LAYERS", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -329,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         name, folder, layers, dtype = args.step
         sys.stdout.write(json.dumps(STEPS[name](Path(folder), int(layers), dtype)) + "\n")
         return 0
-    figures = rehearse(args.out, args.shape, args.layers, args.keep, args.dtype)
+    figures = rehearse(args.out, args.shape, args.layers, args.keep, args.dtype, quantize=tuple(args.quantize))
     sys.stdout.write(json.dumps(figures, indent=2) + "\n")
-    return 0 if all("error" not in figures[step] for step in STEPS) else 1
+    return 0 if all("error" not in figures[step] for step in STEPS if step in figures) else 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # Launch `dimoo train` on Ascend NPUs with torchrun: one node or many (run this script on every node).
 #
 #   single node:  scripts/train_ascend.sh configs/train/dimoo_8b_ascend.yaml [key=value ...]
+#   check only:   NNODES=2 scripts/train_ascend.sh CONFIG --check   (or --plan: memory per rank; starts nothing)
 #   two nodes:    NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/train_ascend.sh CONFIG   # on node 0
 #                 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 scripts/train_ascend.sh CONFIG   # on node 1
 #
@@ -45,6 +46,10 @@ export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}  # errors only
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 # HCCL_SOCKET_IFNAME (e.g. eth0) picks the host NIC when a node has several; set it in the environment.
 
+# --check / --plan: the layout check or the memory plan of this world size only; no torchrun, no node contacted.
+for arg in "$@"; do
+  case "$arg" in --check | --plan) WORLD_SIZE=$((NNODES * NPUS_PER_NODE)) exec dimoo train "$CONFIG" "$@" ;; esac
+done
 WORLD_SIZE=$((NNODES * NPUS_PER_NODE)) dimoo train "$CONFIG" "$@" --check
 
 exec torchrun \

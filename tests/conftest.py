@@ -14,6 +14,26 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tiny-dimoo"
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tiny-dimoo"
 CHECKPOINT = FIXTURES / "checkpoint"
 FAKES = Path(__file__).parent / "fakes"
+# Tests that compare runs exactly (tokens, or values computed two ways) where the SIMD width (ATEN_CPU_CAPABILITY)
+# or the thread count could change a result: .ci/run runs them again under a second capability at 1 thread.
+BITWISE_SENSITIVE = (
+    "golden/",
+    "unit/test_fused_layout.py",
+    "unit/test_sampling_batch.py",
+    "unit/test_step_groups.py",
+    "unit/test_cached_steps.py",
+    "unit/test_sampling_steps.py",
+    "unit/test_load_options.py",
+    "unit/test_graph_mode.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        where = Path(item.path).relative_to(tests).as_posix() if Path(item.path).is_relative_to(tests) else ""
+        if where.startswith(BITWISE_SENSITIVE):
+            item.add_marker(pytest.mark.bitwise)
 
 
 @pytest.fixture(scope="session")

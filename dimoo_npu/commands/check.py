@@ -39,19 +39,26 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         action="store_true",
         help="check the forward as sampling runs it: fused layout under torch.compile (or DIMOO_COMPILE=1)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("w8a8", "w8a16"),
+        help="int8 check: the first backend runs the float weights in fp32, the others quantized while they load, "
+        "judged by the int8 tolerances (an int8 --checkpoint is checked against its source without this flag)",
+    )
     parser.add_argument("--json", help="write the full report as JSON here")
     parser.add_argument("--plot", help="write a PNG of max abs error by layer per backend here (needs matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dimoo_npu.numerics.backends import parse_targets
-    from dimoo_npu.numerics.check import dtype_name, run_check
+    from dimoo_npu.numerics.check import dtype_name, int8_scheme_of, run_check
     from dimoo_npu.numerics.report import format_table, write_json, write_plot
     from dimoo_npu.numerics.tolerances import tolerance_for
 
     targets = parse_targets(args.backends)
     dtype = dtype_name(args.dtype)
-    tolerance = tolerance_for(dtype, args.atol, args.rtol, args.min_cosine)
+    scheme = args.quantize or int8_scheme_of(args.checkpoint)
+    tolerance = tolerance_for(dtype, args.atol, args.rtol, args.min_cosine, scheme)
     report = run_check(
         args.checkpoint,
         targets,
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         onnx_file=args.onnx,
         max_layers=args.layers,
         compile=args.compile or None,
+        quantize=args.quantize,
     )
     emit(format_table(report))
     if args.json:

@@ -80,11 +80,13 @@ def _backend_findings(backend) -> dict:
 
 
 def _ops_for(device_type: str) -> dict[str, str]:
-    """The implementation each op resolves to on this device (honours DIMOO_OPS)."""
-    from dimoo_npu.ops import resolve_ops
+    """The implementation each op resolves to on this device (honours DIMOO_OPS); ``quantized_matmul=none``
+    where it has no int8 kernel (int8 models are refused there)."""
+    from dimoo_npu.ops import has_quantized_matmul, resolve_ops
 
     try:
-        return dict(resolve_ops(device_type).names)
+        ops = resolve_ops(device_type)
+        return {**ops.names, **({} if has_quantized_matmul(ops, device_type) else {"quantized_matmul": "none"})}
     except (ImportError, ValueError) as err:
         return {"error": f"{err} (fix DIMOO_OPS or install the kernels' package)"}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from dimoo_npu.commands import emit
+from dimoo_npu.commands.quantize import add_quantize_argument
 
 SUITES = ("shapes",)
 PAINT_TASKS = ("inpaint", "outpaint")
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("suite", choices=SUITES, help="what to evaluate (shapes: the embedded model's world)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the embedded shapes model)")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | npu")
+    add_quantize_argument(parser)
     parser.add_argument(
         "--split",
         choices=("heldout", "train"),
@@ -53,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="question images: each held-out combination at its third's canonical centre, or at every placement",
     )
     parser.add_argument("--answer-steps", type=int, help="answer sampling steps (default: the checkpoint's)")
+    from dimoo_npu.commands.generate import add_request_arguments
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
+
+    add_request_arguments(
+        parser.add_argument_group("answer speed (caption, qa)"), "understand", UNDERSTAND_SPEED_FIELDS
+    )
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=16, help="requests sampled together")
     parser.add_argument("--output", help="also write the JSON report (with failures) here")
@@ -88,9 +96,10 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.generation_settings import ImageSettings, TextSettings
+    from dimoo_npu.generation_settings import ImageSettings, TextSettings, check_cache_settings
     from dimoo_npu.outputs import save_png
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
+    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
     from dimoo_npu.validate import output_file
@@ -100,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.output, "--output")  # a folder or an unwritable path is refused before the run
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
-    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device)
+    speed = resolve(UnderstandRequest(**{name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS}), defaults)
+    check_cache_settings(speed.kv_cache, speed.parallel_threshold)  # before the model loads
+    pipeline = DiMOOPipeline.from_pretrained(checkpoint, args.device, quantize=args.quantize)
     image_settings = ImageSettings(
         timesteps=_pick(args.timesteps, defaults, "timesteps", 64),
         temperature=_pick(args.temperature, defaults, "temperature", 0.0),
@@ -113,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         block_length=int(defaults.get("block_length", gen_length)),
         steps=_pick(args.answer_steps, defaults, "steps", gen_length),
         temperature=float(defaults.get("temperature", 0.0)),
+        kv_cache=speed.kv_cache,
+        parallel_threshold=speed.parallel_threshold,
     ).check()
     budget = defaults.get("image_budget")
     images_dir = Path(args.images_dir) if args.images_dir else None

@@ -55,8 +55,10 @@ def _export_transformer(args: argparse.Namespace, path: Path) -> bool:
     from dimoo_npu.export.onnx import example_transformer_inputs, export_transformer
     from dimoo_npu.numerics.check import DTYPES
     from dimoo_npu.numerics.onnx_check import verify_transformer
+    from dimoo_npu.quantization import refuse_quantized
 
     model = dimoo_npu.load_model(args.checkpoint, device="cpu", dtype=DTYPES[args.dtype])
+    refuse_quantized(model.config, args.checkpoint, "export-onnx (no int8 graph yet)")
     vocab_range = _vocab_range(args.vocab_range, model.config)
     export_transformer(
         model,

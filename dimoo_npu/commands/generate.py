@@ -13,6 +13,8 @@ import logging
 
 from dimoo_npu import envs
 from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share
+from dimoo_npu.commands.quantize import add_quantize_argument
+from dimoo_npu.errors import InputError
 from dimoo_npu.lengths import length_cap
 from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults, trained_length
 
@@ -32,6 +34,18 @@ def dtype_name(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common = parser.add_argument_group("model and run")
+    add_model_arguments(common)
+    common.add_argument("--batch-file", help="JSONL file, one request per line (any field below, snake_case)")
+    add_write_arguments(common, "--batch-file")
+    if name == "understand":
+        common.add_argument("--output", "--out", help="write answers as JSON lines here (default: print them)")
+    else:
+        common.add_argument("--output-dir", default=".", help="folder for outputs named by the batch file or by index")
+    add_request_arguments(parser.add_argument_group(f"{name} request (also the fields of a batch-file line)"), name)
+
+
+def add_model_arguments(common: argparse._ArgumentGroup) -> None:
+    """The checkpoint, device and batching flags every sampling command shares."""
     common.add_argument(
         "--checkpoint",
         help="DiMOO checkpoint folder (config.json, weights, tokenizer, vqvae/), or a Hugging Face repo id already "
@@ -41,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     common.add_argument(
         "--dtype", default="auto", type=dtype_name, choices=DTYPES, help="auto: fp32 on CPU, bf16 otherwise"
     )
+    add_quantize_argument(common)
     common.add_argument("--seed", type=int, default=0, help="request i uses seed + i (a batch line may set its own)")
-    common.add_argument("--batch-file", help="JSONL file, one request per line (any field below, snake_case)")
     common.add_argument("--batch-size", type=int, default=4, help="requests per forward, after grouping by size")
     common.add_argument(
         "--max-length",
@@ -50,22 +64,29 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="longest sequence in tokens (default: DIMOO_MAX_LENGTH, else 8192); longer than the checkpoint's "
         "max_sequence_length runs with a warning",
     )
-    common.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     common.add_argument(
         "--compile", action="store_true", help="graph mode: torch.compile the forward (or DIMOO_COMPILE=1)"
     )
-    if name == "understand":
-        common.add_argument("--output", "--out", help="write answers as JSON lines here (default: print them)")
-    else:
-        common.add_argument("--output-dir", default=".", help="folder for outputs named by the batch file or by index")
-    add_request_arguments(parser.add_argument_group(f"{name} request (also the fields of a batch-file line)"), name)
 
 
-def add_request_arguments(group: argparse._ArgumentGroup, task: str) -> None:
-    """One flag per field of the task's request type; an unset flag stays None (the defaults table fills it)."""
+def add_write_arguments(common: argparse._ArgumentGroup, batch: str) -> None:
+    """--overwrite or --resume (not both): what to do with outputs an earlier run left."""
+    choice = common.add_mutually_exclusive_group()
+    choice.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    choice.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue an interrupted {batch} run: skip outputs made with the same checkpoint and settings, "
+        "redo unreadable ones, refuse (naming the field) ones made otherwise",
+    )
+
+
+def add_request_arguments(group: argparse._ArgumentGroup, task: str, only: tuple[str, ...] = ()) -> None:
+    """One flag per field of the task's request type (``only``: these fields); an unset flag stays None (the
+    defaults table fills it)."""
     defaults = DEFAULTS[task]
     for field in dataclasses.fields(TASKS[task]):
-        if field.name == "seed":
+        if field.name == "seed" or (only and field.name not in only):
             continue
         flags = ["--" + field.name.replace("_", "-"), *FLAG_ALIASES.get(field.name, [])]
         kind = field_type(TASKS[task], field.name)
@@ -85,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.pipeline import default_checkpoint
 
     task = args.command
+    if args.resume and not args.batch_file:
+        raise InputError("--resume continues a --batch-file run: pass the batch file of the run to continue")
+    if args.resume and task == "understand" and not args.output:
+        raise InputError("--resume reads the answers an earlier run wrote: pass its --output file")
     args.checkpoint = str(args.checkpoint or default_checkpoint())
     flags = {key: value for key, value in vars(args).items() if key not in RUN_FIELDS}
     cap = length_cap(trained_length(args.checkpoint), args.max_length)
@@ -102,12 +127,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         compile=args.compile or None,
+        quantize=args.quantize,
         overwrite=args.overwrite,
         output=args.output,
         from_batch_file=bool(args.batch_file),
         rank=rank,
         world=world,
         local_rank=local_rank,
+        resume=args.resume,
     )
     if task == "understand":
         return run_understanding(run, mine)

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from dimoo_npu.commands import emit
+from dimoo_npu.commands.quantize import add_quantize_argument
 from dimoo_npu.errors import InputError
 from dimoo_npu.generation_settings import check_not_negative
 from dimoo_npu.planner.hardware import ACCELERATORS
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--use-cache", action="store_true", help="ML-Cache: keep every layer's K/V per row")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens before the image (system + prompt)")
     parser.add_argument("--batch", type=int, help="images per forward to check (default: the largest that fits)")
+    add_quantize_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
 
 
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     settings = SampleSettings(
         width=args.width, height=args.height, cfg_scale=args.cfg_scale, use_cache=args.use_cache,
         prompt_tokens=args.prompt_tokens, batch=args.batch,
+        quantize=args.quantize or model.quantization_config.get("scheme"),
     )  # fmt: skip
     plan = plan_sampling(model, settings, accelerator(args.accelerator))
     emit(plan.format(name))
@@ -113,6 +116,10 @@ def plan_train(config: Any, args: argparse.Namespace) -> int:
         return 0 if plans else 1
     dims, options = plan_layout(config, model, world)
     plan = plan_training(model, layout_of(config, dims, options, model), device)
+    if config.rl is not None:  # Self-GRPO: the reference model and the rollout batch too
+        from dimoo_npu.planner.rl_plan import add_rl_terms
+
+        add_rl_terms(plan, config)
     emit(format_plan(plan, model_name))
     _write_json(args.json, plan.to_dict())
     return 0 if plan.fits else 1

@@ -93,7 +93,10 @@ def _train(args: argparse.Namespace) -> int:
             f"micro-batch(es) of {config.gpt_args.micro_batch_size} per step"
         )
         return 0
-    from dimoo_npu.train.trainer import run_training
+    if config.rl is not None:
+        from dimoo_npu.rl.trainer import run_grpo as run_training
+    else:
+        from dimoo_npu.train.trainer import run_training
 
     losses = run_training(config)
     if losses and envs.torchrun_ranks()[0] == 0:

@@ -23,7 +23,7 @@ from dimoo_npu.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-ONNX_FIX = "pip install 'dimoo_npu[onnx]' (onnx, onnxruntime, onnxscript)"
+ONNX_FIX = "pip install -e '.[onnx]' (onnx, onnxruntime, onnxscript)"
 
 
 @dataclass(frozen=True)
@@ -83,32 +83,43 @@ class ModelSlot:
     """Holds at most one model; targets on the same device and dtype share it, switching only the ops.
 
     This keeps one copy of the weights in memory at a time, so an 8B checkpoint can be checked on a
-    machine that holds it once.
+    machine that holds it once. An int8 check (``quantize``, or an int8 ``checkpoint``) runs the reference target
+    on the float weights (``reference_checkpoint``: the int8 folder's source) and the others quantized.
     """
 
-    def __init__(self, checkpoint: Path, max_layers: int | None = None, compile: bool = False):
+    def __init__(
+        self,
+        checkpoint: Path,
+        max_layers: int | None = None,
+        compile: bool = False,
+        quantize: str | None = None,
+        reference_checkpoint: Path | None = None,
+    ):
         self.checkpoint = checkpoint
         self.max_layers = max_layers
         self.compile = compile  # graph mode: the fused layout under torch.compile, as sampling runs it
-        self._key: tuple[str, torch.dtype] | None = None
+        self.quantize = quantize  # quantize the float checkpoint while it loads, for every target but the reference
+        self.reference_checkpoint = reference_checkpoint or checkpoint
+        self._key: tuple | None = None
         self._model = None
 
-    def get(self, device: str, dtype: torch.dtype, ops: str):
+    def get(self, device: str, dtype: torch.dtype, ops: str, reference: bool = False):
         from dimoo_npu.checkpoint import load_model
         from dimoo_npu.ops import resolve_ops
 
         op_set = resolve_ops(device, ops)
-        if self._key != (device, dtype):
+        folder, quantize = (self.reference_checkpoint, None) if reference else (self.checkpoint, self.quantize)
+        if self._key != (device, dtype, folder, quantize):
             self.release()
-            logger.info("loading %s on %s in %s", self.checkpoint, device, dtype)
+            logger.info("loading %s on %s in %s%s", folder, device, dtype, f" ({quantize})" if quantize else "")
             self._model = load_model(
-                self.checkpoint, device=device, dtype=dtype, ops=op_set, max_layers=self.max_layers
+                folder, device=device, dtype=dtype, ops=op_set, max_layers=self.max_layers, quantize=quantize
             )
             if self.compile:
                 from dimoo_npu.sampling.graph import prepare_for_sampling
 
                 prepare_for_sampling(self._model, compile=True)
-            self._key = (device, dtype)
+            self._key = (device, dtype, folder, quantize)
         return self._model.use_ops(op_set)
 
     def release(self) -> None:
@@ -122,15 +133,17 @@ def run_target(
     inputs: tuple[torch.Tensor, torch.Tensor],
     dtype: torch.dtype,
     onnx_file: Path | None = None,
+    reference: bool = False,
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Every block output and the logits of ``target`` on ``inputs`` (fp32 CPU), and a note on how it ran."""
     input_ids, attention_mask = inputs
     if target.runtime == "onnxruntime":
         return _run_onnxruntime(slot, inputs, onnx_file)
-    model = slot.get(target.device, dtype, target.ops)
+    model = slot.get(target.device, dtype, target.ops, reference)
     device = next(model.parameters()).device
     outputs = run_with_capture(model, input_ids.to(device), attention_mask.to(device))
-    return outputs, f"{device.type}, {model.ops.describe()}"
+    scheme = model.config.quantization_config.get("scheme")
+    return outputs, f"{device.type}, {model.ops.describe()}" + (f", {scheme}" if scheme else "")
 
 
 def check_onnx_plan(

@@ -23,6 +23,7 @@ from dimoo_npu.lengths import length_cap
 from dimoo_npu.numerics.backends import ModelSlot, Target, check_onnx_plan, require_available, run_target
 from dimoo_npu.numerics.compare import LayerDiff, compare_runs, first_failure, real_positions
 from dimoo_npu.numerics.tolerances import Tolerance, tolerance_for
+from dimoo_npu.quantization import check_scheme, spec_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -124,25 +125,32 @@ def run_check(
     onnx_file: str | os.PathLike | None = None,
     max_layers: int | None = None,
     compile: bool | None = None,
+    quantize: str | None = None,
 ) -> CheckReport:
     """Run ``targets`` in order on one seeded batch and compare each with ``targets[0]`` layer by layer.
 
-    ``max_layers=N`` checks the first N blocks and the head only, reading only their weights.
+    ``max_layers=N`` checks the first N blocks and the head only, reading only their weights. An int8 check
+    (``quantize``, or an int8 checkpoint, see `int8_plan`) runs the reference on the float weights in fp32 and
+    the other targets quantized, judged by the ``int8`` row of the tolerance table.
     """
     folder = resolve_checkpoint(checkpoint)
     config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     dtype = dtype_name(dtype)
+    scheme, reference_folder = int8_plan(folder, config, quantize, dtype)
+    if scheme and any(target.runtime == "onnxruntime" for target in targets):
+        raise InputError("the onnxruntime backend runs no int8 graph: drop it from --backends for an int8 check")
     require_available(targets)
     onnx_path = Path(onnx_file) if onnx_file else None
     check_onnx_plan(targets, config, folder, DTYPES[dtype], onnx_path)
-    tolerance = tolerance or tolerance_for(dtype)
+    tolerance = tolerance or tolerance_for(dtype, scheme=scheme)
     inputs = make_check_inputs(config, batch, length, seed)
     names = layer_names(config.n_layers)
-    slot = ModelSlot(folder, max_layers, envs.compile_enabled() if compile is None else compile)
+    compile = envs.compile_enabled() if compile is None else compile
+    slot = ModelSlot(folder, max_layers, compile, quantize, reference_folder)
     report = None
     try:
         for target in tqdm(targets, desc="backends", unit="backend", disable=len(targets) < 3):
-            outputs, note = run_target(target, slot, inputs, DTYPES[dtype], onnx_path)
+            outputs, note = run_target(target, slot, inputs, DTYPES[dtype], onnx_path, reference=report is None)
             outputs = real_positions(outputs, inputs[1])
             if report is None:
                 reference = outputs
@@ -155,3 +163,29 @@ def run_check(
     finally:
         slot.release()
     return report
+
+
+def int8_plan(folder: Path, config: DiMOOConfig, quantize: str | None, dtype: str) -> tuple[str | None, Path | None]:
+    """(the int8 scheme under check or None, the float folder the reference runs): an int8 folder's reference is
+    its unquantized source, which must be here."""
+    spec = spec_of(config)
+    if quantize is None and spec is None:
+        return None, None
+    if dtype != "float32":
+        raise InputError(f"an int8 check compares with fp32: use --dtype float32 (got {dtype})")
+    if spec is None:
+        return check_scheme(quantize), None
+    if quantize is not None:
+        raise InputError(f"{folder} is already quantized ({spec.scheme}): drop --quantize")
+    if not spec.source or not (Path(spec.source) / "config.json").is_file():
+        raise InputError(
+            f"the fp32 reference of int8 checkpoint {folder} is its unquantized source "
+            f"({spec.source or 'not recorded'}), which is not here: check the source with --quantize instead"
+        )
+    return spec.scheme, Path(spec.source)
+
+
+def int8_scheme_of(checkpoint: str | os.PathLike) -> str | None:
+    """The scheme of an int8 checkpoint folder, None for a float one."""
+    spec = spec_of(DiMOOConfig.from_json(resolve_checkpoint(checkpoint)))
+    return spec.scheme if spec else None

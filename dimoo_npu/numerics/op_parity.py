@@ -99,10 +99,30 @@ def swiglu_packed_cases(generator: torch.Generator) -> list[OpCase]:
     ]
 
 
+def quantized_matmul_cases(generator: torch.Generator) -> list[OpCase]:
+    """Both schemes; shapes below and above torch._int_mm's size rules (see `dimoo_npu.ops.torch_impl`)."""
+    cases = []
+    for scheme in ("w8a8", "w8a16"):
+        for shape, out in [((1, 1, 8), 8), ((2, 7, 45), 13), ((3, 13, 64), 96)]:
+            x = 2 * torch.randn(shape, generator=generator)
+            weight, scale = reference.quantize_rows(torch.randn(out, shape[-1], generator=generator) / 8)
+            args = (x, weight, scale[:, 0], scheme)
+            cases.append(OpCase("quantized_matmul", f"{scheme} x {shape} weight ({out}, {shape[-1]})", args))
+    return cases
+
+
 def op_cases(seed: int = 0) -> list[OpCase]:
     """Every op's cases: odd lengths, B > 1, several heads, padding with different lengths per row."""
     generator = torch.Generator().manual_seed(seed)
-    builders = (attention_cases, rms_norm_cases, rotary_cases, swiglu_cases, add_rms_norm_cases, swiglu_packed_cases)
+    builders = (
+        attention_cases,
+        rms_norm_cases,
+        rotary_cases,
+        swiglu_cases,
+        add_rms_norm_cases,
+        swiglu_packed_cases,
+        quantized_matmul_cases,
+    )
     return [case for build in builders for case in build(generator)]
 
 

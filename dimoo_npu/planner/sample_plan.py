@@ -37,6 +37,7 @@ class SampleSettings:
     prompt_tokens: int = 64  # system text, template and prompt
     batch: int | None = None  # None: report the largest that fits
     dtype_bytes: int = 2  # bf16
+    quantize: str | None = None  # w8a8 | w8a16: the blocks' matmul weights in int8 (`dimoo_npu.quantization`)
 
     @property
     def branches(self) -> int:
@@ -100,7 +101,7 @@ class SamplePlan:
             f"sampling plan: {model_name}, {s.width}x{s.height} ({s.cells} codes, {s.sequence_length} tokens per row "
             f"with a {s.prompt_tokens}-token prompt), cfg_scale {s.cfg_scale:g} ({s.branches} row(s) per image), "
             f"ML-Cache {'on' if s.use_cache else 'off'}, on {acc.name} ({acc.memory_bytes / GIB:.1f} GiB)",
-            f"  {'weights (whole model, compute dtype)':44} {self.weights / GIB:8.2f} GiB",
+            f"  {weights_label(s):44} {self.weights / GIB:8.2f} GiB",
         ]
         for name, value in self.per_row.items():
             lines.append(f"  {name + ' per row':44} {value / GIB:8.3f} GiB")
@@ -130,6 +131,25 @@ def parameter_count(model: DiMOOConfig) -> int:
     return 2 * vocab * d + model.n_layers * (4 * d * d + 3 * d * h + 2 * d) + d
 
 
+def weight_bytes(model: DiMOOConfig, settings: SampleSettings) -> int:
+    """The whole model in the compute dtype; quantized: the blocks' matmuls in int8 with an fp32 scale per output
+    channel, the rest in the compute dtype, and under w8a16 one matmul weight widened to the compute dtype at a
+    time (its kernel dequantises in the matmul)."""
+    if settings.quantize is None:
+        return parameter_count(model) * settings.dtype_bytes
+    d, h = model.d_model, model.mlp_hidden_size
+    matmuls = model.n_layers * (4 * d * d + 3 * d * h)
+    scales = model.n_layers * (5 * d + 2 * h) * 4
+    widened = 2 * d * h * settings.dtype_bytes if settings.quantize == "w8a16" else 0  # the fused [gate; up]
+    return (parameter_count(model) - matmuls) * settings.dtype_bytes + matmuls + scales + widened
+
+
+def weights_label(settings: SampleSettings) -> str:
+    if settings.quantize is None:
+        return "weights (whole model, compute dtype)"
+    return f"weights ({settings.quantize}: int8 block matmuls + scales)"
+
+
 def per_row_terms(model: DiMOOConfig, settings: SampleSettings) -> dict[str, float]:
     """Bytes of one row (see the module docstring), by term."""
     length, cells, dtype = settings.sequence_length, settings.cells, settings.dtype_bytes
@@ -155,7 +175,7 @@ def row_peak(per_row: dict[str, float]) -> float:
 
 
 def plan_sampling(model: DiMOOConfig, settings: SampleSettings, accelerator: Accelerator) -> SamplePlan:
-    weights = parameter_count(model) * settings.dtype_bytes
+    weights = weight_bytes(model, settings)
     per_row = per_row_terms(model, settings)
     free = accelerator.usable_bytes - weights
     largest = max(0, int(free // (settings.branches * row_peak(per_row))))

@@ -27,6 +27,7 @@ from dimoo_npu.sampling.batching import (
 )
 from dimoo_npu.sampling.cache import MLCache
 from dimoo_npu.sampling.graph import static_shapes
+from dimoo_npu.sampling.record import NOT_SAMPLED, Rollout, check_recordable, mark_revealed, sampling_context
 from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, recompute_widths, refresh_steps
 from dimoo_npu.sampling.step import sample_codes, stay_masked
 
@@ -163,7 +164,6 @@ def _masked_schedule(batch: ImageBatch, mask: int, timesteps: int) -> tuple[list
     return keep, masked_upper_bounds(masked, keep)
 
 
-@torch.inference_mode()
 def sample_image(
     model,
     prompt_ids: RowsLike,
@@ -181,21 +181,35 @@ def sample_image(
     refresh_interval: int = 5,
     generator=None,
     progress: bool = False,
-) -> torch.Tensor:
+    record: bool = False,
+) -> torch.Tensor | Rollout:
     """Sample the MASK cells of B image grids; returns every cell (B, N) as absolute ids, end-of-lines removed.
 
     Guidance: ``(1+g)*cond - g*uncond`` (cfg_scale only), or when ``uncond_image_ids`` is given (editing)
     ``cond + g*(cond - u_text) + g_img*(cond - u_img)``. ``generator``: None, one torch.Generator, or one per
     prompt (then a sample does not depend on its batch). ``progress`` shows a tqdm bar over the steps.
+    ``record``: return a `Rollout` (cells, their positions in the cond rows and the step that revealed each) for a
+    policy log-likelihood, sampled outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
     """
     check_image_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
-    tokens = model.config.special_tokens
-    rows, _, _, batch = _prepare(model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img)
-    guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
-    modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
-    run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
-    run.steps(modes, MLCache(), 1 - cache_ratio, progress)
-    return batch.cells.to(rows[0].device)
+    if record:
+        check_recordable(model)
+    with sampling_context(record):
+        tokens = model.config.special_tokens
+        rows, _, _, batch = _prepare(model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img)
+        guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
+        modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
+        run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
+        if record:
+            run.reveal_step = torch.full_like(batch.cells, NOT_SAMPLED)
+        run.steps(modes, MLCache(), 1 - cache_ratio, progress)
+        if not record:
+            return batch.cells.to(rows[0].device)
+        batch.write_cells()
+        count = len(rows)
+        return Rollout(
+            batch.cells, batch.cell_pos[:count], batch.seq[:count], batch.real[:count], run.reveal_step, len(modes)
+        )
 
 
 class _Run:
@@ -215,6 +229,8 @@ class _Run:
         self.cell_score = torch.zeros(batch.cells.shape, device=batch.cells.device)
         index = torch.arange(cells, device=batch.cells.device).expand_as(batch.cell_pos)
         self.cell_at = torch.full_like(batch.seq, -1).scatter_(1, batch.cell_pos, index)
+        self.reveal_step: torch.Tensor | None = None  # (B, N) when recording a rollout (`sample_image(record=True)`)
+        self.step_index = 0
 
     def steps(self, modes: list[str], cache: MLCache, compute_ratio: float, progress: bool) -> None:
         keep, bounds = _masked_schedule(self.batch, self.mask, len(modes))
@@ -226,6 +242,7 @@ class _Run:
         for step in tqdm(range(len(modes)), desc="image steps", disable=not progress):
             if max(bounds[step]) == 0:
                 break
+            self.step_index = step
             self.step(bounds[step], keep_on_device[step], cache, modes[step], recompute)
             if step + 1 < len(modes) and modes[step + 1] == "cached":
                 recompute = cache.recompute_positions(self.batch.real, widths_on_device, max(widths))
@@ -249,6 +266,8 @@ class _Run:
                 self.cell_code.scatter_(1, slots, sampled)
                 self.cell_score.scatter_(1, slots, score)
         stay = stay_masked(score, live, keep)
+        if self.reveal_step is not None:
+            mark_revealed(self.reveal_step, slots, live & ~stay, self.step_index)
         fresh = torch.where(stay, self.mask, sampled + self.offset)
         batch.cells.scatter_(1, slots, torch.where(live, fresh, batch.cells.gather(1, slots)))
 

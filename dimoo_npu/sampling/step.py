@@ -75,25 +75,46 @@ def stay_masked(score: torch.Tensor, live: torch.Tensor, keep: torch.Tensor) -> 
     return live & (score < cutoff)
 
 
-def predict_text(logits: torch.Tensor, temperature: float, generators: Generators) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLaDA prediction and its float64 probability (understanding steps): logits (B, K, V) -> (B, K), (B, K).
+def predict_text(
+    logits: torch.Tensor,
+    temperature: float,
+    generators: Generators,
+    slots: torch.Tensor | None = None,
+    block: int | None = None,
+    confidence_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA prediction and its probability (understanding steps): logits (B, K, V) -> (B, K), (B, K).
 
-    Temperature > 0 perturbs in float64 as LLaDA does: argmax exp(l) / (-log u) ** tau.
+    Temperature > 0 perturbs in float64 as LLaDA does: argmax exp(l) / (-log u) ** tau. ``slots`` (B, K): which of
+    the ``block`` block positions the K logits are (the cached steps ask the head for the masked ones only); the
+    noise is still drawn for the whole block, so a row's draws do not depend on its batch. The probability is
+    float64 as LLaDA computes it; the cached steps rank and threshold on a float32 one (a third of the cost).
     """
-    batch, slots, width = logits.shape
-    wide = logits.double()
+    batch, slots_count, width = logits.shape
+    wide = logits.double() if temperature or confidence_dtype == torch.float64 else None
     if temperature == 0:
         predicted = argmax(logits)
     else:
-        noise = draw_uniform(generators, [slots] * batch, width, slots, logits.device, dtype=torch.float64)
+        drawn = slots_count if slots is None else block
+        noise = draw_uniform(generators, [drawn] * batch, width, drawn, logits.device, dtype=torch.float64)
+        if slots is not None:
+            noise = noise.gather(1, slots[..., None].expand(-1, -1, width))
         predicted = argmax(wide.exp() / (-torch.log(noise)) ** temperature)
-    probs = torch.softmax(wide, dim=-1)
-    return predicted, probs.gather(-1, predicted[..., None]).squeeze(-1)
+    if confidence_dtype == torch.float64:
+        probs = torch.softmax(wide, dim=-1)
+        return predicted, probs.gather(-1, predicted[..., None]).squeeze(-1)
+    narrow = logits.to(confidence_dtype)
+    chosen = narrow.gather(-1, predicted[..., None]).squeeze(-1)
+    return predicted, (chosen - torch.logsumexp(narrow, dim=-1)).exp()
 
 
-def reveal(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The counts[b] most confident slots of each row (B, K) bool; confidence -inf marks slots never chosen."""
+def reveal(confidence: torch.Tensor, counts: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """The counts[b] most confident slots of each row (B, K) bool, and with a threshold also every slot whose
+    confidence is >= it; confidence -inf marks slots never chosen."""
     order = confidence.argsort(dim=1, descending=True, stable=True)  # (B, K)
     ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, ranks)  # rank[b, slot]: 0 = most confident
-    return (rank < counts[:, None]) & (confidence > float("-inf"))
+    chosen = rank < counts[:, None]
+    if threshold is not None:
+        chosen |= confidence >= threshold
+    return chosen & (confidence > float("-inf"))

@@ -6,7 +6,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 
 class Metrics:
-    """Queue depth, batch occupancy (prompt rows in running groups), step latency, requests by status."""
+    """Queue depth, batch occupancy (prompt rows in running groups), tokens of work admitted, step latency, requests
+    by status."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -14,6 +15,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.queue_depth = Gauge("dimoo_queue_depth", "requests waiting for rows", registry=self.registry)
         self.batch_rows = Gauge("dimoo_batch_rows", "prompt rows in running groups", registry=self.registry)
+        self.tokens = Gauge("dimoo_tokens_in_flight", "tokens of queued and running work", registry=self.registry)
         self.step_seconds = Histogram(
             "dimoo_step_seconds",
             "one step (one forward) of one group",

@@ -14,6 +14,11 @@ grid; a step of a smaller group costs one forward either way, and rows of differ
 when a request is admitted, never mid-batch; admission is first in, first out. With ``buckets`` (graph mode), each
 group pads its rows to the next bucket with inert rows, so compiled graphs are reused across group sizes.
 
+Memory: every job states its ``tokens`` (the sequence positions its rows put into one forward, guidance copies
+included); the tokens of all queued and running jobs stay under ``max_tokens``, so a few long requests are refused
+(HTTP 429) where a count of requests alone would let them in. Shutdown: `drain` stops admitting and gives the
+running work a grace period; past it every job is cancelled at the next step boundary (HTTP 503) and the loop ends.
+
 Seeds: every row draws its noise from its own generator (seed + its index), so a request's output equals
 `dimoo t2i` (and the other tasks) with the same seed and settings, whatever else runs beside it.
 """
@@ -39,6 +44,10 @@ class NotAccepting(Exception):
     """The server is starting (model not loaded) or draining after SIGTERM (HTTP 503)."""
 
 
+class TooMuchWork(Exception):
+    """One job alone needs more tokens than ``max_tokens``: it could never run here (HTTP 400, not worth a retry)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One admitted request: how to make its task (on the loop, which owns the model) and where events go.
@@ -52,17 +61,27 @@ class Job:
     finish: Callable[[Any], Any]
     post: Callable[[str, Any], None]
     on_block: Callable[[Any], Any] | None = None
+    tokens: int = 0
     task: Any = None
     cancelled: bool = False
     admitted: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
-    """Owns the model in one thread; `submit` queues a job, `cancel` drops it, `stop` drains and ends the loop."""
+    """Owns the model in one thread; `submit` queues a job, `cancel` drops it, `drain`/`stop` end the loop."""
 
-    def __init__(self, load: Callable[[], Any], max_batch: int, max_queue: int, buckets=(), metrics=None):
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        max_batch: int,
+        max_queue: int,
+        buckets=(),
+        metrics=None,
+        max_tokens: int | None = None,
+    ):
         self.load, self.max_batch, self.max_queue, self.buckets = load, max_batch, max_queue, tuple(buckets)
-        self.metrics = metrics
+        self.metrics, self.max_tokens = metrics, max_tokens
+        self.deadline: float | None = None  # set by `drain`: running work is cancelled at the first step past it
         self.model = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
@@ -75,19 +94,38 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop admitting; the loop finishes every queued and running job, then ends."""
+    def drain(self, grace: float | None = None) -> None:
+        """Stop admitting; queued and running jobs go on for ``grace`` seconds (None: until done), then are
+        cancelled at the next step boundary. A second call never extends the first one's deadline."""
         with self.lock:
             self.stopping = True
+            if grace is not None:
+                deadline = time.monotonic() + grace
+                self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)
             self.lock.notify_all()
-        self.thread.join(timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """`drain` with ``timeout`` as the grace period, then wait for the loop to end (a step in flight finishes)."""
+        self.drain(timeout)
+        self.thread.join(None if timeout is None else timeout + 1)
 
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.stopping or not self.ready.is_set():
                 raise NotAccepting("shutting down" if self.stopping else "the model is still loading")
+            if self.max_tokens is not None and job.tokens > self.max_tokens:
+                raise TooMuchWork(
+                    f"this request needs {job.tokens} tokens of work (rows x sequence length, guidance copies "
+                    f"included), over this server's limit of {self.max_tokens} (--max-concurrent-tokens): ask for "
+                    "fewer images, a smaller size or a shorter answer"
+                )
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are waiting (--max-queue {self.max_queue})")
+            if self.max_tokens is not None and self.tokens_in_flight() + job.tokens > self.max_tokens:
+                raise QueueFull(
+                    f"{self.tokens_in_flight()} tokens of work are queued or running and this request needs "
+                    f"{job.tokens} more (--max-concurrent-tokens {self.max_tokens})"
+                )
             self.pending.append(job)
             self._observe()
             self.lock.notify_all()
@@ -105,12 +143,36 @@ class Scheduler:
     def busy_rows(self) -> int:
         return sum(group.rows() for group in self.groups)
 
+    def tokens_in_flight(self) -> int:
+        """Tokens of the queued jobs and of the running ones not yet finished or cancelled."""
+        running = (job for group in self.groups for job in group.jobs)
+        live = [job for job in running if not (job.cancelled or _finished(job.task))]
+        return sum(job.tokens for job in [*self.pending, *live])
+
+    def _overdue(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _cancel_everything(self) -> None:
+        """The grace period is over: every queued and running job ends now with a 503, at this step boundary."""
+        with self.lock:
+            jobs = [*self.pending, *(job for group in self.groups for job in group.jobs)]
+            live = [job for job in jobs if not (job.cancelled or _finished(job.task))]
+            logger.warning("grace period over: cancelling %d unfinished request(s)", len(live))
+            for job in live:
+                job.cancelled = True
+                if job.task is not None:
+                    job.task.cancelled = True
+                job.post("error", NotAccepting("the server shut down before this request finished: retry it"))
+            self.pending.clear()
+            self.groups.clear()
+            self._observe()
+
     # ---- the loop ----
 
     def _main(self) -> None:
         try:
             self.model = self.load()
-        except BaseException as err:  # reported by /ready and every request; the process keeps serving /health
+        except BaseException as err:  # reported by /ready and every request until `dimoo serve` stops on it
             logger.error("the model did not load: %s", err)
             self.load_error = err
             return
@@ -118,6 +180,8 @@ class Scheduler:
         logger.info("model loaded; serving")
         while True:
             with self.lock:
+                if self._overdue():
+                    break
                 self._admit()
                 if not self.groups:
                     if self.stopping and not self.pending:
@@ -126,7 +190,10 @@ class Scheduler:
                     continue
                 groups = list(self.groups)
             for group in groups:
+                if self._overdue():  # checked between steps: a long request cannot hold a draining server
+                    break
                 self._step(group)
+        self._cancel_everything()
 
     def _admit(self) -> None:
         """Move waiting jobs into groups, first in first out, while their rows fit under ``max_batch``."""
@@ -185,6 +252,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.queue_depth.set(len(self.pending))
             self.metrics.batch_rows.set(self.busy_rows())
+            self.metrics.tokens.set(self.tokens_in_flight())
 
 
 def _finished(task) -> bool:

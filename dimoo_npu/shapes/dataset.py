@@ -94,20 +94,24 @@ class ManifestWriter:
         for name, image in mask_images().items():
             path = folder / "masks" / f"{name}.png"
             _save_png(image, path)
-            self.masks[name] = str(path)
+            self.masks[name] = self._relative(path)
 
     def image(self, scene: world.Scene) -> str:
         path = self.folder / "images" / f"{scene_key(scene)}.png"
         if not path.exists():
             _save_png(world.render(scene), path)
-        return str(path)
+        return self._relative(path)
 
     def region_mask(self, region: tuple[int, int, int, int], kind: str) -> str:
         """A cut-through painting mask (see `world.paint_region`), written once."""
         path = self.folder / "masks" / f"{kind}-{'-'.join(map(str, region))}.png"
         if not path.exists():
             _save_png(world.region_mask(region, kind), path)
-        return str(path)
+        return self._relative(path)
+
+    def _relative(self, path: Path) -> str:
+        """The path as the manifest records it: relative to its folder, so the folder can move."""
+        return path.relative_to(self.folder).as_posix()
 
     def add(self, task: str, **fields) -> None:
         self.records.append({"id": f"{task}-{len(self.records):06d}", "task": task, **fields})

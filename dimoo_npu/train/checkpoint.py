@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from dimoo_npu.atomic import fsync, replace_directory, write_text_atomically
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError
+from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.dcp_reader import SafeFileSystemReader, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -277,6 +278,10 @@ def export_hf(
     if (checkpoint / LATEST).is_file():
         checkpoint = checkpoint / (checkpoint / LATEST).read_text().strip()
     if not (checkpoint / STATE_FILE).is_file():
+        if (checkpoint / "config.json").is_file():
+            refuse_quantized(
+                DiMOOConfig.from_json(checkpoint), checkpoint, "export-hf (it takes a training checkpoint)"
+            )
         raise CheckpointError(
             f"{checkpoint} is not a training checkpoint (no {STATE_FILE}): pass a step-* folder "
             "or the checkpoints folder of a run"
@@ -292,7 +297,7 @@ def export_hf(
     def fill(staging: Path) -> None:
         save_pretrained(weights, config, staging)
         if assets_from:
-            _copy_assets(Path(assets_from), staging)
+            copy_assets(Path(assets_from), staging)
 
     return replace_directory(output, fill)
 
@@ -307,7 +312,7 @@ def _check_export_target(output: Path, overwrite: bool) -> None:
         )
 
 
-def _copy_assets(source: Path, output: Path) -> None:
+def copy_assets(source: Path, output: Path) -> None:
     """Tokenizer files and the VQ model, so the exported folder is a complete DiMOO checkpoint."""
     if not source.is_dir():
         logger.warning("not copying tokenizer/vqvae: %s does not exist", source)

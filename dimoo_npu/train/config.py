@@ -6,6 +6,7 @@ Sections (``configs/train/*.yaml`` document every key with a comment):
   ``gpt_args`` (Megatron's CLI flags), so a MindSpeed-MM user reads them without a glossary.
 - ``model``: where the weights come from (``init_from`` a Hugging Face folder, or a fresh ``config``).
 - ``data``: the pre-tokenized shards and how batches are formed.
+- ``rl`` (optional): Self-GRPO instead of supervised fine-tuning (`dimoo_npu.rl`); its presence turns it on.
 - top level: ``output_dir`` (metrics.jsonl, checkpoints), ``device``, ``resume`` and the rest of our own keys.
 
 An override names a key as ``section.key=value`` or, when the name is unique, ``key=value``
@@ -28,6 +29,8 @@ from dimoo_npu.validate import MAX_LENGTH_LIMIT, check_int, shown
 
 DECAY_STYLES = ("cosine", "linear", "constant")
 RESUME_CHOICES = ("auto", "never")
+LIKELIHOOD_ESTIMATES = ("sampled_timestep", "trajectory")  # see dimoo_npu.rl.likelihood
+REWARD_MODELS = ("policy", "reference")
 ITERS_LIMIT = 2**31 - 1
 # Every integer key's [smallest, largest] (None allowed where the field is optional); tp and pp are checked against
 # the model and the world by `train.layout.plan_layout`.
@@ -42,6 +45,14 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "gpt_args.seed": (0, 2**63 - 1),
     "data.seq_length": (1, MAX_LENGTH_LIMIT),  # the longest cap any sampler takes (dimoo_npu.validate)
     "keep_checkpoints": (0, ITERS_LIMIT),
+    # rl: the upper bounds (the lower ones are RLArgs.check's, with their reasons)
+    "rl.num_generations": (1, 4096),
+    "rl.num_iterations": (1, 4096),
+    "rl.width": (1, 16 * MAX_LENGTH_LIMIT),
+    "rl.height": (1, 16 * MAX_LENGTH_LIMIT),
+    "rl.timesteps": (1, MAX_LENGTH_LIMIT),
+    "rl.answer_length": (1, MAX_LENGTH_LIMIT),
+    "rl.answer_steps": (1, MAX_LENGTH_LIMIT),
 }
 
 
@@ -81,6 +92,16 @@ class ModelArgs:
     ops: str | None = None  # op override as DIMOO_OPS takes it, e.g. "reference"
     preset: str | None = None  # built-in sizes (dimoo_npu.presets) for --check/--plan when init_from is absent
 
+    def overridden(self, name: str) -> None:
+        """A weight source set on the command line replaces the file's conflicting ones: the command line wins."""
+        if getattr(self, name) is not None:
+            for other in _REPLACED_BY.get(name, ()):
+                setattr(self, other, None)
+
+
+# model.init_from and model.config are alternatives; model.preset gives sizes as model.config does.
+_REPLACED_BY = {"init_from": ("config",), "config": ("init_from", "preset"), "preset": ("config",)}
+
 
 @dataclass
 class DataArgs:
@@ -88,6 +109,63 @@ class DataArgs:
     seq_length: int | None = None  # pad every batch to this length (required with pipeline parallel)
     cond_drop_prob: float = 0.1  # share of samples whose user text becomes <uncondition> (for CFG)
     group_by_length: bool = False  # batches of similar-length samples: less padding when lengths vary widely
+
+
+@dataclass
+class RLArgs:
+    """Self-GRPO (`dimoo_npu.rl`), under TRL's GRPOConfig names where one fits (num_generations, beta, epsilon,
+    temperature, num_iterations). ``gpt_args.global_batch_size`` counts completions: prompts * num_generations."""
+
+    num_generations: int = 4  # completions per prompt (the group whose rewards are normalised)
+    beta: float = 0.04  # KL coefficient to the frozen reference; 0 drops the reference model
+    epsilon: float = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon]
+    temperature: float = 1.0  # rollout sampling temperature (greedy rollouts would make every advantage 0)
+    num_iterations: int = 1  # optimizer updates per rollout batch
+    likelihood: str = "sampled_timestep"  # sampled_timestep (d1 / UniGRPO) | trajectory (per-step log-probs)
+    prompts: str = "shapes"  # "shapes" (the shapes world) or a JSONL of {prompt, questions: [{question, answer}]}
+    attributes: list | None = None  # shapes world: attributes asked about; null: colour, shape, position, size
+    reward_function: str | None = None  # module:function (PIL images, prompts -> [0, 1] floats) replaces self-reward
+    reward_model: str = "policy"  # who answers the questions: the policy, or the frozen reference copy
+    assets: str | None = None  # folder with the tokenizer and vqvae/; null: model.init_from
+    width: int | None = None  # image size of the rollouts; null: the assets' generation_defaults, else 512
+    height: int | None = None
+    timesteps: int | None = None  # image sampling steps; null: generation_defaults, else 64
+    cfg_scale: float = 0.0  # text guidance of the rollouts (the likelihood scores the conditional branch)
+    answer_length: int | None = None  # answer tokens of the self-reward; null: generation_defaults, else 32
+    answer_steps: int | None = None  # answer sampling steps; null: answer_length
+    understanding: bool = False  # also num_generations sampled answers per prompt about its true picture (shapes)
+
+    def image_size(self, defaults: dict[str, Any]) -> tuple[int, int]:
+        """(width, height) of the rollouts: as set, else the checkpoint's generation_defaults, else 512."""
+        return self.width or defaults.get("width", 512), self.height or defaults.get("height", 512)
+
+    def check(self, global_batch_size: int) -> None:
+        """Value checks that need no model: before any weight is read or any rollout sampled."""
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"rl.num_generations is {self.num_generations}: GRPO normalises rewards within a group, which "
+                "needs at least 2 completions per prompt"
+            )
+        if global_batch_size % self.num_generations:
+            raise ConfigError(
+                f"gpt_args.global_batch_size {global_batch_size} counts completions and must be a multiple of "
+                f"rl.num_generations {self.num_generations}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"rl.temperature is {self.temperature}: greedy rollouts make the {self.num_generations} completions "
+                "of a prompt identical and every advantage 0; use a temperature > 0 (1.0 samples the policy)"
+            )
+        if self.epsilon <= 0 or self.beta < 0 or self.num_iterations < 1:
+            raise ConfigError("rl.epsilon must be > 0, rl.beta >= 0 and rl.num_iterations >= 1")
+        if self.cfg_scale < 0:
+            raise ConfigError(f"rl.cfg_scale is {self.cfg_scale}; it must not be negative")
+        check_choice("rl.likelihood", self.likelihood, LIKELIHOOD_ESTIMATES)
+        check_choice("rl.reward_model", self.reward_model, REWARD_MODELS)
+        for name in ("width", "height", "timesteps", "answer_length", "answer_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"rl.{name} is {value}; it must be at least 1")
 
 
 @dataclass
@@ -102,6 +180,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints kept in output_dir (the newest ones); 0 keeps all
     peak_tflops: float | None = None  # per-device peak for MFU; None: known accelerators, measured on CPU
     plot: bool = False  # write loss/throughput curves (curves.png) at the end
+    rl: RLArgs | None = None  # Self-GRPO instead of supervised fine-tuning; on when the section is present
 
     @property
     def recompute(self) -> str:
@@ -110,7 +189,8 @@ class TrainConfig:
     def check(self) -> None:
         """Value checks that need no model and no world size; the parallel layout is `train.layout.plan_layout`'s."""
         g = self.gpt_args
-        for prefix, section in (("gpt_args.", g), ("data.", self.data), ("", self)):
+        sections = [("gpt_args.", g), ("data.", self.data), ("", self)] + ([("rl.", self.rl)] if self.rl else [])
+        for prefix, section in sections:
             for item in dataclasses.fields(section):
                 value = getattr(section, item.name)
                 if isinstance(value, float) and not math.isfinite(value):
@@ -131,7 +211,9 @@ class TrainConfig:
             )
         if self.model.preset is not None and self.model.config is not None:
             raise ConfigError("model.preset and model.config both give the model's sizes: keep one of them")
-        if not self.data.shards:
+        if self.rl is not None:
+            self.rl.check(g.global_batch_size)
+        elif not self.data.shards:
             raise ConfigError("data.shards is empty: point it at the folder `dimoo pretokenize` wrote")
 
     def warmup_iters(self) -> int:
@@ -178,6 +260,8 @@ def apply_override(config: TrainConfig, item: str) -> None:
     value = parse_yaml(text, f"override {shown(key)}") if text.strip() else None
     hint = typing.get_type_hints(type(target))[name]
     setattr(target, name, _coerce(value, hint, key))
+    if isinstance(target, ModelArgs):
+        target.overridden(name)
 
 
 def _locate(config: TrainConfig, key: str) -> tuple[Any, str]:
@@ -188,6 +272,10 @@ def _locate(config: TrainConfig, key: str) -> tuple[Any, str]:
     }
     if "." in key:
         section, _, name = key.partition(".")
+        optional = _section_type(typing.get_type_hints(TrainConfig).get(section))
+        if section not in sections and optional is not None and name in _field_names(optional):
+            sections[section] = optional()  # an override into an absent optional section (rl) turns it on
+            setattr(config, section, sections[section])
         owner = sections.get(section)
         if owner is not None and name in _field_names(owner):
             return owner, name
@@ -235,11 +323,20 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     values = {}
     for name, value in raw.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        section = _section_type(hint)
+        if section is not None:  # a section; an optional one (rl) is on when present, even empty
+            values[name] = _build(section, value or {}, f"{prefix}{name}.")
         else:
             values[name] = _coerce(value, hint, prefix + name)
     return cls(**values)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a section's type hint (``GptArgs``, or ``RLArgs | None``), else None."""
+    for kind in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+        if dataclasses.is_dataclass(kind):
+            return kind
+    return None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -260,7 +357,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 continue
-        if kind in (str, dict) and isinstance(value, kind):
+        if kind in (str, dict, list) and isinstance(value, kind):
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
     raise ConfigError(f"config key {key} is {shown(value)}; it must be {names}")

@@ -9,6 +9,8 @@ Records are JSON objects: ``{"id", "task", "prompt", "image", "target_image", "a
   ``mask_w_ratio`` (default 0.5) with ``mode`` ``inpainting`` (inside, default) or ``outpainting`` (outside).
 - ``mmu``: ``prompt`` (the question), ``image`` and ``answer`` (text).
 
+Relative image paths are read relative to the manifest's folder (`with_paths_under`), as the README's layout has it.
+
 Layouts follow SPEC "Sequences". Image answers mark their codes only (never the end-of-line tokens);
 text answers are ``BOA answer </answer> padding... EOA`` with the answer, ``</answer>`` and the padding
 marked, so the model learns to pad after it answers. The condition-drop span is the user text, found as
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,6 +167,20 @@ class RecordEncoder:
         loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
         loss_mask[len(question) + 1 : -1] = True
         return Sample(tokens, loss_mask, (0, 0), "mmu")
+
+
+IMAGE_KEYS = ("image", "target_image", "mask")
+
+
+def with_paths_under(record: Any, folder: Path) -> Any:
+    """``record`` with each relative image path joined to ``folder`` (the manifest's), so a data folder can move.
+
+    Absolute paths stay as they are; values that are not strings are left for `check_record` to refuse.
+    """
+    if not isinstance(record, dict):
+        return record
+    relative = {key: record[key] for key in IMAGE_KEYS if isinstance(record.get(key), str) and record[key]}
+    return {**record, **{key: str(folder / path) for key, path in relative.items() if not os.path.isabs(path)}}
 
 
 def check_record(record: Any) -> str:

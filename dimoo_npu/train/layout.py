@@ -8,6 +8,7 @@ the per-step micro-batch count is global_batch / (micro_batch * dp).
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from dimoo_npu.parallel import ParallelDims, ParallelOptions
 from dimoo_npu.parallel.pipeline_parallel import SCHEDULES
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.presets import preset_config
+from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.config import TrainConfig, check_choice
+
+logger = logging.getLogger(__name__)
 
 
 def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:
@@ -36,7 +40,9 @@ def model_config_of(config: TrainConfig, planning: bool = False) -> DiMOOConfig:
                 "checkpoint folder (config.json + *.safetensors); --check/--plan without it need model.preset "
                 "(e.g. lumina-dimoo-8b)"
             )
-        return DiMOOConfig.from_json(config.model.init_from)
+        model = DiMOOConfig.from_json(config.model.init_from)
+        refuse_quantized(model, config.model.init_from, "training (model.init_from)")
+        return model
     if config.model.preset is not None:
         return preset_config(config.model.preset)
     return DiMOOConfig.from_dict({"model_type": "llada", **config.model.config})
@@ -113,10 +119,12 @@ def _check_sequence(config: TrainConfig, dims: ParallelDims) -> None:
             "pipeline parallelism needs fixed-shape batches: set data.seq_length (at least the "
             "longest pre-tokenized sample)"
         )
+    if config.gpt_args.sequence_parallel and dims.tp == 1:
+        # Megatron-LM's convention, which MindSpeed follows: without tensor parallelism there is nothing to shard.
+        logger.warning("sequence_parallel has no effect with tensor_model_parallel_size 1: turned off")
+        config.gpt_args.sequence_parallel = False
     if not config.gpt_args.sequence_parallel:
         return
-    if dims.tp == 1:
-        raise ConfigError("sequence_parallel needs tensor_model_parallel_size > 1; set it to false for tp=1")
     if seq_length is None:
         raise ConfigError("sequence_parallel needs fixed-shape batches: set data.seq_length (a multiple of tp)")
     if seq_length % dims.tp:

@@ -11,7 +11,7 @@ from dimoo_npu.errors import InputError
 
 
 def plot_curves(metrics: str | os.PathLike, output: str | os.PathLike) -> Path:
-    """Read ``metrics.jsonl`` and write loss, lr and tokens/s against step into ``output`` (PNG)."""
+    """Read ``metrics.jsonl`` and write (reward,) loss, lr and tokens/s against step into ``output`` (PNG)."""
     metrics, output = Path(metrics), Path(output)
     records = (
         [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
@@ -24,9 +24,11 @@ def plot_curves(metrics: str | os.PathLike, output: str | os.PathLike) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("plotting needs matplotlib: pip install matplotlib (or dimoo_npu[plot])") from None
+        raise InputError("plotting needs matplotlib: pip install -e '.[plot]' (matplotlib)") from None
     steps = [r["step"] for r in records]
     panels = (("loss", "loss"), ("tokens_per_s", "tokens / s"), ("lr", "learning rate"))
+    if "reward_mean" in records[0]:  # a Self-GRPO run (dimoo_npu.rl)
+        panels = (("reward_mean", "reward (mean)"), *panels)
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), constrained_layout=True)
     for axis, (key, label) in zip(axes, panels, strict=True):
         axis.plot(steps, [r[key] for r in records], linewidth=1.2)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from dimoo_npu.atomic import write_text_atomically
 from dimoo_npu.errors import DimooError, InputError
 from dimoo_npu.safetensors_io import read_metadata
-from dimoo_npu.train.encode import EncoderSettings, RecordEncoder
+from dimoo_npu.train.encode import EncoderSettings, RecordEncoder, with_paths_under
 from dimoo_npu.train.shards import Sample, shard_name, write_shard
 from dimoo_npu.validate import input_file
 
@@ -56,6 +56,7 @@ class Chunk:
     first_line: int  # 1-based line number of lines[0]
     lines: list[str]
     digest: str
+    folder: Path  # the manifest's folder: relative image paths in its records are read from there
 
 
 @dataclass
@@ -159,21 +160,22 @@ def _count_lines(path: Path) -> int:
 
 
 def _chunks(manifest: Path, chunk_size: int, fingerprint: str) -> Iterator[Chunk]:
+    folder = manifest.resolve().parent
     with open(manifest, encoding="utf-8", errors="replace") as handle:
         lines: list[str] = []
         index = 0
         for line in handle:
             lines.append(line)
             if len(lines) == chunk_size:
-                yield _chunk(index, chunk_size, lines, fingerprint)
+                yield _chunk(index, chunk_size, lines, fingerprint, folder)
                 index, lines = index + 1, []
         if lines:
-            yield _chunk(index, chunk_size, lines, fingerprint)
+            yield _chunk(index, chunk_size, lines, fingerprint, folder)
 
 
-def _chunk(index: int, chunk_size: int, lines: list[str], fingerprint: str) -> Chunk:
+def _chunk(index: int, chunk_size: int, lines: list[str], fingerprint: str, folder: Path) -> Chunk:
     digest = hashlib.sha256(("".join(lines) + fingerprint).encode()).hexdigest()
-    return Chunk(index, index * chunk_size + 1, lines, digest)
+    return Chunk(index, index * chunk_size + 1, lines, digest, folder)
 
 
 def _is_done(path: Path, digest: str) -> bool:
@@ -245,7 +247,7 @@ def encode_chunk(encoder: RecordEncoder, chunk: Chunk, output: Path) -> tuple[in
         record, reason = _parse(line)
         if record is not None:
             try:
-                samples.append(encoder.encode(record))
+                samples.append(encoder.encode(with_paths_under(record, chunk.folder)))
                 ids.append(str(record.get("id", number)))
                 continue
             except DimooError as err:

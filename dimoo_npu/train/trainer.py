@@ -83,9 +83,7 @@ class Trainer:
         self.env = env or DistEnv.from_environment()
         self.model_config = model_config_of(config)
         self.dims, self.options = plan_layout(config, self.model_config, self.env.world_size)
-        self.dataset = ShardDataset(config.data.shards)
-        limit = LengthLimit.for_model(self.model_config.max_sequence_length)
-        check_fits(self.dataset.max_length(), config.data.seq_length, limit)
+        self._check_data()
         backend, _ = resolve_device(config.device)
         self.backend, self.device = backend, backend.device(self.env.local_rank)
         self._init_distributed()
@@ -109,18 +107,28 @@ class Trainer:
         self.step, self.consumed = 0, 0
         if resume_from is not None:
             self._restore(resume_from)
+        self._prepare_inputs()
+        self.metrics = MetricsLog(self.output / "metrics.jsonl", self.env.rank == 0, self.step)
+        self.peak_flops = self._peak_flops()
+
+    def _check_data(self) -> None:
+        """The run's data, checked before any process group or model exists (a subclass may read other data)."""
+        self.dataset = ShardDataset(self.config.data.shards)
+        limit = LengthLimit.for_model(self.model_config.max_sequence_length)
+        check_fits(self.dataset.max_length(), self.config.data.seq_length, limit)
+
+    def _prepare_inputs(self) -> None:
+        """What `train_step` draws its batches from, once the model is built and restored."""
         special = self.model_config.special_tokens
-        objective = Objective.from_special_tokens(special, config.data.cond_drop_prob)
+        objective = Objective.from_special_tokens(special, self.config.data.cond_drop_prob)
         self.batches = BatchSource(
             self.dataset,
             objective,
-            config.gpt_args.seed,
+            self.config.gpt_args.seed,
             special["eos"],
-            config.data.seq_length,
-            group_by_length=config.gpt_args.global_batch_size if config.data.group_by_length else 0,
+            self.config.data.seq_length,
+            group_by_length=self.config.gpt_args.global_batch_size if self.config.data.group_by_length else 0,
         )
-        self.metrics = MetricsLog(self.output / "metrics.jsonl", self.env.rank == 0, self.step)
-        self.peak_flops = self._peak_flops()
 
     @property
     def dp_rank(self) -> int:

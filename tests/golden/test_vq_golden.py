@@ -9,6 +9,7 @@ from dimoo_npu import sequences
 from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.image_prep import box_cell_mask, grid_size, load_image
 from dimoo_npu.image_tokenizer import ImageTokenizer
+from dimoo_npu.numerics.tolerances import tolerance
 
 
 @pytest.fixture(scope="module")
@@ -46,4 +47,7 @@ def test_masked_encode(name, box, outside, codes, source, golden, tokens):
 
 
 def test_decode(codes, vq, golden):
-    assert torch.equal(vq.decode(codes[None])[0], golden["vq.decoded_rgb"])
+    """Within one level of 255: the decoder's fp32 sums round to uint8 differently with the thread count."""
+    decoded, expected = vq.decode(codes[None])[0].int(), golden["vq.decoded_rgb"].int()
+    assert decoded.shape == expected.shape
+    assert int((decoded - expected).abs().max()) <= tolerance("pixels", torch.float32).atol

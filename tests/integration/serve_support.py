@@ -26,7 +26,7 @@ class Server:
 
     def metric(self, name: str) -> float:
         """The sum of a Prometheus metric's samples whose line starts with ``name`` (labels included)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
     def stop(self) -> int:

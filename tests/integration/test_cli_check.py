@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from dimoo_npu.adapters import CudaBackend, NpuBackend
 from dimoo_npu.cli import main
 
-pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'dimoo_npu[onnx]'")
-pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'dimoo_npu[onnx]'")
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install -e '.[onnx]'")
 
 PERTURBED = "model.transformer.blocks.1.ff_out.weight"
 

@@ -77,6 +77,18 @@ BAD = {
         ["understand", "--image", "{source}", "--question", "q", "--output", "{file}/a.jsonl"],
         "is a file, not a folder",
     ),
+    "unknown cache mode": (
+        ["understand", "--image", "{source}", "--question", "q", "--kv-cache", "full"],
+        "kv_cache='full' is not a cache mode: use one of none, prefix, dual",
+    ),
+    "threshold over 1": (
+        ["understand", "--image", "{source}", "--question", "q", "--fast", "--parallel-threshold", "1.5"],
+        "parallel_threshold=1.5 must be within (0, 1]",
+    ),
+    "cache mode in a batch file": (
+        ["understand", "--image", "{source}", "--batch-file", "{cache_batch}"],
+        "kv_cache='all' is not a cache mode",
+    ),
     "decompression bomb": (EDIT, "more pixels than Pillow reads safely"),
     "negative image budget": ([*EDIT, "--image-budget", "-32"], "--image-budget=-32 must not be negative"),
     "output name too long": ([*T2I, "--output", "x" * 300 + ".png"], "is longer than 255 bytes"),
@@ -103,6 +115,7 @@ def test_misuse_is_one_clear_error_before_any_work(case, cli, tmp_path, fixture_
         "nan_batch": write_jsonl(tmp_path / "nan.jsonl", '{"prompt": "x", "mask_w_ratio": NaN}'),
         "inf_batch": write_jsonl(tmp_path / "inf.jsonl", '{"prompt": "x", "mask_h_ratio": Infinity}'),
         "two": write_jsonl(tmp_path / "two.jsonl", '{"prompt": "a"}', '{"prompt": "b"}'),
+        "cache_batch": write_jsonl(tmp_path / "cache.jsonl", '{"question": "q", "kv_cache": "all"}'),
         "big_seed": write_jsonl(tmp_path / "seed.jsonl", json.dumps({"prompt": "a", "seed": 2**64})),
         "folder": str(tmp_path),
         "file": str(tmp_path / "plain.txt"),

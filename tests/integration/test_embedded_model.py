@@ -108,3 +108,41 @@ def test_cli_describes_a_held_out_picture(tmp_path, capsys):
     capsys.readouterr()
     assert main(["understand", "--image", str(tmp_path / "in.png"), "--question", "describe the image"]) == 0
     assert capsys.readouterr().out.strip() == world.scene_caption(scene)
+
+
+def _readme_command(task: str) -> list[str]:
+    """The quick start's `dimoo TASK ...` line, as the README writes it (comment dropped)."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    quick_start = readme.split("## Quick start")[1].split("\n## ")[0]
+    (line,) = [line for line in quick_start.splitlines() if line.startswith(f"dimoo {task} ")]
+    return shlex.split(line, comments=True)[1:]
+
+
+@every_task
+@pytest.mark.parametrize(
+    ("task", "inputs"),
+    [
+        ("inpaint", {"square.png": world.ShapeObject("square", "green", "large", 1, 1)}),
+        ("outpaint", {"out.png": world.ShapeObject("circle", "red", "large", 0, 0)}),
+    ],
+)
+def test_readme_painting_examples_change_the_picture_as_the_prompt_says(task, inputs, tmp_path, monkeypatch):
+    """The quick start's inpaint and outpaint lines, run as written on the pictures the lines before them draw."""
+    from PIL import Image
+
+    from dimoo_npu.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for name, obj in inputs.items():
+        world.render(world.Scene((obj,))).save(name)
+    argv = _readme_command(task)
+    source = np.asarray(Image.open(argv[argv.index("--image") + 1]).convert("RGB"))
+    assert main(argv) == 0
+    result = np.asarray(Image.open(argv[argv.index("--out") + 1]).convert("RGB"))
+    assert (np.abs(result.astype(int) - source).max(axis=-1) > 64).mean() > 0.02, "the picture must change"
+    prompt = argv[argv.index("--prompt") + 1]
+    found = [f"a {d.size} {d.colour} {d.shape} in the {d.position}" for d in detect_objects(result)]
+    assert found == [prompt]

@@ -132,7 +132,7 @@ def test_seeded_request_equals_dimoo_t2i(server, tmp_path, temperature):
 def test_schema_fuzzing_finds_no_server_error(server):
     """Each operation of /openapi.json, up to 25 generated cases (schemathesis' strategies driven by hypothesis here:
     its pytest plugin does not load under this pytest)."""
-    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 7
     answered = server.metric("dimoo_requests_total")

@@ -7,7 +7,9 @@ import torch
 
 import dimoo_npu
 from dimoo_npu.model import fuse_projections
+from dimoo_npu.numerics.compare import compare_layer
 from dimoo_npu.numerics.golden import greedy_sampling_case
+from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.ops import resolve_ops
 from tests.conftest import CHECKPOINT
 
@@ -34,10 +36,13 @@ def test_loading_a_state_dict_writes_through_to_the_fused_weights(tiny_model):
     assert not model.transformer.blocks["1"].gate_up_weight[hidden:].any()
 
 
-def test_forward_equals_the_plain_layout(tiny_model, fused_model, golden):
+def test_forward_matches_the_plain_layout_within_the_fp32_layer_tolerance(tiny_model, fused_model, golden):
+    """Not bit for bit: silu of the [gate; up] half takes another SIMD path than the plain gate (AVX-512's tail)."""
     ids = golden["forward.input_ids"]
     mask = torch.arange(ids.shape[1]) < golden["forward.lengths"][:, None]
-    assert torch.equal(fused_model(ids, mask), tiny_model(ids, mask))
+    with torch.no_grad():
+        diff = compare_layer("logits", tiny_model(ids, mask), fused_model(ids, mask), tolerance("layer", torch.float32))
+    assert diff.passed, diff
 
 
 @pytest.mark.parametrize("name", ["t2i_cfg", "t2i_wide_cfg_cache", "mmu_cfg"])

@@ -112,7 +112,7 @@ def test_image_steps_read_nothing_from_the_host(tiny_model, golden):
         assert few.count <= SETUP_READS, few.seen
 
 
-def _text_reads(tiny_model, golden, cases, block_length: int, steps: int) -> HostReads:
+def _text_reads(tiny_model, golden, cases, block_length: int, steps: int, **modes) -> HostReads:
     case = cases["cases"]["mmu_cfg"]
     prompt = golden["mmu_cfg.prompt"][0]
     return _counted(
@@ -125,6 +125,7 @@ def _text_reads(tiny_model, golden, cases, block_length: int, steps: int) -> Hos
             temperature=1.0,
             cfg_scale=case["cfg_scale"],
             generator=torch.Generator().manual_seed(0),
+            **modes,
         )
     )
 
@@ -136,6 +137,24 @@ def test_text_reads_the_host_at_most_once_per_block(tiny_model, golden, cases):
     assert three_blocks_more_steps.count == three_blocks.count, "a step read the host"
     assert three_blocks.count - one_block.count <= 2, (three_blocks.seen, one_block.seen)
     assert one_block.count <= SETUP_READS, one_block.seen
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_cached_text_steps_read_nothing_from_the_host(tiny_model, golden, cases, kv_cache):
+    exact = _text_reads(tiny_model, golden, cases, block_length=4, steps=3)
+    more_steps = _text_reads(tiny_model, golden, cases, block_length=4, steps=6, kv_cache=kv_cache)
+    assert more_steps.count == exact.count, more_steps.seen
+
+
+@pytest.mark.parametrize("kv_cache", ["none", "dual"])
+def test_threshold_reads_the_host_once_per_step_and_no_more_per_block(tiny_model, golden, cases, kv_cache):
+    """The threshold's one read per step (is the block revealed?) also carries the block's EOS check: 3 blocks
+    of 2 steps read 6 times where exact reads 3 (threshold 1.0: no block ends early on the random model)."""
+    exact = _text_reads(tiny_model, golden, cases, block_length=4, steps=6, kv_cache=kv_cache)
+    threshold = _text_reads(
+        tiny_model, golden, cases, block_length=4, steps=6, kv_cache=kv_cache, parallel_threshold=1.0
+    )
+    assert threshold.count - exact.count == 6 - 3, (threshold.seen, exact.seen)
 
 
 def test_forward_checks_the_id_range_unless_told_not_to(tiny_model):

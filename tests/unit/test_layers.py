@@ -54,3 +54,15 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     assert result.returncode == 1, result.stdout
     assert "Layers: data flows downward BROKEN" in result.stdout
     assert "dimoo_npu.ops.registry -> dimoo_npu.pipeline" in result.stdout
+
+
+def test_the_readme_states_the_contracts_layers():
+    """The README's one-line summary of the layers is the contract's list, in order."""
+    import re
+
+    import tomllib
+
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    stated = re.search(r"Layers, top to bottom: (.*?)\. A module", readme).group(1)
+    assert re.findall(r"`([^`]+)`", stated) == contract["layers"]

@@ -23,8 +23,8 @@ from dimoo_npu.numerics.onnx_check import (
     verify_vq_decoder,
 )
 
-pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install 'dimoo_npu[onnx]'")
-pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install 'dimoo_npu[onnx]'")
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install -e '.[onnx]'")
 
 TRACED = (2, 16)  # example_transformer_inputs' default shape, used for tracing
 

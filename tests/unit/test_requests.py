@@ -27,6 +27,23 @@ def test_defaults_layer_public_then_checkpoint_then_user():
     assert (answer.gen_length, answer.block_length, answer.steps, answer.temperature) == (1024, 256, 128, 0.0)
 
 
+def test_fast_understanding_lies_under_the_users_values_and_over_the_checkpoints():
+    def settings(checkpoint=None, **given):
+        return requests.resolve(requests.UnderstandRequest(**given), checkpoint).text_settings()
+
+    exact = settings()
+    assert (exact.kv_cache, exact.parallel_threshold) == ("none", None)
+    fast = settings({"kv_cache": "prefix"}, fast=True)
+    assert (fast.kv_cache, fast.parallel_threshold) == ("dual", 0.95)
+    mine = settings(fast=True, parallel_threshold=0.7)
+    assert (mine.kv_cache, mine.parallel_threshold) == ("dual", 0.7)
+    carried = settings({"fast": True, "gen_length": 8})
+    assert (carried.kv_cache, carried.gen_length) == ("dual", 8)
+    assert settings({"fast": True}, fast=False).kv_cache == "none"
+    line = requests.from_mapping("understand", {"kv_cache": "dual", "parallel_threshold": 1}, "line 1")
+    assert (line.kv_cache, line.parallel_threshold) == ("dual", 1)
+
+
 def test_every_field_has_help_and_every_default_a_field():
     for task, cls in requests.TASKS.items():
         names = {f.name for f in dataclasses.fields(cls)}
@@ -43,6 +60,8 @@ def test_every_field_has_help_and_every_default_a_field():
         ("edit", {"image": "x", "edit_type": "sketch"}, "unknown edit type"),
         ("inpaint", {"image": "x"}, "has no prompt: pass --prompt"),
         ("edit", {"image": "x", "image_budget": 100}, "must be a multiple of 32"),
+        ("understand", {"question": "q", "image": "x", "kv_cache": "yes"}, "use one of none, prefix, dual"),
+        ("understand", {"question": "q", "image": "x", "parallel_threshold": -0.5}, r"within \(0, 1\]"),
     ],
 )
 def test_check_refuses_before_any_model(task, fields, message):

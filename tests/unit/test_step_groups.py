@@ -103,7 +103,7 @@ def test_text_tasks_joining_equal_each_alone(tiny_model, tok, temperature, cfg_s
         dict(prompt_ids=p, temperature=temperature, cfg_scale=cfg_scale, **settings[i]) for i, p in enumerate(prompts)
     ]
     tasks = {}
-    group = TextGroup(tiny_model, (4, temperature, cfg_scale))
+    group = TextGroup(tiny_model, (4, temperature, cfg_scale, "none", None))
     step, done = 0, {}
     while len(done) < len(made):
         if step < len(made):  # one joins at each step

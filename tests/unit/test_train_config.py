@@ -48,7 +48,7 @@ def test_overrides_accept_bare_and_dotted_keys_and_yaml_numbers():
         ("lr_decay_style=step", "choose one of cosine, linear, constant"),
         ("micro_batch_size=0", "must be at least 1"),
         ("min_lr=1", "above lr"),
-        ("model.init_from=/x", "exactly one of model.init_from"),
+        ("model.config=null", "exactly one of model.init_from"),
         ("lr=.nan", "gpt_args.lr is nan: use a finite number"),
         ("lr=.inf", "gpt_args.lr is inf: use a finite number"),
         ("adam_eps=-.inf", "gpt_args.adam_eps is -inf"),
@@ -69,7 +69,6 @@ def test_bad_values_are_refused_with_the_key_named(override, message):
         (["tensor_model_parallel_size=2"], 3, "not a multiple of tensor_model_parallel_size"),
         (["global_batch_size=6", "micro_batch_size=2"], 2, "not divisible by micro_batch_size \\* dp"),
         (["pipeline_model_parallel_size=2"], 2, "set data.seq_length"),
-        (["sequence_parallel=true", "data.seq_length=64"], 1, "needs tensor_model_parallel_size > 1"),
         (["tensor_model_parallel_size=2", "sequence_parallel=true", "data.seq_length=63"], 2, "divisible by tp"),
         (["tensor_model_parallel_size=0"], 1, "tensor_model_parallel_size is 0; it must be at least 1"),
         (["recompute_granularity=partial"], 1, "choose one of none, selective, full"),
@@ -134,3 +133,25 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
     assert [learning_rate(s, linear) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     fraction = load_config(TINY_CONFIG, ["lr_warmup_fraction=0.5", "train_iters=8"])
     assert fraction.warmup_iters() == 4
+
+
+def test_a_weight_source_on_the_command_line_replaces_the_files_one(tmp_path):
+    """tiny_cpu.yaml has model.config; model.init_from=... alone fine-tunes from a folder (no model.config=null)."""
+    config = load_config(TINY_CONFIG, [f"model.init_from={tmp_path}"])
+    assert (config.model.init_from, config.model.config) == (str(tmp_path), None)
+    back = load_config(TINY_CONFIG, [f"model.init_from={tmp_path}", "model.config={d_model: 32}"])
+    assert (back.model.init_from, back.model.config) == (None, {"d_model": 32})
+    preset = load_config(TINY_CONFIG, ["model.preset=lumina-dimoo-8b"])
+    assert (preset.model.preset, preset.model.config) == ("lumina-dimoo-8b", None)
+
+
+def test_sequence_parallel_without_tensor_parallel_is_turned_off_with_one_warning(caplog):
+    """Megatron-LM's convention (MindSpeed follows it): a warning, not an error, and the run goes on without it."""
+    config = load_config(TINY_CONFIG, ["sequence_parallel=true", "data.seq_length=64"])
+    with caplog.at_level("WARNING", logger="dimoo_npu.train.layout"):
+        _, options = plan_layout(config, model_config_of(config), 1)
+        plan_layout(config, model_config_of(config), 1)
+    assert options.sequence_parallel is False and config.gpt_args.sequence_parallel is False
+    assert [r.message for r in caplog.records] == [
+        "sequence_parallel has no effect with tensor_model_parallel_size 1: turned off"
+    ]

@@ -234,3 +234,22 @@ def test_limits_left_out_are_the_checkpoints_own(workspace, tmp_path):
 def test_a_folder_given_as_manifest_is_named_as_such(settings, tmp_path):
     with pytest.raises(DimooError, match="manifest .* is a folder: name a file"):
         pretokenize(tmp_path, tmp_path / "out", settings)
+
+
+def test_relative_image_paths_are_read_from_the_manifest_folder(workspace, settings, tmp_path, monkeypatch):
+    """The README's layout (data/manifest.jsonl naming images/...) works from any working directory."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(workspace / "a.png", data / "images" / "a.png")
+    records = [
+        {"id": "relative", "task": "t2i", "prompt": WORDS[0], "target_image": "images/a.png"},
+        {"id": "absolute", "task": "t2i", "prompt": WORDS[0], "target_image": str(workspace / "b.png")},
+        {"id": "not beside it", "task": "t2i", "prompt": WORDS[0], "target_image": "a.png"},
+    ]
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.chdir(workspace)  # a.png exists here too: it must not be the one read
+    summary = pretokenize(data / "manifest.jsonl", tmp_path / "shards", settings)
+    assert (summary.samples, summary.rejected) == (2, 1)
+    assert sorted(by_id(tmp_path / "shards")) == ["absolute", "relative"]
+    rejected = json.loads((tmp_path / "shards" / REJECTED).read_text())
+    assert rejected["id"] == "not beside it" and str(data / "a.png") in rejected["reason"]

@@ -1,0 +1,149 @@
+"""Rewards of Self-GRPO: a reward spec (prompts with question/answer pairs) and what turns images into rewards.
+
+Self-reward (the Lumina-DiMOO paper's Self-GRPO: generate, understand, assess, reward): a model answers every
+question of a prompt's spec about the image generated for it, and the reward is the fraction of answers that
+match the expected ones (after `dimoo_npu.shapes.evaluate.normalise_answer`). The spec comes from the shapes world
+(a question per attribute a prompt states, its answer from the same attribute) or from a JSONL file
+(``{"prompt": ..., "questions": [{"question": ..., "answer": ...}, ...]}`` per line). An external reward
+``module:function`` takes PIL RGB images and prompt strings and returns one float in [0, 1] per image; it is code
+the user names in the run config, imported as such.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from dimoo_npu.errors import ConfigError, InputError
+from dimoo_npu.shapes import world
+from dimoo_npu.shapes.evaluate import normalise_answer
+
+SHAPES_SPEC = "shapes"
+Answerer = Callable[[list[Image.Image], list[str]], list[str]]
+RewardFunction = Callable[[list[Image.Image], list[str]], Sequence[float]]
+
+
+class RewardError(InputError):
+    """A reward function failed or returned something that is not a reward: the run stops before the update."""
+
+
+@dataclass(frozen=True)
+class RewardItem:
+    prompt: str
+    questions: tuple[tuple[str, str], ...]  # (question, expected answer)
+    scene: world.Scene | None = field(default=None, compare=False)  # what the prompt asks for (shapes world)
+
+
+def shapes_spec(attributes: Sequence[str] | None, seed: int) -> list[RewardItem]:
+    """One item per single-object combination of the training split: its canonical caption, and one question
+    per asked attribute (phrasing drawn from ``seed``) with the attribute's value as the answer."""
+    asked = list(world.QUESTIONS) if attributes is None else list(attributes)
+    if not asked:
+        raise ConfigError(f"rl.attributes is empty: name at least one of {', '.join(world.QUESTIONS)}")
+    unknown = [name for name in asked if name not in world.QUESTIONS]
+    if unknown:
+        raise ConfigError(
+            f"rl.attributes names {unknown[0]!r}, which the shapes world has no question for: "
+            f"use {', '.join(world.QUESTIONS)}"
+        )
+    rng = random.Random(seed)
+    return [
+        RewardItem(
+            world.canonical_caption(obj),
+            tuple((world.question(obj, name, rng), world.answer(obj, name)) for name in asked),
+            world.Scene((obj,)),
+        )
+        for obj in world.split_objects("train")
+    ]
+
+
+def load_spec(path: str | Path, questions_needed: bool = True) -> list[RewardItem]:
+    """Items of a JSONL reward spec; refused whole (the line named) when a line is not a prompt with questions."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"rl.prompts {path} is not a file: use 'shapes' or a JSONL of prompts with questions")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where} is not JSON ({err.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f'{where} has no "prompt" string: write {{"prompt": ..., "questions": [...]}}')
+        pairs = record.get("questions", [])
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("question"), str) and isinstance(p.get("answer"), str)
+            for p in pairs
+        ):
+            raise ConfigError(f'{where}: "questions" must be a list of {{"question": str, "answer": str}}')
+        if questions_needed and not pairs:
+            raise ConfigError(f"{where} has no questions, so the self-reward could not score it: add some")
+        items.append(RewardItem(prompt, tuple((p["question"], p["answer"]) for p in pairs)))
+    if not items:
+        raise ConfigError(f"reward spec {path} holds no prompt: add one JSON line per prompt")
+    return items
+
+
+def load_reward_function(name: str) -> RewardFunction:
+    """The callable ``module:function`` names (imported: it is code the user chose to run)."""
+    module_name, sep, attribute = name.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"rl.reward_function {name!r} is not module:function (e.g. my_rewards:score)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"rl.reward_function {name}: cannot import {module_name} ({err})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ConfigError(f"rl.reward_function {name}: {module_name} has no function {attribute}")
+    return function
+
+
+def checked_rewards(name: str, function: Callable, images: list[Image.Image], requests: list) -> list[float]:
+    """``function(images, requests)`` (the prompts, or for the self-reward their items) as floats, or `RewardError`
+    naming ``name`` when it raises or returns anything but one finite number in [0, 1] per image."""
+    stop = "the run stopped before this step's update; the last checkpoint is intact"
+    try:
+        values = list(function(images, requests))
+    except Exception as err:  # noqa: BLE001 - any failure of user code is reported, with the function's name
+        raise RewardError(f"reward function {name} raised {type(err).__name__}: {err}; {stop}") from err
+    if len(values) != len(images):
+        raise RewardError(f"reward function {name} returned {len(values)} values for {len(images)} images; {stop}")
+    rewards = []
+    for index, value in enumerate(values):
+        try:
+            reward = float(value)
+        except (TypeError, ValueError):
+            raise RewardError(
+                f"reward function {name} returned {value!r} for image {index}, not a number; {stop}"
+            ) from None
+        if not math.isfinite(reward) or not 0.0 <= reward <= 1.0:
+            raise RewardError(f"reward function {name} returned {reward} for image {index}, outside [0, 1]; {stop}")
+        rewards.append(reward)
+    return rewards
+
+
+def self_reward(answer: Answerer) -> RewardFunction:
+    """The Self-GRPO reward of ``answer`` (a model answering questions about images), as a function of
+    (images, items): the share of each item's questions answered as expected."""
+
+    def score(images: list[Image.Image], items: list[RewardItem]) -> list[float]:
+        asked = [(index, q, want) for index, item in enumerate(items) for q, want in item.questions]
+        answers = answer([images[index] for index, _, _ in asked], [q for _, q, _ in asked])
+        right = [0] * len(items)
+        for (index, _, want), got in zip(asked, answers, strict=True):
+            right[index] += normalise_answer(got) == normalise_answer(want)
+        return [hits / len(item.questions) for hits, item in zip(right, items, strict=True)]
+
+    return score
