@@ -62,10 +62,12 @@ def build_requests(
     flags: Mapping[str, Any],
     batch_file: str | None,
     checkpoint_defaults: Mapping[str, Any] | None = None,
+    cap: int | None = None,
 ) -> list[Numbered]:
     """Resolved, checked requests from the batch file (flags fill missing fields) or one from the flags alone.
 
     ``flags`` may hold anything (the run's other flags are ignored); the request fields among them are typed here.
+    ``cap``, the length cap in tokens, bounds every size-like field (`dimoo_npu.requests.check_budget`).
     """
     names = {f.name for f in dataclasses.fields(TASKS[task])}
     given = {key: value for key, value in flags.items() if key in names and value is not None}
@@ -75,7 +77,7 @@ def build_requests(
     for index, item in enumerate(items):
         where = f"request {index + 1}"
         request = resolve(from_mapping(task, {**given, **item}, where), checkpoint_defaults)
-        numbered.append(Numbered(index, check(request, where)))
+        numbered.append(Numbered(index, check(request, where, cap)))
     return numbered
 
 

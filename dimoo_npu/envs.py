@@ -53,15 +53,13 @@ def log_level() -> str:
 
 
 def max_length() -> int | None:
-    """DIMOO_MAX_LENGTH as a number of tokens; None when unset. A value that is not a whole number is refused."""
+    """DIMOO_MAX_LENGTH as a number of tokens; None when unset. Not a whole number in [1, 2^20]: refused."""
     raw = os.environ.get("DIMOO_MAX_LENGTH", "").strip()
     if not raw:
         return None
-    if not raw.isdigit() or int(raw) < 1:
-        from dimoo_npu.errors import InputError
+    from dimoo_npu.validate import MAX_LENGTH_LIMIT, parse_int
 
-        raise InputError(f"DIMOO_MAX_LENGTH={raw!r} must be a positive whole number of tokens, e.g. 8192")
-    return int(raw)
+    return parse_int("DIMOO_MAX_LENGTH", raw, 1, MAX_LENGTH_LIMIT)
 
 
 def world_size() -> int:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dimoo_npu.errors import InputError
+from dimoo_npu.validate import SCALE_LIMIT, shown
 
 # The public inference scripts' values (inference_t2i.py, inference_i2i.py, inference_mmu.py; the painting boxes
 # are the public README's examples; image_budget 0 keeps the input's size, cropped to multiples of 16).
@@ -79,11 +80,14 @@ def check_positive(**counts: int) -> None:
 
 
 def check_not_negative(**values: float) -> None:
-    """Guidance scales and temperatures are >= 0 (0 switches guidance off / samples greedily)."""
+    """Guidance scales and temperatures are in [0, SCALE_LIMIT] (0 switches guidance off / samples greedily;
+    past the limit the scaled logits overflow)."""
     for name, value in values.items():
         if not value >= 0:
             hint = _NOT_NEGATIVE_HINTS.get(name, "use a value >= 0")
             raise InputError(f"{name}={value} is negative: {hint}")
+        if value > SCALE_LIMIT:
+            raise InputError(f"{name}={shown(value)} is over the maximum of {SCALE_LIMIT:g}: use e.g. 4")
 
 
 def check_image_settings(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from dimoo_npu import envs
 from dimoo_npu.errors import InputError
+from dimoo_npu.validate import MAX_LENGTH_LIMIT, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +27,7 @@ def length_cap(trained_length: int, requested: int | None = None) -> int:
         requested = envs.max_length()
     if requested is None:
         return max(DEFAULT_MAX_LENGTH, trained_length)
-    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-        raise InputError(f"max length {requested!r} must be a positive number of tokens, e.g. {DEFAULT_MAX_LENGTH}")
-    return requested
+    return check_int("max length", requested, 1, MAX_LENGTH_LIMIT, f" tokens, e.g. {DEFAULT_MAX_LENGTH}")
 
 
 @dataclass

@@ -141,9 +141,10 @@ class DiMOOPipeline:
         """Token ids of ``text`` (a warning names the words the tokenizer does not know)."""
         return self.encoder.text(text)
 
-    def resolve(self, request: req.Request, where: str = "the request") -> req.Request:
-        """Defaults from the checkpoint's generation_defaults, else the public ones; then checked."""
-        return req.check(req.resolve(request, self.config.generation_defaults), where)
+    def resolve(self, request: req.Request, where: str = "the request", count: int = 1) -> req.Request:
+        """Defaults from the checkpoint's generation_defaults, else the public ones; then checked, sizes against
+        the length cap (``count`` samples: seeds seed .. seed + count - 1)."""
+        return req.check(req.resolve(request, self.config.generation_defaults), where, self.limit.cap, count)
 
     def prepare(self, request: req.Request) -> ImagePrompt | Ids:
         """A resolved request's sampler input (`dimoo_npu.tasks`), checked to fit the length cap."""

@@ -11,7 +11,9 @@ the user's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import types
 import typing
@@ -23,9 +25,19 @@ from dimoo_npu.errors import InputError
 from dimoo_npu.generation_settings import DEFAULTS, FAST_UNDERSTANDING, KV_CACHE_MODES, ImageSettings, TextSettings
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
-from dimoo_npu.validate import check_finite, check_image_dimension, check_seeds, check_text
+from dimoo_npu.validate import (
+    MAX_LENGTH_LIMIT,
+    PIXELS_PER_CELL,
+    check_finite,
+    check_image_dimension,
+    check_int,
+    check_seeds,
+    check_text,
+    shown,
+)
 
-PIXELS_PER_CELL = 16  # one image token per 16 x 16 pixels
+IMAGE_FRAME = 4  # BOA BOI ... EOI EOA around a generated image's rows
+BUDGET_PATCH = 32  # image budgets are multiples of 32 pixels (the bucket lists' patch)
 BUDGET_HELP = "crop input images to the closest aspect bucket of about N x N pixels (0: keep the size, cropped to 16s)"
 
 
@@ -135,6 +147,7 @@ TASKS: dict[str, type[Request]] = {
 }
 
 
+@functools.cache
 def field_type(cls: type[Request], name: str) -> type:
     """The value type of a field (``int | None`` -> ``int``): what the CLI parses and a batch line must hold."""
     hint = typing.get_type_hints(cls)[name]
@@ -200,8 +213,88 @@ def check_image_size(width: int, height: int, where: str = "the request") -> Non
             raise InputError(f"{name} {value} is not a multiple of 16 pixels: use {nearest}")
 
 
-def check(request: Request, where: str = "the request") -> Request:
-    """Every check that needs no model, tokenizer or file: a resolved request passes or an InputError names the fix."""
+# ---- the budget of a request: every size-like field bounded by the length cap, before any image is touched ----
+
+
+def image_tokens(rows: int, cols: int) -> int:
+    """Tokens of a ``rows`` x ``cols`` grid in a sequence: each row ends with an end-of-line."""
+    return rows * (cols + 1)
+
+
+def square_cells(tokens: int) -> int:
+    """Cells on a side of the largest square grid whose rows fit in ``tokens`` (c with c * (c + 1) <= tokens), in
+    O(1) for any number."""
+    return (math.isqrt(4 * tokens + 1) - 1) // 2 if tokens >= 2 else 0
+
+
+def budget_tokens(budget: int) -> int:
+    """Image tokens an input image costs at ``budget``: its bucket is about budget x budget pixels."""
+    side = budget // PIXELS_PER_CELL
+    return image_tokens(side, side)
+
+
+def field_maxima(cap: int) -> dict[str, int]:
+    """The largest value of each size-like request field under a length cap of ``cap`` tokens (the README's
+    table): a side of one row of cells, an image budget whose picture alone fills the cap, and step counts and
+    answer lengths of at most one per position."""
+    budget = square_cells(cap - IMAGE_FRAME) * PIXELS_PER_CELL // BUDGET_PATCH * BUDGET_PATCH
+    side = PIXELS_PER_CELL * max(1, cap - IMAGE_FRAME - 1)
+    return {
+        "width": side,
+        "height": side,
+        "image_budget": budget,
+        "timesteps": cap,
+        "steps": cap,
+        "refresh_interval": cap,
+        "gen_length": cap,
+        "block_length": cap,
+    }
+
+
+def least_tokens(request: Request) -> int:
+    """A lower bound on the longest sequence of a resolved request, from its fields alone: what the cap is
+    checked against before an image is opened (the exact length is checked again once the prompt is encoded)."""
+    budget = getattr(request, "image_budget", None) or 0
+    picture = budget_tokens(budget)
+    if isinstance(request, TextToImageRequest):
+        return image_tokens(request.height // PIXELS_PER_CELL, request.width // PIXELS_PER_CELL) + IMAGE_FRAME
+    if isinstance(request, EditRequest):
+        return (2 + bool(request.ref_image)) * picture + IMAGE_FRAME  # the sources and an output of their size
+    if isinstance(request, UnderstandRequest):
+        return picture + request.gen_length + 2  # BOA answer EOA
+    return picture + IMAGE_FRAME
+
+
+def check_budget(request: Request, cap: int, where: str = "the request") -> Request:
+    """Every size-like field within `field_maxima` of ``cap`` and the request's `least_tokens` within ``cap``:
+    refused by the field's name before any image is decoded, resized or encoded. Lower bounds and divisibility
+    are the sampler settings' checks (`dimoo_npu.generation_settings`), with their own hints."""
+    cap = check_int("the length cap", cap, 1, MAX_LENGTH_LIMIT)
+    fix = f" for the length cap of {cap} tokens (raise it with --max-length or DIMOO_MAX_LENGTH)"
+    for name, high in field_maxima(cap).items():
+        value = getattr(request, name, None)
+        if isinstance(value, int) and value > high:
+            raise InputError(f"{name} of {where}={shown(value)} is over the maximum of {high}{fix}")
+    need = least_tokens(request)
+    if need > cap:
+        what = where
+        if isinstance(request, TextToImageRequest):
+            side = square_cells(cap - IMAGE_FRAME) * PIXELS_PER_CELL
+            square = f"the largest square under this cap is {side}x{side}"
+            what = f"a {request.width}x{request.height} image of {where} ({square})"
+        raise InputError(
+            f"{what} needs at least {need} tokens, more than the length cap of {cap}: use a smaller image, "
+            f"image_budget or answer length, or raise the cap with --max-length {need} (or DIMOO_MAX_LENGTH={need})"
+        )
+    return request
+
+
+def check(request: Request, where: str = "the request", cap: int | None = None, count: int = 1) -> Request:
+    """Every check that needs no model, tokenizer or file: a resolved request passes or an InputError names the fix.
+
+    ``cap`` (the length cap in tokens) bounds every size-like field (`check_budget`); ``count`` images are sampled
+    from seeds ``seed .. seed + count - 1``, each a valid seed.
+    """
     for f in dataclasses.fields(request):
         value = getattr(request, f.name)
         if f.metadata["required"] and value in (None, ""):
@@ -216,15 +309,30 @@ def check(request: Request, where: str = "the request") -> Request:
     if isinstance(request, EditRequest):
         check_edit_type(request.edit_type)
     budget = getattr(request, "image_budget", None)
-    if budget is not None and (budget < 0 or budget % 32):
-        raise InputError(f"image budget {budget} of {where} must be a multiple of 32 (e.g. 512; 0 keeps the size)")
+    if budget is not None and (budget < 0 or budget % BUDGET_PATCH):
+        raise InputError(
+            f"image budget {shown(budget)} of {where} must be a multiple of 32 (e.g. 512; 0 keeps the size)"
+        )
     if request.seed is not None:
-        check_seeds(request.seed)
+        check_seeds(request.seed, count)
+    if cap is not None:
+        check_budget(request, cap, where)
     if isinstance(request, ImageRequest):
         request.image_settings().check()
     if isinstance(request, UnderstandRequest):
         request.text_settings().check()
     return request
+
+
+def trained_length(checkpoint: str | os.PathLike) -> int:
+    """The checkpoint's max_sequence_length (config.json; 4096 when it names none): what the length cap derives
+    from (`dimoo_npu.lengths.length_cap`) before any model or tokenizer loads."""
+    path = resolve_checkpoint(checkpoint) / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_sequence_length", 4096)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return 4096  # load_model reports an unreadable config with the fix
+    return check_int(f"max_sequence_length of {path}", value, 1, MAX_LENGTH_LIMIT)
 
 
 def generation_defaults(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "configs" / "train" / "shapes_embedded.yaml"
 MAX_ASSET_BYTES = 30_000_000  # issue 18: shipped assets at most 30 MB
 INSTALL_GOAL = {"t2i": 0.95, "qa": 0.95}  # held-out all-attributes accuracy the shipped model must keep
+MARKER = ".train_embedded-work"  # written into the work folder this script makes; --fresh deletes only such a one
 logger = logging.getLogger("train_embedded")
 
 
@@ -45,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", default=str(REPO / "runs" / "shapes-embedded"), help="working folder")
     parser.add_argument("--install-to", default=str(EMBEDDED_CHECKPOINT), help="where the finished model goes")
     parser.add_argument("--no-install", action="store_true", help="do not copy the result into the package")
-    parser.add_argument("--fresh", action="store_true", help="delete the working folder first")
+    parser.add_argument(
+        "--fresh", action="store_true", help=f"delete the working folder first (only one this script made: {MARKER})"
+    )
     parser.add_argument(
         "--from-scratch",
         action="store_true",
@@ -57,7 +60,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mix-scale", type=float, default=1.0, help="scale every record count (smoke runs)")
     parser.add_argument("--eval-limit", type=int, default=0, help="items per evaluated task (0 = all; smoke runs)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="passed on to `dimoo train`")
-    return parser.parse_args(argv)
+    return checked(parser.parse_args(argv))
+
+
+def checked(args: argparse.Namespace) -> argparse.Namespace:
+    """Every argument bounded before anything is deleted or trained (`dimoo_npu.validate`); SystemExit(2)."""
+    from dimoo_npu.errors import DimooError
+    from dimoo_npu.validate import check_args, check_int, check_number
+
+    try:
+        check_args(vars(args))
+        check_number("--mix-scale", args.mix_scale, 1e-6, 1e3)
+        check_int("--eval-limit", args.eval_limit, 0, 2**31 - 1)
+        if args.vq_steps is not None:
+            check_int("--vq-steps", args.vq_steps, 1, 10**7)
+    except DimooError as err:
+        print(f"train_embedded: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args
 
 
 def dimoo(*args: str, threads: int) -> None:
@@ -133,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dimoo_npu.atomic import write_text_atomically
+    from dimoo_npu.errors import DimooError
     from dimoo_npu.shapes.dataset import DataMix, scaled, write_manifest
     from dimoo_npu.shapes.embedded import ANSWER_LENGTH, build_skeleton, model_config
+    from dimoo_npu.work_folder import claim
 
+    try:
+        work = claim(args.work, MARKER, fresh=args.fresh)
+    except DimooError as err:
+        logger.error("%s", err)
+        return 2
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    if args.fresh:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
     report: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "threads": args.threads}
     start = time.perf_counter()
 

@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+    from dimoo_npu.validate import output_file
 
     tasks = selected_tasks(args.task)
+    if args.output:
+        output_file(args.output, "--output")  # a folder or an unwritable path is refused before the run
     checkpoint = Path(args.checkpoint or EMBEDDED_CHECKPOINT)
     defaults = generation_defaults(checkpoint)
     speed = resolve(UnderstandRequest(**{name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS}), defaults)

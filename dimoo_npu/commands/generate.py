@@ -15,7 +15,8 @@ from dimoo_npu import envs
 from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share
 from dimoo_npu.commands.quantize import add_quantize_argument
 from dimoo_npu.errors import InputError
-from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults
+from dimoo_npu.lengths import length_cap
+from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults, trained_length
 
 logger = logging.getLogger("dimoo")
 
@@ -112,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--resume reads the answers an earlier run wrote: pass its --output file")
     args.checkpoint = str(args.checkpoint or default_checkpoint())
     flags = {key: value for key, value in vars(args).items() if key not in RUN_FIELDS}
+    cap = length_cap(trained_length(args.checkpoint), args.max_length)
     requests = assign_seeds(
-        build_requests(task, flags, args.batch_file, generation_defaults(args.checkpoint)), args.seed
+        build_requests(task, flags, args.batch_file, generation_defaults(args.checkpoint), cap), args.seed
     )
     rank, world, local_rank = envs.torchrun_ranks()
     mine = my_share(requests, rank, world)

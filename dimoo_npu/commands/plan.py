@@ -14,8 +14,10 @@ from typing import Any
 from dimoo_npu.commands import emit
 from dimoo_npu.commands.quantize import add_quantize_argument
 from dimoo_npu.errors import InputError
+from dimoo_npu.generation_settings import check_not_negative
 from dimoo_npu.planner.hardware import ACCELERATORS
 from dimoo_npu.presets import PRESETS
+from dimoo_npu.validate import check_image_dimension
 
 DEFAULT_PRESET = "lumina-dimoo-8b"
 
@@ -68,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.presets import preset_config
 
     for name in ("width", "height"):
-        value = getattr(args, name)
+        value = check_image_dimension(f"--{name}", getattr(args, name))
         if value < 16 or value % 16:
             raise InputError(
                 f"--{name} {value} is not a positive multiple of 16 pixels: use {max(16, value // 16 * 16)}"
             )
+    check_not_negative(cfg_scale=args.cfg_scale)
     if args.batch is not None and args.batch < 1:
         raise InputError(f"--batch {args.batch} must be at least 1")
     if args.prompt_tokens < 0:

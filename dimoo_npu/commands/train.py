@@ -107,17 +107,24 @@ def _train(args: argparse.Namespace) -> int:
 
 def _pretokenize(args: argparse.Namespace) -> int:
     from dimoo_npu.config import DiMOOConfig
+    from dimoo_npu.requests import field_maxima
     from dimoo_npu.train.encode import EncoderSettings
+    from dimoo_npu.validate import check_int
     from dimoo_npu.train.pretokenize import REJECTED, pretokenize
 
     model = DiMOOConfig.from_json(args.checkpoint)  # limits the user leaves out are the checkpoint's own
     tuned = model.generation_defaults
     image_budget = args.image_budget if args.image_budget is not None else tuned.get("image_budget", 512)
+    max_length = args.max_length or model.max_sequence_length
+    answer_length = args.answer_length or tuned.get("gen_length", 256)
+    maxima = field_maxima(max_length)  # the generation commands' rule: no record can fit past these
+    check_int("--image-budget", image_budget, 0, maxima["image_budget"], f" for --max-length {max_length}")
+    check_int("--answer-length", answer_length, 1, maxima["gen_length"], f" for --max-length {max_length}")
     settings = EncoderSettings(
         checkpoint=args.checkpoint,
-        max_length=args.max_length or model.max_sequence_length,
+        max_length=max_length,
         image_budget=image_budget or None,
-        answer_length=args.answer_length or tuned.get("gen_length", 256),
+        answer_length=answer_length,
         device=args.device,
     )
     summary = pretokenize(args.manifest, args.output, settings, args.chunk_size, args.workers)

@@ -453,7 +453,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         if body.size is not None:
             values["width"], values["height"] = (int(v) for v in body.size.split("x"))
         _check_n(body.n, config)
-        request, prepared = await asyncio.to_thread(_prepared, pipe, "t2i", values, {}, config.max_steps)
+        request, prepared = await asyncio.to_thread(_prepared, pipe, "t2i", values, {}, config.max_steps, body.n)
         return _images_response(await run(_image_job(pipe, prepared, request, body.n), http))
 
     @app.post("/v1/images/edits")
@@ -481,7 +481,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         files = {"image": await image.read()}
         if mask is not None:
             files["mask"] = await mask.read()
-        request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files, config.max_steps)
+        request, prepared = await asyncio.to_thread(_prepared, pipe, task, values, files, config.max_steps, form.n)
         return _images_response(await run(_image_job(pipe, prepared, request, form.n), http))
 
     @app.post("/v1/chat/completions")
@@ -580,9 +580,11 @@ def _edit_task(form, has_mask: bool) -> tuple[str, dict[str, Any]]:
     return task, values
 
 
-def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], max_steps: int):
+def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], max_steps: int, n: int = 1):
     """The resolved, checked request and its sampler input, as ``dimoo <task>`` makes them from flags and files
-    (uploads are written to a temporary folder for the duration). Runs in a worker thread; bad input -> 400."""
+    (uploads are written to a temporary folder for the duration). Runs in a worker thread; bad input -> 400.
+    Every size-like field and the seeds of all ``n`` images are checked (`requests.check`) before the upload is
+    decoded."""
     from dimoo_npu.tasks import check_files
 
     with tempfile.TemporaryDirectory(prefix="dimoo-serve-") as folder:
@@ -591,7 +593,7 @@ def _prepared(pipe, task: str, values: dict[str, Any], files: dict[str, bytes], 
             values[name] = str(Path(folder) / name)
         try:
             given = {k: v for k, v in values.items() if v is not None}
-            request = pipe.resolve(requests.from_mapping(task, given, "the request"))
+            request = pipe.resolve(requests.from_mapping(task, given, "the request"), count=n)
             steps = getattr(request, "timesteps", None) or getattr(request, "steps", None)
             if steps > max_steps:
                 raise ApiError(400, f"{steps} sampling steps is over this server's limit of {max_steps}: ask for fewer")
@@ -618,7 +620,7 @@ def _image_job(pipe, prepared, request: requests.ImageRequest, n: int) -> dict[s
 
     settings = request.image_settings()
     seed = request.seed if request.seed is not None else secrets.randbits(62)
-    requests.check(dataclasses.replace(request, seed=seed))  # seed + n - 1 must be a valid seed too
+    requests.check(dataclasses.replace(request, seed=seed), count=n)  # seed + n - 1 must be a valid seed too
     offset = pipe.tokens["image_offset"]
 
     def make():

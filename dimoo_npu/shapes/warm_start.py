@@ -17,8 +17,10 @@ import torch
 
 from dimoo_npu.safetensors_io import atomic_save_file
 from dimoo_npu.shapes.embedded import FIRST_SPECIAL
+from dimoo_npu.work_folder import claim
 
 WEIGHTS = "model.safetensors"
+SEED_MARKER = ".warm_start-seed"  # written into the folder seed_from fills; a rerun replaces only such a folder
 # Rows indexed by token id: the input embedding and the output head.
 VOCAB_ROWS = ("model.transformer.wte.weight", "model.transformer.ff_out.weight")
 # What must agree for a row-by-row carry-over (everything that shapes a weight, and the non-word ids).
@@ -67,7 +69,7 @@ def seed_from(source: Path, skeleton: Path, folder: Path) -> Path:
     weights = load_file(str(source / WEIGHTS))
     for name in VOCAB_ROWS:
         weights[name] = remap_rows(weights[name], old, new)
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(skeleton, folder)
+    claim(folder, SEED_MARKER, fresh=True, what="seed folder")  # never deletes a folder it did not write
+    shutil.copytree(skeleton, folder, dirs_exist_ok=True)
     atomic_save_file(weights, folder / WEIGHTS, metadata={"format": "pt"})
     return folder

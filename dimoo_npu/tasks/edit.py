@@ -9,7 +9,7 @@ from PIL import Image
 
 from dimoo_npu import prompts, sequences
 from dimoo_npu.errors import InputError
-from dimoo_npu.image_prep import fit_image, grid_size
+from dimoo_npu.image_prep import grid_size
 from dimoo_npu.tasks.encoder import PromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -32,9 +32,9 @@ def prepare(
         )
     if texts.needs_reference and reference is None:
         raise InputError(f"edit type {edit_type} needs a style reference image: pass --ref-image")
-    sources = [fit_image(image, image_budget)]
+    sources = [encoder.fit(image, image_budget)]
     if texts.needs_reference:
-        sources.append(fit_image(reference, image_budget))
+        sources.append(encoder.fit(reference, image_budget))
     text, uncond = encoder.chat(texts.system, texts.user)
     request = sequences.image_to_image(
         text, uncond, [encoder.image(source) for source in sources], grid_size(sources[-1]), encoder.tokens

@@ -6,7 +6,7 @@ from __future__ import annotations
 from PIL import Image
 
 from dimoo_npu import prompts, sequences
-from dimoo_npu.image_prep import box_cell_mask, check_mask_size, fit_image, grid_size, image_cell_mask
+from dimoo_npu.image_prep import box_cell_mask, check_mask_size, grid_size, image_cell_mask
 from dimoo_npu.tasks.encoder import PromptEncoder
 
 
@@ -23,8 +23,8 @@ def prepare(
     """Inpainting (inside the box) or outpainting (``outside``); a user ``mask`` replaces the box."""
     if mask is not None:
         check_mask_size(mask, image)
-        mask = fit_image(mask.convert("L"), image_budget)
-    image = fit_image(image, image_budget)
+        mask = encoder.fit(mask.convert("L"), image_budget)
+    image = encoder.fit(image, image_budget)
     grid = grid_size(image)
     if mask is not None:
         cell_mask = image_cell_mask(mask, grid)

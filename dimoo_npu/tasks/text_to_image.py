@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dimoo_npu import prompts, sequences
-from dimoo_npu.requests import PIXELS_PER_CELL, check_image_size
+from dimoo_npu.requests import IMAGE_FRAME, PIXELS_PER_CELL, check_image_size, square_cells
 from dimoo_npu.tasks.encoder import PromptEncoder
 
 
@@ -19,7 +19,4 @@ def prepare(encoder: PromptEncoder, prompt: str, width: int, height: int) -> seq
 
 def largest_square(prefix_tokens: int, max_length: int) -> int:
     """Side in pixels of the largest square image that fits after a prompt of ``prefix_tokens`` (0: none)."""
-    cells = 0
-    while prefix_tokens + 4 + (cells + 1) * (cells + 2) <= max_length:  # BOA BOI rows-with-newline EOI EOA
-        cells += 1
-    return cells * PIXELS_PER_CELL
+    return square_cells(max_length - prefix_tokens - IMAGE_FRAME) * PIXELS_PER_CELL

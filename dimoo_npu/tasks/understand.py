@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from dimoo_npu import prompts, sequences
-from dimoo_npu.image_prep import fit_image
 from dimoo_npu.tasks.encoder import PromptEncoder
 
 
@@ -15,7 +14,7 @@ def prepare(
     encoder: PromptEncoder, image: Image.Image, question: str, gen_length: int, image_budget: int | None = 1024
 ) -> sequences.Ids:
     """Question + image + BOA, gen_length MASK, EOA. ``image_budget`` None keeps the size."""
-    image = fit_image(image, image_budget)
+    image = encoder.fit(image, image_budget)
     text = encoder.text(prompts.chat_text(prompts.SYSTEM_TEXTS["understanding"], question))
     ids, _ = sequences.understanding(text, encoder.image(image), gen_length, encoder.tokens)
     encoder.limit.check(

@@ -26,11 +26,35 @@ from pathlib import Path
 from typing import Any
 
 from dimoo_npu.errors import ConfigError
+from dimoo_npu.validate import MAX_LENGTH_LIMIT, check_int, shown
 
 DECAY_STYLES = ("cosine", "linear", "constant")
 RESUME_CHOICES = ("auto", "never")
 LIKELIHOOD_ESTIMATES = ("sampled_timestep", "trajectory")  # see dimoo_npu.rl.likelihood
 REWARD_MODELS = ("policy", "reference")
+ITERS_LIMIT = 2**31 - 1
+# Every integer key's [smallest, largest] (None allowed where the field is optional); tp and pp are checked against
+# the model and the world by `train.layout.plan_layout`.
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "gpt_args.micro_batch_size": (1, 2**20),
+    "gpt_args.global_batch_size": (1, 2**24),
+    "gpt_args.train_iters": (1, ITERS_LIMIT),
+    "gpt_args.log_interval": (1, ITERS_LIMIT),
+    "gpt_args.save_interval": (0, ITERS_LIMIT),
+    "gpt_args.lr_warmup_iters": (0, ITERS_LIMIT),
+    "gpt_args.lr_decay_iters": (1, ITERS_LIMIT),
+    "gpt_args.seed": (0, 2**63 - 1),
+    "data.seq_length": (1, MAX_LENGTH_LIMIT),  # the longest cap any sampler takes (dimoo_npu.validate)
+    "keep_checkpoints": (0, ITERS_LIMIT),
+    # rl: the upper bounds (the lower ones are RLArgs.check's, with their reasons)
+    "rl.num_generations": (1, 4096),
+    "rl.num_iterations": (1, 4096),
+    "rl.width": (1, 16 * MAX_LENGTH_LIMIT),
+    "rl.height": (1, 16 * MAX_LENGTH_LIMIT),
+    "rl.timesteps": (1, MAX_LENGTH_LIMIT),
+    "rl.answer_length": (1, MAX_LENGTH_LIMIT),
+    "rl.answer_steps": (1, MAX_LENGTH_LIMIT),
+}
 
 
 @dataclass
@@ -206,19 +230,11 @@ class TrainConfig:
                 value = getattr(section, item.name)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f"{prefix}{item.name} is {value}: use a finite number")
+                bounds = INT_BOUNDS.get(prefix + item.name)
+                if bounds is not None and value is not None:
+                    check_int(prefix + item.name, value, *bounds, error=ConfigError)
         check_choice("gpt_args.lr_decay_style", g.lr_decay_style, DECAY_STYLES)
         check_choice("resume", self.resume, RESUME_CHOICES)
-        positive = {
-            "micro_batch_size": g.micro_batch_size,
-            "global_batch_size": g.global_batch_size,
-            "train_iters": g.train_iters,
-            "log_interval": g.log_interval,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"gpt_args.{name} is {value}; it must be at least 1")
-        if g.save_interval < 0 or g.lr_warmup_iters < 0 or self.keep_checkpoints < 0:
-            raise ConfigError("save_interval, lr_warmup_iters and keep_checkpoints must not be negative")
         if not 0.0 <= self.data.cond_drop_prob <= 1.0:
             raise ConfigError(f"data.cond_drop_prob {self.data.cond_drop_prob} is not a probability in [0, 1]")
         if g.min_lr > g.lr:
@@ -251,22 +267,17 @@ class TrainConfig:
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} is {value!r}; choose one of {', '.join(choices)}")
+        raise ConfigError(f"{name} is {shown(value)}; choose one of {', '.join(choices)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Read a YAML run config (or start from defaults when ``path`` is None), then apply overrides."""
-    import yaml
-
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"run config {path} does not exist: pass a YAML file such as configs/train/tiny_cpu.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raw = parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections (gpt_args, model, data, ...)")
     config = _build(TrainConfig, raw, "")
@@ -278,13 +289,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def apply_override(config: TrainConfig, item: str) -> None:
     """Apply one ``key=value`` (``section.key=value`` or a unique bare key) to ``config`` in place."""
-    import yaml
-
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r} is not key=value (e.g. lr=1e-4 or data.seq_length=512)")
+        raise ConfigError(f"override {shown(item)} is not key=value (e.g. lr=1e-4 or data.seq_length=512)")
     target, name = _locate(config, key.strip())
-    value = yaml.safe_load(text) if text.strip() else None
+    value = parse_yaml(text, f"override {shown(key)}") if text.strip() else None
     hint = typing.get_type_hints(type(target))[name]
     setattr(target, name, _coerce(value, hint, key))
     if isinstance(target, ModelArgs):
@@ -387,4 +396,46 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if kind in (str, dict, list) and isinstance(value, kind):
             return value
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"config key {key} is {value!r}; it must be {names}")
+    raise ConfigError(f"config key {key} is {shown(value)}; it must be {names}")
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, for files and ``key=value`` overrides alike, with two refusals: a key
+    given twice in one mapping (YAML keeps the last silently: a whole section could vanish) and aliases
+    (``*name``: a few lines of them make a value of billions of items). Any problem is a ConfigError naming
+    ``where`` and the line, its text bounded."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(
+                    f"{where}, line {mark.line + 1}: YAML aliases (*name) are not accepted in a run config: "
+                    "write the value out"
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader's own error names it
+                if first != line:
+                    raise ConfigError(
+                        f"{where}, line {line}: key {shown(key)} is given twice (first on line {first}); "
+                        "YAML would keep only the last: merge them into one"
+                    )
+            return super().construct_mapping(node, deep)
+
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an integer of over 4300 digits
+        detail = " ".join(str(err)[:2000].split())[:300]  # the problem and its line, never the whole value
+        raise ConfigError(f"{where} is not valid YAML: {detail}") from None

@@ -32,6 +32,7 @@ from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.image_prep import box_cell_mask, fit_image, grid_size, image_cell_mask, load_image
 from dimoo_npu.prompts import SYSTEM_TEXTS, UNCONDITION_TEXT, chat_text, uncond_text
+from dimoo_npu.requests import image_tokens
 from dimoo_npu.sequences import answer_image, as_ids, code_cells, image_block, insert_before_last
 from dimoo_npu.train.shards import TASKS, Sample
 
@@ -107,8 +108,16 @@ class RecordEncoder:
         return conditional, (start, end)
 
     def _image(self, path: str):
-        """An image file cropped to its bucket (PIL)."""
-        return fit_image(load_image(path), self.settings.image_budget)
+        """An image file cropped to its bucket (PIL); one whose grid alone is past max_length is rejected before
+        the VQ encoder runs (with image_budget 0 an image keeps its size, up to Pillow's limit)."""
+        image = fit_image(load_image(path), self.settings.image_budget)
+        tokens = image_tokens(*grid_size(image))
+        if tokens > self.settings.max_length:
+            raise InputError(
+                f"too long: the {image.width}x{image.height} image {os.path.basename(path)} alone needs {tokens} "
+                f"tokens > max_length {self.settings.max_length}: use a smaller image or --image-budget"
+            )
+        return image
 
     def _image_answer(self, task: str, prompt: torch.Tensor, drop_span: tuple[int, int], record: dict) -> Sample:
         target_image = self._image(record["target_image"])

@@ -229,11 +229,11 @@ BAD_INPUTS = {
     ),
     "image does not fit": (
         ["t2i", "--prompt", "a cat", "--width", "2048", "--height", "2048"],
-        "a 2048x2048 image (the largest square that fits this prompt is 1424x1424) needs 16531 tokens",
+        "a 2048x2048 image of request 1 (the largest square under this cap is 1424x1424) needs at least 16516 tokens",
     ),
     "image does not fit a lowered cap": (
         ["t2i", "--prompt", "a cat", "--max-length", "4096"],
-        "a 1024x1024 image (the largest square that fits this prompt is 1008x1008) needs 4",
+        "a 1024x1024 image of request 1 (the largest square under this cap is 1008x1008) needs at least 4164 tokens",
     ),
     "missing image": (["edit", "--image", "nowhere.png", "--prompt", "x"], "image nowhere.png does not exist"),
     "unreadable image": (["edit", "--image", "{broken}", "--prompt", "x"], "cannot read image"),

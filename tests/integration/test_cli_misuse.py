@@ -96,6 +96,15 @@ BAD = {
         ["edit", "--prompt", "x", "--image", "/dev/zero"],
         "image /dev/zero is not a regular file (a device, pipe or socket)",
     ),
+    # issue 24: sizes bounded by the length cap (8192 here) and numbers bounded, before an image is opened
+    "image budget past the cap": ([*EDIT, "--image-budget", "4096"], "image_budget of request 1=4096 is over the max"),
+    "answer past the cap": (
+        ["understand", "--image", "{source}", "--question", "q", "--gen-length", "10240", "--block-length", "10240"],
+        "gen_length of request 1=10240 is over the maximum of 8192",
+    ),
+    "max length past 2^20": ([*T2I, "--max-length", str(2**63 - 1)], f"--max-length={2**63 - 1} is over the maximum"),
+    "steps past the cap": ([*T2I, "--timesteps", str(10**30)], f"timesteps of request 1={10**30} is over the maximum"),
+    "guidance past its maximum": ([*T2I, "--cfg-scale", "1e300"], "cfg_scale=1e+300 is over the maximum of 10000"),
 }
 
 

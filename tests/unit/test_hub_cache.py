@@ -108,6 +108,32 @@ def test_partial_download_is_named(cache, tmp_path, monkeypatch):
         resolve_checkpoint(REPO)
 
 
+@pytest.mark.parametrize("escape", ["../../../outside", "absolute", "snapshot link", "file link", "nested/../x"])
+def test_a_ref_or_snapshot_that_leaves_the_cache_is_refused(cache, tmp_path, monkeypatch, escape):
+    """Issue 24: refs/main must name a snapshot inside the repo's snapshots/, which links nowhere outside the cache
+    (a checkpoint that loads without error from anywhere else would run weights nobody chose)."""
+    hub = tmp_path / "hub"
+    shutil.copytree(cache, hub, symlinks=True)
+    repo = hub / f"models--{REPO.replace('/', '--')}"
+    outside = tmp_path / "outside"
+    shutil.copytree(CHECKPOINT, outside)  # a loadable checkpoint, so only the check can refuse it
+    ref = repo / "refs" / "main"
+    if escape == "absolute":
+        ref.write_text(str(outside))
+    elif escape == "snapshot link":
+        (repo / "snapshots" / "other").symlink_to(outside, target_is_directory=True)
+        ref.write_text("other")
+    elif escape == "file link":
+        config = repo / "snapshots" / COMMIT / "config.json"
+        config.unlink()
+        config.symlink_to(outside / "config.json")
+    else:
+        ref.write_text(escape if escape.startswith("..") else escape.replace("x", os.path.relpath(outside, repo)))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    with pytest.raises(CheckpointError, match="not a snapshot of|, outside "):
+        resolve_checkpoint(REPO)
+
+
 def test_paths_stay_paths(in_cache, tmp_path, monkeypatch):
     """An existing path wins over a cached repo of that name; what is no repo id is returned as given."""
     monkeypatch.chdir(tmp_path)

@@ -75,3 +75,18 @@ def test_a_source_that_cannot_seed_is_refused_with_the_way_out(old_and_new, tmp_
         warm_start.seed_from(wider, new, tmp_path / "seed")
     with pytest.raises(ValueError, match=r"lost words \['add'.*--from-scratch"):
         warm_start.seed_from(new, old, tmp_path / "seed")
+
+
+def test_a_seed_folder_it_did_not_make_is_left_untouched(old_and_new, tmp_path):
+    """Issue 24: seed_from used to delete whatever folder it was given before filling it."""
+    from dimoo_npu.errors import InputError
+
+    old, new = old_and_new
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="did not make"):
+        warm_start.seed_from(old, new, theirs)
+    assert (theirs / "notes.txt").read_text() == "keep"
+    seed = warm_start.seed_from(old, new, tmp_path / "seed")
+    assert warm_start.seed_from(old, new, seed) == seed, "a rerun replaces the folder it made"
