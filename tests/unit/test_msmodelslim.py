@@ -1,0 +1,159 @@
+"""msModelSlim W8A8-dynamic exports (issue 27): loaded directly, equal to our own w8a8; other schemes and
+exports whose description and weights disagree are refused before anything loads.
+
+The fixture tests/fixtures/msmodelslim-w8a8 was made by msmodelslim 26.1.0 itself (scripts/make_msmodelslim_fixture.py)
+from the tiny fixture with its vocabulary cut to 512 rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dimoo_npu
+from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.numerics.compare import compare_layer
+from dimoo_npu.numerics.tolerances import tolerance
+from dimoo_npu.quantization import QuantizationSpec, QuantizedLinear, quantize_model
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPORT = ROOT / "tests" / "fixtures" / "msmodelslim-w8a8"
+DESCRIPTION = "quant_model_description_w8a8_dynamic.json"
+WEIGHTS = "quant_model_weight_w8a8_dynamic.safetensors"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "make_msmodelslim_fixture", ROOT / "scripts" / "make_msmodelslim_fixture.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_loads_as_our_w8a8_of_the_same_weights():
+    slim = dimoo_npu.load_model(EXPORT)
+    ours = quantize_model(_script().small_vocab_model(), QuantizationSpec("w8a8"))
+    assert slim.config.quantization_config["scheme"] == "w8a8"
+    linears = [m for m in slim.modules() if isinstance(m, QuantizedLinear)]
+    assert len(linears) == 7 * slim.config.n_layers  # every block matmul int8, as msModelSlim described them
+    slim_state, our_state = slim.state_dict(), ours.state_dict()
+    assert slim_state.keys() == our_state.keys()
+    for name, tensor in slim_state.items():  # both round weights symmetric per output channel: the same integers
+        if tensor.dtype == torch.int8:
+            assert torch.equal(tensor, our_state[name]), name
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 19:] = False
+    with torch.no_grad():
+        diff = compare_layer("logits", ours(ids, mask), slim(ids, mask), tolerance("int8", "w8a8"))
+    assert diff.passed, diff
+
+
+def _copy(tmp_path: Path) -> Path:
+    folder = tmp_path / "export"
+    shutil.copytree(EXPORT, folder)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    return folder
+
+
+def _edit_description(folder: Path, change) -> None:
+    path = folder / DESCRIPTION
+    description = json.loads(path.read_text())
+    change(description)
+    path.write_text(json.dumps(description))
+
+
+def _edit_weights(folder: Path, change) -> None:
+    tensors = load_file(str(folder / WEIGHTS))
+    change(tensors)
+    save_file(tensors, str(folder / WEIGHTS))
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail if any weight is read into a model: refusals must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr("dimoo_npu.checkpoint.load_export_state", refuse)
+
+
+@pytest.mark.parametrize(
+    "scheme, named",
+    [
+        ("W4A8_DYNAMIC", "4-bit weights"),
+        ("W8A8S", "sparse W8A8"),
+        ("W8A8SC", "sparse compressed"),
+        ("W8A8", "static W8A8"),
+        ("W8A16", "weight-only int8 with per-channel offsets"),
+        ("W2A2", "a scheme this package does not know"),
+    ],
+)
+def test_other_schemes_are_refused_by_name(tmp_path, no_load, scheme, named):
+    folder = _copy(tmp_path)
+    _edit_description(folder, lambda d: d.update(model_quant_type=scheme))
+    with pytest.raises(InputError, match=rf"msModelSlim scheme '{scheme}' \({named}.*runs W8A8_DYNAMIC exports only"):
+        dimoo_npu.load_model(folder)
+
+
+def _drop_described(d):
+    del d["model.transformer.blocks.1.up_proj.weight_offset"]
+
+
+def _float_weight(t):
+    t["model.transformer.blocks.0.q_proj.weight"] = t["model.transformer.blocks.0.q_proj.weight"].float()
+
+
+def _flat_scale(t):
+    t["model.transformer.blocks.0.k_proj.weight_scale"] = t["model.transformer.blocks.0.k_proj.weight_scale"][:, 0]
+
+
+def _lost_tensor(t):
+    del t["model.transformer.blocks.1.ff_out.weight_scale"]
+
+
+@pytest.mark.parametrize(
+    "edit, error, message",
+    [
+        (
+            (_drop_described, None),
+            CheckpointError,
+            r"disagree: .*present but not described \['model.transformer.blocks.1",
+        ),
+        ((None, _lost_tensor), CheckpointError, r"disagree: described but absent \['model.transformer.blocks.1.ff_out"),
+        (
+            (None, _float_weight),
+            CheckpointError,
+            r"q_proj.weight is described W8A8_DYNAMIC but stored as torch.float32",
+        ),
+        ((None, _flat_scale), CheckpointError, r"k_proj.weight is described W8A8_DYNAMIC .* float \(N, 1\)"),
+        ((lambda d: d.update({"model.transformer.blocks.0.q_proj.weight": "W4A8_DYNAMIC"}), None), InputError, "mixes"),
+        ((None, lambda t: t["model.transformer.blocks.0.v_proj.weight_offset"].fill_(3.0)), InputError, "asymmetric"),
+    ],
+    ids=["undescribed", "absent", "float-weight", "flat-scale", "mixed-type", "offset"],
+)
+def test_description_and_weights_that_disagree_are_refused_before_load(tmp_path, no_load, edit, error, message):
+    folder = _copy(tmp_path)
+    description_change, weights_change = edit
+    if description_change:
+        _edit_description(folder, description_change)
+    if weights_change:
+        _edit_weights(folder, weights_change)
+    with pytest.raises(error, match=message):
+        dimoo_npu.load_model(folder)
+
+
+def test_export_is_not_quantized_twice_and_meta_reads_no_weights(no_load):
+    with pytest.raises(InputError, match="msModelSlim int8 export .* load it without --quantize"):
+        dimoo_npu.load_model(EXPORT, quantize="w8a8")
+    meta = dimoo_npu.load_model(EXPORT, device="meta")
+    assert meta.transformer.blocks["0"].q_proj.weight.dtype == torch.int8
