@@ -9,21 +9,27 @@ per token, rounded at run time: our ``w8a8`` exactly, its offsets all zero. The 
 config.json beside them (msModelSlim's export steps copy it there).
 
 Other schemes are refused by name; a description and weights that disagree are refused before anything loads.
+`write_export` writes our w8a8 in the same layout (`dimoo quantize --format msmodelslim`), for the Ascend tools.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dimoo_npu.atomic import write_text_atomically
+from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.safetensors_io import TensorEntry, iter_tensors, read_header
+from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
 
 SCHEME = "W8A8_DYNAMIC"  # the one msModelSlim scheme that is our w8a8
 DESCRIPTION_GLOB = "quant_model_description*.json"
+DESCRIPTION_NAME = "quant_model_description_w8a8_dynamic.json"  # the names msModelSlim's save() defaults to
+WEIGHTS_NAME = "quant_model_weight_w8a8_dynamic.safetensors"
 SCALE, OFFSET = ".weight_scale", ".weight_offset"
 # Why each other msModelSlim scheme cannot run as our w8a8/w8a16 (names from its QuantType).
 REFUSED = {
@@ -159,3 +165,25 @@ def load_export_state(
         for name, tensor in iter_tensors(shard, destination):
             state[name] = tensor[:, 0] if name.endswith(SCALE) else tensor
     return state
+
+
+def write_export(state: dict[str, torch.Tensor], config: DiMOOConfig, folder: Path) -> None:
+    """Our w8a8 state dict (int8 ``weight``, fp32 ``weight_scale`` (N,)) as msModelSlim writes W8A8_DYNAMIC:
+    scale and a zero offset as (N, 1), the description naming every tensor, and the float config.json."""
+    tensors: dict[str, torch.Tensor] = {}
+    description = {"model_quant_type": SCHEME}
+    for name, tensor in state.items():
+        if name.endswith(SCALE):
+            continue
+        if tensor.dtype == torch.int8:
+            base = name.removesuffix(".weight")
+            scale = state[base + SCALE].float()[:, None]
+            tensors.update({name: tensor, base + SCALE: scale, base + OFFSET: torch.zeros_like(scale)})
+            description.update(dict.fromkeys((name, base + SCALE, base + OFFSET), SCHEME))
+        else:
+            tensors[name] = tensor
+            description[name] = "FLOAT"
+    atomic_save_file({name: t.contiguous() for name, t in tensors.items()}, folder / WEIGHTS_NAME)
+    write_text_atomically(folder / DESCRIPTION_NAME, json.dumps(description, indent=2))
+    plain = dataclasses.replace(config, quantization_config={})  # the description says how it is quantized
+    write_text_atomically(folder / "config.json", json.dumps(plain.to_hf_dict(), indent=2))

@@ -10,6 +10,7 @@ msmodelslim 26.1.0 (PyPI) quantizes it on CPU with its Calibrator once the model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -49,9 +50,9 @@ def main() -> int:
     config = QuantConfig(
         w_bit=8, a_bit=8, disable_names=[], dev_type="cpu", act_method=1, is_dynamic=True, mm_tensor=False
     )
-    calibrator = Calibrator(model, config, calib_data=calibration, disable_level="L0")
-    calibrator.run()
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):  # it drops a features.npy in cwd
+        calibrator = Calibrator(model, config, calib_data=calibration, disable_level="L0")
+        calibrator.run()
         calibrator.save(scratch, save_type=["safe_tensor"])
         save_pretrained(model.state_dict(), model.config, Path(scratch) / "float")  # only for its config.json
         if OUT.exists():

@@ -157,3 +157,37 @@ def test_export_is_not_quantized_twice_and_meta_reads_no_weights(no_load):
         dimoo_npu.load_model(EXPORT, quantize="w8a8")
     meta = dimoo_npu.load_model(EXPORT, device="meta")
     assert meta.transformer.blocks["0"].q_proj.weight.dtype == torch.int8
+
+
+# --- writing the layout: `dimoo quantize --format msmodelslim` ----------------------------------------------------
+
+
+def test_our_export_is_msmodelslims_own_layout_tensor_for_tensor(tmp_path):
+    """Our w8a8 of the fixture's source, written as msModelSlim, equals what msmodelslim 26.1.0 wrote: the same
+    description, the same tensor names, dtypes, shapes and values."""
+    from dimoo_npu.msmodelslim import write_export
+
+    model = quantize_model(_script().small_vocab_model(), QuantizationSpec("w8a8"))
+    write_export(model.state_dict(), model.config, tmp_path)
+    assert json.loads((tmp_path / DESCRIPTION).read_text()) == json.loads((EXPORT / DESCRIPTION).read_text())
+    ours, theirs = load_file(str(tmp_path / WEIGHTS)), load_file(str(EXPORT / WEIGHTS))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_quantize_format_msmodelslim_round_trip(tmp_path, caplog):
+    from dimoo_npu.cli import main
+    from tests.conftest import CHECKPOINT
+
+    out = tmp_path / "slim"
+    argv = ["quantize", "--checkpoint", str(CHECKPOINT), "--scheme", "w8a8", "--output", str(out)]
+    assert main([*argv, "--format", "msmodelslim"]) == 0
+    assert {DESCRIPTION, WEIGHTS, "config.json"} <= {p.name for p in out.iterdir()}
+    assert main([*argv[:-1], str(tmp_path / "ours")]) == 0
+    slim, ours = dimoo_npu.load_model(out), dimoo_npu.load_model(tmp_path / "ours")
+    assert all(torch.equal(t, ours.state_dict()[name]) for name, t in slim.state_dict().items())
+    assert main([*argv[:4], "w8a16", "--output", str(tmp_path / "w8a16"), "--format", "msmodelslim"]) == 2
+    assert "--format msmodelslim writes W8A8_DYNAMIC only" in caplog.text
+    assert not (tmp_path / "w8a16").exists()
