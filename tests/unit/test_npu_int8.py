@@ -15,7 +15,7 @@ import torch
 
 import dimoo_npu
 from dimoo_npu.numerics.compare import compare_layer
-from dimoo_npu.numerics.op_parity import DTYPES, op_cases, parity_failure
+from dimoo_npu.numerics.op_parity import op_cases, parity_failure
 from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.ops import npu as npu_ops
 from dimoo_npu.ops import reference, resolve_ops
@@ -129,15 +129,28 @@ def test_weight_quant_batchmatmul_dequantises_per_column(fake_torch_npu):
 # --- the npu implementation of the op ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_npu_quantized_matmul_matches_the_reference(fake_torch_npu, dtype):
     assert [f for case in CASES if (f := parity_failure(npu_ops.quantized_matmul, case, dtype))] == []
+
+
+def test_npu_quantized_matmul_runs_fp32_through_the_bf16_kernels(fake_torch_npu):
+    """fp32 (an int8 `dimoo check`): the bf16 kernels' output widened, within the int8 rows of the reference."""
+    for case in CASES:
+        x, weight, scale, scheme = case.args
+        got = npu_ops.quantized_matmul(x, weight, scale, scheme)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, npu_ops.quantized_matmul(x.bfloat16(), weight, scale, scheme).float())
+        diff = compare_layer(
+            case.name, reference.quantized_matmul(x, weight, scale, scheme), got, tolerance("int8", scheme)
+        )
+        assert diff.passed, diff
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
 def test_npu_quantized_matmul_runs_the_int8_kernels(fake_torch_npu, monkeypatch, scheme, dtype):
-    """fp16/bf16 go to the kernels (fp32, which they do not take, to the reference on the device)."""
+    """fp16/bf16 go to the kernels, and fp32 too (in bf16: they take no fp32)."""
     seen = []
     for name in ("npu_dynamic_quant", "npu_quant_matmul", "npu_weight_quant_batchmatmul"):
         real = getattr(fake_torch_npu, name)
@@ -148,8 +161,8 @@ def test_npu_quantized_matmul_runs_the_int8_kernels(fake_torch_npu, monkeypatch,
     kernels = ["npu_dynamic_quant", "npu_quant_matmul"] if scheme == "w8a8" else ["npu_weight_quant_batchmatmul"]
     assert seen == kernels
     seen.clear()
-    npu_ops.quantized_matmul(x.float(), weight, scale[:, 0], scheme)
-    assert seen == []
+    assert npu_ops.quantized_matmul(x.float(), weight, scale[:, 0], scheme).dtype == torch.float32
+    assert seen == kernels
 
 
 def _without_pertoken_scale(x, weight, weight_scale, scheme):
@@ -219,3 +232,30 @@ def test_int8_model_on_npu_is_accepted(fake_torch_npu):
     dimoo_npu.ops.require_quantized_matmul(resolve_ops("npu"), "npu", "w8a8")
     model = dimoo_npu.load_model(CHECKPOINT, device="meta", ops=resolve_ops("npu"), quantize="w8a16")
     assert model.transformer.blocks["0"].q_proj.ops.names["quantized_matmul"] == "npu"
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a16"])
+def test_int8_check_measures_the_npu_kernels(fake_torch_npu, monkeypatch, scheme):
+    """`dimoo check --quantize` with an npu target, the device simulated on the CPU (the fake keeps tensors there):
+    it passes by the int8 rows, and fails when the kernel's per-token or per-channel scale is dropped."""
+    from dimoo_npu.numerics.backends import TARGETS, Target
+    from dimoo_npu.numerics.check import run_check
+
+    monkeypatch.setitem(dimoo_npu.ops.registry.QUANTIZED_MATMUL_DEVICES, "npu", ("npu", "cpu"))
+    targets = [TARGETS["cpu-ref"], Target("npu-simulated", "cpu", "npu")]
+    report = run_check(CHECKPOINT, targets, quantize=scheme, length=24)
+    assert (
+        report.passed and scheme in report.comparisons[0].note and "quantized_matmul=npu" in report.comparisons[0].note
+    )
+    if scheme == "w8a8":
+        real = fake_torch_npu.npu_quant_matmul
+        broken = lambda *a, pertoken_scale=None, **kw: real(*a, pertoken_scale=None, **kw)  # noqa: E731
+        monkeypatch.setattr(fake_torch_npu, "npu_quant_matmul", broken)
+    else:
+        real = fake_torch_npu.npu_weight_quant_batchmatmul
+        monkeypatch.setattr(
+            fake_torch_npu,
+            "npu_weight_quant_batchmatmul",
+            lambda x, w, s, *a, **kw: real(x, w, s.mean()[None], *a, **kw),
+        )
+    assert not run_check(CHECKPOINT, targets, quantize=scheme, length=24).passed
