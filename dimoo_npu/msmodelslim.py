@@ -77,7 +77,7 @@ def read_export(folder: Path) -> SlimExport:
             f"{description.name} has msModelSlim scheme {scheme!r} ({why}); this package runs {SCHEME} exports only: "
             "quantize with is_dynamic=True, w_bit=8, a_bit=8 (or use `dimoo quantize`)"
         )
-    types = {name: kind for name, kind in types.items() if name.endswith((".weight", ".bias", SCALE, OFFSET))}
+    types = {name: kind for name, kind in types.items() if "." in name}  # tensor names; the rest is metadata
     odd = sorted({kind for kind in types.values()} - {SCHEME, "FLOAT"})
     if odd:
         raise InputError(f"{description.name} mixes in msModelSlim type(s) {odd}: only {SCHEME} and FLOAT load here")

@@ -191,3 +191,16 @@ def test_quantize_format_msmodelslim_round_trip(tmp_path, caplog):
     assert main([*argv[:4], "w8a16", "--output", str(tmp_path / "w8a16"), "--format", "msmodelslim"]) == 2
     assert "--format msmodelslim writes W8A8_DYNAMIC only" in caplog.text
     assert not (tmp_path / "w8a16").exists()
+
+
+def test_a_static_layer_inside_a_dynamic_export_is_refused_by_its_type(tmp_path, no_load):
+    folder = _copy(tmp_path)
+    name = "model.transformer.blocks.0.q_proj"
+
+    def static_q(d):
+        d.update({f"{name}.weight": "W8A8", f"{name}.input_scale": "W8A8", "version": "1.0.0"})
+
+    _edit_description(folder, static_q)
+    _edit_weights(folder, lambda t: t.update({f"{name}.input_scale": torch.ones(1)}))
+    with pytest.raises(InputError, match=r"mixes in msModelSlim type\(s\) \['W8A8'\]"):
+        dimoo_npu.load_model(folder)
