@@ -111,9 +111,11 @@ def load_model(
     target = resolve_target(device)
     dtype = dtype or default_dtype_for(target)
     slim = read_slim_export(folder, quantize, max_layers) if find_description(folder) else None
-    spec = slim_spec(model_linears(config), slim) if slim else quantization_of(folder, config, quantize)
+    spec = None if slim else quantization_of(folder, config, quantize)
     with torch.device("meta"):
         model = DiMOOModel(config, ops or resolve_ops(target.type))
+    if slim is not None:
+        spec = slim_spec(model, slim)
     if spec is not None:
         require_quantized_matmul(model.ops, target.type, spec.scheme)
         quantize_model(model, spec, quantize_weights=False)
@@ -136,17 +138,9 @@ def read_slim_export(folder: Path, quantize: str | QuantizationSpec | None, max_
     return read_export(folder)
 
 
-def model_linears(config: DiMOOConfig) -> list[str]:
-    """The blocks' linear module names of a model of ``config`` (what `quantize_model` may quantize)."""
-    with torch.device("meta"):
-        model = DiMOOModel(config, resolve_ops("meta"))
-    return [
-        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and ".blocks." in name
-    ]
-
-
-def slim_spec(linears: list[str], slim: SlimExport) -> QuantizationSpec:
+def slim_spec(model: DiMOOModel, slim: SlimExport) -> QuantizationSpec:
     """w8a8, keeping in float every block linear the export left FLOAT (and refusing quantized ones we lack)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".blocks." in name]
     unknown = sorted(set(slim.quantized) - set(linears))
     if unknown:
         raise CheckpointError(

@@ -204,3 +204,27 @@ def test_a_static_layer_inside_a_dynamic_export_is_refused_by_its_type(tmp_path,
     _edit_weights(folder, lambda t: t.update({f"{name}.input_scale": torch.ones(1)}))
     with pytest.raises(InputError, match=r"mixes in msModelSlim type\(s\) \['W8A8'\]"):
         dimoo_npu.load_model(folder)
+
+
+def test_a_linear_the_export_left_float_stays_float(tmp_path):
+    folder = _copy(tmp_path)
+    name = "model.transformer.blocks.1.attn_out"
+
+    def described_float(d):
+        d[f"{name}.weight"] = "FLOAT"
+        del d[f"{name}.weight_scale"], d[f"{name}.weight_offset"]
+
+    def stored_float(t):
+        t[f"{name}.weight"] = t[f"{name}.weight"].float() * t.pop(f"{name}.weight_scale")
+        del t[f"{name}.weight_offset"]
+
+    _edit_description(folder, described_float)
+    _edit_weights(folder, stored_float)
+    model, whole = dimoo_npu.load_model(folder), dimoo_npu.load_model(EXPORT)
+    assert type(model.transformer.blocks["1"].attn_out) is torch.nn.Linear
+    assert isinstance(model.transformer.blocks["1"].q_proj, QuantizedLinear)
+    assert name in model.config.quantization_config["modules_to_not_convert"]
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the same dequantised weights, only not rounded to int8 activations there
+        diff = compare_layer("logits", whole(ids, None), model(ids, None), tolerance("int8", "w8a8"))
+    assert diff.passed, diff
