@@ -3,6 +3,7 @@
     python benchmarks/gpu_bench.py goldens --device cuda --out goldens.json
     python benchmarks/gpu_bench.py sampling --device cuda --out sampling.json [--tiny] [--steps 8]
     python benchmarks/gpu_bench.py naive --device cuda --out naive.json [--tiny]
+    python benchmarks/gpu_bench.py int8 --device cuda --out int8.json [--tiny] [--steps 4]
 
 goldens: every sampling golden of tests/fixtures/tiny-dimoo on the device, fp32 greedy tokens exact and bf16 tokens
 compared (agreement reported), each sampler step run under ``torch.cuda.set_sync_debug_mode("error")`` (a step that
@@ -13,6 +14,7 @@ on, eager and one compiled configuration. Each configuration times its steps aft
 steps apart) and extrapolates to the 64-step default schedule (warmup 0.3, refresh 5). Achieved TFLOP/s counts the
 matmuls of the forward (projections, attention, the head's rows); MFU is against a bf16 matmul timed in the same run.
 naive: the public code's structure (one prompt, cond and uncond forwards, full-vocabulary logits) for a few steps.
+int8: the cuda int8 kernel (torch._int_mm) against the reference op, and the 8B-shaped step in bf16, w8a8, w8a16.
 ``--tiny``: a d64 x 2 model and a 8x8 grid, to dry-run the whole script on a CPU.
 """
 
@@ -284,9 +286,54 @@ def naive(args, device: torch.device) -> dict:
     return {"batch": 1, "step_s": per_step, "extrapolated_64_steps_s": per_step * FULL_SCHEDULE}
 
 
+def int8(args, device: torch.device) -> dict:
+    """The cuda int8 kernel (`dimoo_npu.ops.torch_impl.quantized_matmul`, torch._int_mm): op parity against the
+    reference on the device, the integer product exact against the CPU's, then the 8B-shaped model's full step
+    (batch 1, ML-Cache off) and weight memory in bf16, w8a8 and w8a16 (quantized on the device, in place)."""
+    from dimoo_npu.numerics.op_parity import DTYPES, op_cases, parity_failure
+    from dimoo_npu.ops import torch_impl
+    from dimoo_npu.quantization import QuantizationSpec, quantize_model, weight_bytes
+
+    kernel = resolve_ops(device.type).quantized_matmul
+    cases = [case for case in op_cases() if case.op == "quantized_matmul"]
+    failures = [f for case in cases for dtype in DTYPES if (f := parity_failure(kernel, case, dtype, device))]
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-127, 128, (rows, 4096), generator=generator, dtype=torch.int8) for rows in (33, 96))
+    on_device = torch_impl.int8_matmul(a.to(device), b.to(device)).cpu()
+    summary = {
+        "op_parity_failures": failures,
+        "int8_product_exact": bool(torch.equal(on_device, torch_impl.int8_matmul(a, b, use_int_mm=False))),
+        "results": [],
+    }
+    grid = 8 if args.tiny else 64
+    for scheme in (None, "w8a8", "w8a16"):
+        model = build_big(args, device)
+        if scheme:
+            quantize_model(model, QuantizationSpec(scheme))
+        prepare_for_sampling(model)
+        prompts, uncond = prompts_for(model, 1, grid, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        per_step = time_steps(model, prompts, uncond, False, args.steps, args.temperature, device)
+        summary["results"].append(
+            {
+                "weights": scheme or ("bf16" if device.type == "cuda" else "fp32"),
+                "full_step_s": per_step["full"],
+                "weights_gib": weight_bytes(model) / 2**30,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            }
+        )
+        print(json.dumps(summary["results"][-1]), flush=True)
+        save(args, device, {**summary, "complete": False})
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {**summary, "complete": True}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("section", choices=["goldens", "sampling", "naive"])
+    parser.add_argument("section", choices=["goldens", "sampling", "naive", "int8"])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="small model and grid: a dry run on a CPU")
@@ -295,7 +342,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0, help="of the timed sampling (0: greedy)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    section = {"goldens": goldens, "sampling": sampling, "naive": naive}[args.section]
+    section = {"goldens": goldens, "sampling": sampling, "naive": naive, "int8": int8}[args.section]
     save(args, device, section(args, device))
     return 0
 

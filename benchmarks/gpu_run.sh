@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared run for a lent NVIDIA GPU (issue 15): at most 6 minutes on one H200, each section under its own time
-# guard, so a rerun fits a 15-minute lease. Writes $OUT/gpu_run.json (every section) and prints a README table.
+# The prepared run for a lent NVIDIA GPU (issue 15; the int8 section: issue 27): at most 8 minutes on one H200, each
+# section under its own time guard, so a rerun fits a 15-minute lease. Writes $OUT/gpu_run.json (every section) and
+# prints a README table.
 #
 #   benchmarks/gpu_run.sh                         # on the GPU machine, from the repository root
 #   benchmarks/gpu_run.sh --device cpu --tiny     # dry run on a CPU: tiny model, 8x8 grid, no device tests
@@ -54,6 +55,7 @@ fi
 section goldens 60 $PY benchmarks/gpu_bench.py goldens --device "$DEVICE" --out "$OUT/goldens.json"
 section sampling 200 $PY benchmarks/gpu_bench.py sampling --device "$DEVICE" --out "$OUT/sampling.json" $TINY
 section naive 45 $PY benchmarks/gpu_bench.py naive --device "$DEVICE" --out "$OUT/naive.json" $TINY
+section int8 120 $PY benchmarks/gpu_bench.py int8 --device "$DEVICE" --out "$OUT/int8.json" --steps 4 $TINY
 
 $PY - "$OUT" <<'PYEOF'
 import json, sys
@@ -61,7 +63,7 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 merged = {"sections": [json.loads(line) for line in (out / "sections.jsonl").read_text().splitlines() if line]}
-for name in ("goldens", "sampling", "naive"):
+for name in ("goldens", "sampling", "naive", "int8"):
     path = out / f"{name}.json"
     merged[name] = json.loads(path.read_text()) if path.exists() else None
 (out / "gpu_run.json").write_text(json.dumps(merged, indent=1))
@@ -93,4 +95,12 @@ if sampling:
 if naive:
     print(f"| 1 | naive (public structure) | eager | {naive['step_s']:.3f} | - | "
           f"{naive['extrapolated_64_steps_s']:.1f} | {1 / naive['extrapolated_64_steps_s']:.3f} | - | - |")
+int8 = merged["int8"]
+if int8:
+    print(f"\nint8 on {int8['device']} (torch._int_mm): op parity failures {len(int8['op_parity_failures'])}, integer "
+          f"product exact {int8['int8_product_exact']}" + ("" if int8["complete"] else " (cut by its time guard)"))
+    print("\n| weights | full step s (batch 1, ML-Cache off) | weights GiB | peak GiB |\n|---|---|---|---|")
+    for r in int8["results"]:
+        memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
+        print(f"| {r['weights']} | {r['full_step_s']:.3f} | {r['weights_gib']:.2f} | {memory} |")
 PYEOF

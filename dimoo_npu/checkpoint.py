@@ -24,8 +24,10 @@ from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.hub_cache import resolve_checkpoint
 from dimoo_npu.lora import Adapter, check_adapter, merge_adapter, read_adapter
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.msmodelslim import SlimExport, find_description, load_export_state, read_export
 from dimoo_npu.ops import OpSet, require_quantized_matmul, resolve_ops
 from dimoo_npu.quantization import (
+    DEFAULT_KEEP,
     SCALE_SUFFIX,
     QuantizationSpec,
     quantize_model,
@@ -112,20 +114,50 @@ def load_model(
     config = with_max_layers(DiMOOConfig.from_json(folder), max_layers)
     target = resolve_target(device)
     dtype = dtype or default_dtype_for(target)
-    spec = quantization_of(folder, config, quantize)
+    slim = read_slim_export(folder, quantize, max_layers) if find_description(folder) else None
+    spec = None if slim else quantization_of(folder, config, quantize)
     adapter = None if lora is None else read_lora(folder, config, lora, quantize)
     with torch.device("meta"):
         model = DiMOOModel(config, ops or resolve_ops(target.type))
     if adapter is not None:
         check_adapter(adapter, {name: tuple(p.shape) for name, p in model.state_dict().items()})
+    if slim is not None:
+        spec = slim_spec(model, slim)
     if spec is not None:
         require_quantized_matmul(model.ops, target.type, spec.scheme)
         quantize_model(model, spec, quantize_weights=False)
-    state = load_state(find_shards(folder), model, target, dtype, max_layers, quantize_on_load=quantize is not None)
+    if slim is not None and target.type == "meta":
+        return model.eval().requires_grad_(False)
+    if slim is not None:
+        state = load_export_state(slim, model.state_dict(), target, dtype)
+    else:
+        state = load_state(find_shards(folder), model, target, dtype, max_layers, quantize_on_load=quantize is not None)
     if adapter is not None and target.type != "meta":
         merge_adapter(state, adapter)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def read_slim_export(folder: Path, quantize: str | QuantizationSpec | None, max_layers: int | None) -> SlimExport:
+    """A msModelSlim export folder (`dimoo_npu.msmodelslim`), checked before anything loads."""
+    if quantize is not None:
+        raise InputError(f"{folder} is a msModelSlim int8 export (already quantized): load it without --quantize")
+    if max_layers is not None:
+        raise InputError(f"{folder} is a msModelSlim export: max_layers is not supported for it; leave it unset")
+    return read_export(folder)
+
+
+def slim_spec(model: DiMOOModel, slim: SlimExport) -> QuantizationSpec:
+    """w8a8, keeping in float every block linear the export left FLOAT (and refusing quantized ones we lack)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".blocks." in name]
+    unknown = sorted(set(slim.quantized) - set(linears))
+    if unknown:
+        raise CheckpointError(
+            f"{slim.description.name} quantizes {unknown[:3]}, which a DiMOO model of this config.json does not "
+            "have as block linears: the export is of another model"
+        )
+    kept = tuple(name for name in linears if name not in slim.quantized)
+    return QuantizationSpec("w8a8", keep=DEFAULT_KEEP + kept)
 
 
 def quantization_of(
@@ -147,6 +179,10 @@ def quantization_of(
 def read_lora(folder: Path, config: DiMOOConfig, adapter: str | os.PathLike, quantize: object) -> Adapter:
     """The adapter to merge into ``folder``, checked before any weight is read: LoRA merges into float weights."""
     refuse_quantized(config, folder, "merging a LoRA adapter")
+    if find_description(folder):
+        raise InputError(
+            f"{folder} is an msModelSlim int8 export; merging a LoRA adapter needs the float checkpoint it came from"
+        )
     if quantize is not None:
         raise InputError(
             f"--lora and --quantize {quantize} cannot load together (an adapter merges into float weights): export "

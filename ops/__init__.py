@@ -16,7 +16,8 @@ Op signatures (shapes use B batch, H heads, L/Lq/Lk lengths, D head dim, C chann
 - ``swiglu_packed(gate_up) -> swiglu(*gate_up.chunk(2, -1))``: the fused [gate, up] projection as is.
 - ``quantized_matmul(x, weight, weight_scale, scheme) -> F.linear(x, weight * weight_scale[:, None])``: weight
   (N, K) int8, weight_scale (N,) fp32 per output channel; scheme ``w8a8`` rounds x per token to int8 first,
-  ``w8a16`` takes x as it is. None in an implementation with no int8 kernel (`require_quantized_matmul`).
+  ``w8a16`` takes x as it is. Each implementation's kernel serves the devices `QUANTIZED_MATMUL_DEVICES` names
+  (`require_quantized_matmul` refuses the others).
 """
 
 from dimoo_npu.ops.registry import (

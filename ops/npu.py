@@ -1,4 +1,4 @@
-"""Ascend kernels: the four ops on torch_npu's fused operators, with their documented contracts.
+"""Ascend kernels: the ops on torch_npu's fused operators, with their documented contracts.
 
 torch_npu is imported lazily, on the first call, through `dimoo_npu.adapters.npu.import_torch_npu`,
 so importing this module (or choosing ``npu`` on a machine without CANN) never loads vendor code early.
@@ -11,6 +11,8 @@ Contracts (Ascend/op-plugin, docs/zh/custom_APIs/torch_npu/ and op_plugin/config
 - ``npu_swiglu`` gates with the FIRST half: ``silu(x[..., :h]) * x[..., h:]``.
 - ``npu_add_rms_norm(x1, x2, gamma, epsilon)`` returns ``(y, rstd, x1 + x2)`` and has NO backward: inference only
   (the model uses it only in its fused inference layout, see `dimoo_npu.model.fuse_projections`).
+- int8 (docs torch_npu-npu_dynamic_quant.md, -npu_quant_matmul.md, -npu_weight_quant_batchmatmul.md): inputs in
+  fp16/bf16 only; ``npu_quant_matmul``'s x2 and ``npu_weight_quant_batchmatmul``'s weight are (K, N); K, N <= 65535.
 """
 
 from __future__ import annotations
@@ -101,6 +103,29 @@ def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
     return import_torch_npu().npu_swiglu(gate_up.contiguous(), dim=-1)
 
 
-# No int8 matmul on torch_npu yet: the next issue adds it (npu_quant_matmul, msModelSlim's layout). Until then
-# `dimoo_npu.ops.registry.require_quantized_matmul` refuses an int8 model on npu.
-quantized_matmul = None
+def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The reference's ``quantized_matmul`` on torch_npu's int8 kernels; x (..., K), weight (N, K) int8.
+
+    - ``w8a8``: ``npu_dynamic_quant`` rounds x per token (int8 + an fp32 scale per row), then ``npu_quant_matmul``
+      multiplies int8 by int8 with the weight's fp32 scale (N,) and the tokens' as ``pertoken_scale`` (M,), the
+      output in x's dtype (documented: bf16 or fp16 with fp32 scales).
+    - ``w8a16``: ``npu_weight_quant_batchmatmul`` widens the weight inside the matmul; its ``antiquant_scale``
+      must be in x's dtype (single-op mode), so the fp32 scale is rounded to it (under one rounding of the output).
+
+    Both take x as 2-D (M, K) and the weight as a (K, N) view of the stored (N, K) (the documented ``x2.t()``
+    layout; no copy). Both take fp16/bf16 x only: fp32 x (an int8 `dimoo check` runs at fp32) goes through them in
+    bf16 and is widened back, so the check still measures these kernels; bf16's rounding is far inside the int8
+    tolerance rows.
+    """
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return quantized_matmul(x.to(torch.bfloat16), weight, weight_scale, scheme).to(x.dtype)
+    torch_npu = import_torch_npu()
+    flat = x.reshape(-1, x.shape[-1])
+    if scheme == "w8a8":
+        q, token_scale = torch_npu.npu_dynamic_quant(flat)
+        out = torch_npu.npu_quant_matmul(
+            q, weight.t(), weight_scale.float(), pertoken_scale=token_scale, output_dtype=x.dtype
+        )
+    else:
+        out = torch_npu.npu_weight_quant_batchmatmul(flat, weight.t(), weight_scale.to(x.dtype))
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -22,8 +22,9 @@ _MODULES = {
 _DEFAULT_FOR_DEVICE = {"cpu": "torch", "cuda": "torch", "npu": "npu", "meta": "reference"}
 
 # The devices each implementation's int8 ``quantized_matmul`` has a kernel for (the reference runs anywhere: it
-# dequantises). The npu and cuda kernels are the next issue's: add their devices here when they land.
-QUANTIZED_MATMUL_DEVICES = {"torch": ("cpu",), "npu": ()}
+# dequantises). npu: torch_npu's int8 kernels (`dimoo_npu.ops.npu`); cuda: torch._int_mm (`dimoo_npu.ops.torch_impl`),
+# where this torch can load it (`cuda_int8_unavailable`).
+QUANTIZED_MATMUL_DEVICES = {"torch": ("cpu", "cuda"), "npu": ("npu",)}
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class OpSet:
     swiglu: Callable
     add_rms_norm: Callable
     swiglu_packed: Callable
-    quantized_matmul: Callable | None  # None: this implementation has no int8 kernel yet
+    quantized_matmul: Callable
     attention_mask: Callable
     names: Mapping[str, str]
 
@@ -48,9 +49,23 @@ class OpSet:
         return ", ".join(f"{op}={self.names[op]}" for op in OP_NAMES)
 
 
+def cuda_int8_unavailable() -> str | None:
+    """Why the cuda int8 kernel (torch._int_mm, cuBLASLt) cannot load with this torch, or None where it can."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
 def has_quantized_matmul(ops: OpSet, device_type: str) -> bool:
     """Whether the chosen ``quantized_matmul`` has a kernel for ``device_type`` (meta: plans, always)."""
-    devices = QUANTIZED_MATMUL_DEVICES.get(ops.names["quantized_matmul"])
+    impl = ops.names["quantized_matmul"]
+    devices = QUANTIZED_MATMUL_DEVICES.get(impl)
+    if impl == "torch" and device_type == "cuda" and cuda_int8_unavailable():
+        return False
     return devices is None or device_type in devices or device_type == "meta"
 
 
@@ -61,6 +76,12 @@ def require_quantized_matmul(ops: OpSet, device_type: str, scheme: str) -> None:
     impl = ops.names["quantized_matmul"]
     from dimoo_npu.errors import InputError
 
+    if device_type in QUANTIZED_MATMUL_DEVICES.get(impl, ()):  # cuda: the table has it, this torch cannot load it
+        raise InputError(
+            f"{scheme} on {device_type} needs torch._int_mm from a CUDA build of torch with a visible GPU: "
+            f"{cuda_int8_unavailable()}. Fix: install a CUDA torch on a GPU machine, or run the quantized model "
+            "with --device cpu"
+        )
     supported = sorted({device for kernels in QUANTIZED_MATMUL_DEVICES.values() for device in kernels})
     raise InputError(
         f"{scheme} has no int8 kernel on {device_type} yet (op quantized_matmul={impl}); supported: "

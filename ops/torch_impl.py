@@ -98,7 +98,15 @@ def _padded_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, scheme: str) -> torch.Tensor:
     """The reference's `quantized_matmul` with the integer product exact in `int8_matmul` (w8a8), or the int8
-    weight widened to x's dtype inside the matmul and scaled after it (w8a16)."""
+    weight widened to x's dtype inside the matmul and scaled after it (w8a16).
+
+    It is also the cuda kernel: there `int8_matmul` is torch._int_mm (cuBLASLt int8 tensor cores, padded to its
+    m > 16, k and n multiples of 8 rule). Chosen over torch._scaled_mm FP8 because it runs the very int8
+    checkpoints `dimoo quantize` writes, bit for bit the same integers as on CPU and npu (FP8 would need another
+    format, e4m3 weights, and an sm_89+ GPU), needs no extra package (torchao), and int8 tensor cores exist from
+    sm_75. w8a16 on cuda widens one weight at a time to bf16 for a cuBLAS matmul: no int8 throughput, half the
+    weight memory. Where this torch cannot load it, `dimoo_npu.ops.registry.cuda_int8_unavailable` says why.
+    """
     if scheme == "w8a16":
         return F.linear(x, weight.to(x.dtype)) * weight_scale.to(x.dtype)
     q, scale = reference.quantize_rows(x)

@@ -21,7 +21,7 @@ def add_quantize_argument(parser: argparse.ArgumentParser | argparse._ArgumentGr
         "--quantize",
         choices=SCHEMES,
         help="int8 weights (w8a16), and int8 activations too (w8a8), quantized while a float checkpoint loads; "
-        "CPU only for now (an int8 folder from `dimoo quantize` needs no flag)",
+        "on cpu, npu and cuda (an int8 folder from `dimoo quantize` needs no flag)",
     )
 
 
@@ -29,6 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--checkpoint", required=True, help="float checkpoint folder (or cached Hugging Face id)")
     parser.add_argument("--scheme", required=True, help="w8a8 (int8 weights and activations) or w8a16 (int8 weights)")
     parser.add_argument("--output", required=True, help="new folder for the int8 checkpoint (must not hold files)")
+    parser.add_argument(
+        "--format",
+        choices=("dimoo", "msmodelslim"),
+        default="dimoo",
+        help="dimoo: this package's int8 folder; msmodelslim: msModelSlim's W8A8-dynamic export layout (w8a8 only), "
+        "which Ascend serving stacks and this package both load",
+    )
     parser.add_argument(
         "--keep",
         action="append",
@@ -43,11 +50,17 @@ def run(args: argparse.Namespace) -> int:
     from dimoo_npu.atomic import replace_directory
     from dimoo_npu.checkpoint import find_shards, load_model, save_pretrained
     from dimoo_npu.hub_cache import resolve_checkpoint
+    from dimoo_npu.msmodelslim import write_export
     from dimoo_npu.quantization import DEFAULT_KEEP, QuantizationSpec, weight_bytes
     from dimoo_npu.safetensors_io import read_header
     from dimoo_npu.train.checkpoint import copy_assets
 
     spec = QuantizationSpec(args.scheme, (*DEFAULT_KEEP, *args.keep))  # refuses an unknown scheme first
+    if args.format == "msmodelslim" and args.scheme != "w8a8":
+        raise InputError(
+            f"--format msmodelslim writes W8A8_DYNAMIC only (msModelSlim's {args.scheme.upper()} has weight "
+            "offsets): use --scheme w8a8, or --format dimoo"
+        )
     source, output = resolve_checkpoint(args.checkpoint), Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InputError(f"--output {output} already exists and is not an empty folder: name a new folder")
@@ -57,11 +70,15 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(source, device="cpu", dtype=stored, quantize=spec)  # refuses an int8 folder
 
     def fill(staging: Path) -> None:
-        save_pretrained(model.state_dict(), model.config, staging)
+        if args.format == "msmodelslim":
+            write_export(model.state_dict(), model.config, staging)
+        else:
+            save_pretrained(model.state_dict(), model.config, staging)
         copy_assets(source, staging)
 
     replace_directory(output, fill)
     size = sum(path.stat().st_size for path in find_shards(output))
     loaded = weight_bytes(model)
-    emit(f"{output}: {args.scheme} checkpoint, {size / 1e9:.3f} GB of weights ({loaded / 1e9:.3f} GB loaded)")
+    layout = f"{args.scheme} checkpoint ({args.format} layout)"
+    emit(f"{output}: {layout}, {size / 1e9:.3f} GB of weights ({loaded / 1e9:.3f} GB loaded)")
     return 0

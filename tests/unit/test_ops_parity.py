@@ -57,10 +57,10 @@ def test_reference_accumulates_in_fp32_and_rounds_once(op, dtype):
 def test_implementation_matches_reference(impl, op, dtype, request):
     if impl == "npu":
         request.getfixturevalue("fake_torch_npu")
+    if (impl, op, dtype) == ("npu", "quantized_matmul", torch.float32):
+        pytest.skip("the npu int8 kernels take fp16/bf16 only; fp32 runs them in bf16 (tests/unit/test_npu_int8.py)")
     ops = resolve_ops("cpu", impl)
     assert ops.names[op] == impl
-    if getattr(ops, op) is None:
-        pytest.skip(f"{impl} has no {op} kernel yet (refused by require_quantized_matmul; the next issue adds it)")
     assert _failures(getattr(ops, op), op, [dtype]) == []
 
 

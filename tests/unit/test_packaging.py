@@ -11,7 +11,10 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 # Extras CI cannot install: their packages are not in requirements.txt, and the reason is said here.
-NOT_INSTALLED_HERE = {"npu": "torch-npu needs Huawei's CANN toolkit"}
+NOT_INSTALLED_HERE = {
+    "npu": "torch-npu needs Huawei's CANN toolkit",
+    "msmodelslim": "only remakes the committed tests/fixtures/msmodelslim-w8a8; users and CI do not need it",
+}
 # `pip install -e '.[NAME]'`, the README's form; a hint in any other form (dimoo_npu[x], .[x] unquoted) is caught.
 HINT = re.compile(r"pip install (?P<target>(?:-e )?[^\s\"`]*\[(?P<extras>[^\]]*)\][^\s\"`),]*)")
 

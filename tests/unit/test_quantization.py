@@ -124,10 +124,15 @@ def test_quantized_matmul_is_close_to_fp32(scheme):
 
 def test_no_int8_kernel_is_a_clear_error(fake_torch_npu):
     with pytest.raises(
-        InputError, match=r"w8a8 has no int8 kernel on cpu yet \(op quantized_matmul=npu\); supported: cpu"
+        InputError, match=r"w8a8 has no int8 kernel on cpu yet \(op quantized_matmul=npu\); supported: cpu, cuda, npu"
     ):
         dimoo_npu.load_model(CHECKPOINT, ops=resolve_ops("cpu", {"quantized_matmul": "npu"}), quantize="w8a8")
-    with pytest.raises(InputError, match=r"no int8 kernel on cuda yet .* supported: cpu"):
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refusal of a torch that cannot load the cuda int8 kernel")
+def test_cuda_int8_is_refused_with_the_reason_where_torch_cannot_load_it():
+    with pytest.raises(InputError, match=r"w8a16 on cuda needs torch._int_mm from a CUDA build .*: (torch .* is not "
+                       r"a CUDA build|no CUDA device is visible)\. Fix: "):  # fmt: skip
         dimoo_npu.ops.require_quantized_matmul(resolve_ops("cuda"), "cuda", "w8a16")
 
 

@@ -34,6 +34,7 @@ if _MODE == "accelerator_conflict":
 from torch_npu import npu  # noqa: E402
 from torch_npu._attention import npu_fusion_attention  # noqa: E402
 from torch_npu._ops import npu_add_rms_norm, npu_rms_norm, npu_rotary_mul, npu_swiglu  # noqa: E402
+from torch_npu._quant import npu_dynamic_quant, npu_quant_matmul, npu_weight_quant_batchmatmul  # noqa: E402
 
 
 def _expose_as_torch_npu() -> None:
@@ -51,8 +52,11 @@ __all__ = [
     "__version__",
     "npu",
     "npu_add_rms_norm",
+    "npu_dynamic_quant",
     "npu_fusion_attention",
+    "npu_quant_matmul",
     "npu_rms_norm",
     "npu_rotary_mul",
     "npu_swiglu",
+    "npu_weight_quant_batchmatmul",
 ]
