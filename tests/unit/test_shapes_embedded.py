@@ -120,7 +120,10 @@ def test_an_empty_answer_fails_with_exit_1(random_checkpoint, tmp_path, monkeypa
 
     image = tmp_path / "a.png"
     world.render(world.Scene((world.ShapeObject("circle", "red", "large", 0, 0),))).save(image)
-    monkeypatch.setattr(DiMOOPipeline, "answer", lambda self, requests, *a, **k: ["", "red"][: len(requests)])
+    def first_empty(self, requests, *args, **kwargs):  # every answer path goes through iter_answers
+        yield list(range(len(requests))), ["", "red"][: len(requests)]
+
+    monkeypatch.setattr(DiMOOPipeline, "iter_answers", first_empty)
     base = ["understand", "--checkpoint", str(random_checkpoint), "--gen-length", "4", "--block-length", "4"]
     assert cli.main([*base, "--steps", "4", "--image", str(image), "--question", "describe the image"]) == 1
     assert "decoded to nothing" in caplog.text
