@@ -53,8 +53,9 @@ def check_valid(task: str, requests, paths) -> None:
         assert isinstance(request["seed"], int) and 0 <= request["seed"] < SEED_LIMIT
         for name in ("width", "height"):
             assert name not in request or (isinstance(request[name], int) and request[name] > 0)
+        optional = ("ref_image", "mask", "output") + (("prompt",) if task == "edit" else ())  # edit types need none
         for name, value in request.items():  # every field resolved, every number finite
-            assert value is not None or name in ("ref_image", "mask", "output"), name
+            assert value is not None or name in optional, name
             assert not isinstance(value, float) or math.isfinite(value), name
     if paths is not None:
         assert all(path.suffix == ".png" for path in paths)
