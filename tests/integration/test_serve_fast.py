@@ -72,6 +72,8 @@ def test_bad_cache_fields_are_a_400(client, fields, message):
 def test_a_bad_server_default_is_refused_before_the_model_loads(caplog, monkeypatch):
     from dimoo_npu.cli import main
 
-    monkeypatch.setattr("dimoo_npu.serve.app.create_app", None)  # never reached: it would fail with a type error
+    from dimoo_npu.serve import http_server  # imported unpatched, so later tests get the real server
+
+    monkeypatch.setattr(http_server, "build_server", None)  # never reached: it would fail with a type error
     assert main(["serve", "--fast", "--kv-cache", "half"]) == 2
     assert "kv_cache='half' is not a cache mode: use one of none, prefix, dual" in caplog.text

@@ -171,7 +171,7 @@ def test_cap_from_the_environment(monkeypatch):
     assert length_cap(4096) == 5000
     assert length_cap(4096, requested=6000) == 6000
     monkeypatch.setenv("DIMOO_MAX_LENGTH", "lots")
-    with pytest.raises(InputError, match="DIMOO_MAX_LENGTH='lots' must be a positive whole number"):
+    with pytest.raises(InputError, match="DIMOO_MAX_LENGTH='lots' is not a whole number: pass an integer in \\[1, "):
         length_cap(4096)
 
 
