@@ -45,12 +45,33 @@ def repo_like(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def run(line: str, cwd: Path) -> str:
-    path = os.pathsep.join([str(cwd / "stand-in-bin"), str(Path(sys.executable).parent), os.environ["PATH"]])
-    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "2"}
-    done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-    return done.stdout + done.stderr
+@pytest.fixture
+def run(repo_like, monkeypatch, capsys):
+    """Run one README line in the repository-like folder: `dimoo ...` in this process (its flags and leading
+    VAR=value assignments as bash would pass them: no interpreter start per line), anything else through bash."""
+    from dimoo_npu.cli import main
+
+    path = os.pathsep.join([str(repo_like / "stand-in-bin"), str(Path(sys.executable).parent), os.environ["PATH"]])
+
+    def run_line(line: str) -> str:
+        words = shlex.split(line, comments=True)
+        assignments = words[: next(i for i, w in enumerate(words) if "=" not in w)]
+        if words[len(assignments)] != "dimoo":
+            env = {**os.environ, "PATH": path}
+            done = subprocess.run(["bash", "-c", line], cwd=repo_like, env=env, capture_output=True, text=True)
+            assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+            return done.stdout + done.stderr
+        with monkeypatch.context() as scoped:
+            scoped.chdir(repo_like)
+            for name, _, value in (a.partition("=") for a in assignments):
+                scoped.setenv(name, value)
+            capsys.readouterr()
+            code = main(words[len(assignments) + 1 :])
+            printed = capsys.readouterr()
+        assert code == 0, f"{line}\n{printed.out[-2000:]}\n{printed.err[-2000:]}"
+        return printed.out + printed.err
+
+    return run_line
 
 
 def with_argument(line: str, extra: str) -> str:
@@ -58,25 +79,25 @@ def with_argument(line: str, extra: str) -> str:
     return f"{line.partition('  #')[0].rstrip()} {extra}"
 
 
-def test_cpu_walkthrough_runs_as_written(repo_like):
+def test_cpu_walkthrough_runs_as_written(repo_like, run):
     *_, cpu = walkthrough_blocks()
     for line in cpu:
         words = shlex.split(line, comments=True)
         if words[:2] == ["dimoo", "train"] and "--check" not in words:
             line = with_argument(line, "gpt_args.train_iters=2")  # the recipe's 100 steps are minutes; 2 prove it
-        run(line, repo_like)
+        run(line)
     assert (repo_like / "runs/shapes-finetune/hf/config.json").is_file()
     assert (repo_like / "finetuned.png").stat().st_size > 0
 
 
-def test_cluster_lines_run_as_far_as_a_cpu_can(repo_like):
+def test_cluster_lines_run_as_far_as_a_cpu_can(repo_like, run):
     pretokenize, train, export, _ = walkthrough_blocks()
-    run("python scripts/make_shapes_manifest.py data --mix-scale 0.001", repo_like)  # step 1: the user's manifest
+    run("python scripts/make_shapes_manifest.py data --mix-scale 0.001")  # step 1: the user's manifest
     (line,) = pretokenize
     assert REAL_CHECKPOINT in line and "--workers 8" in line
-    run(line.replace(REAL_CHECKPOINT, BUNDLED).replace("--workers 8", "--workers 1"), repo_like)
+    run(line.replace(REAL_CHECKPOINT, BUNDLED).replace("--workers 8", "--workers 1"))
     check, plan, launch = train
-    assert "--check" in check and "ok: world 16" in run(check, repo_like)
-    assert "--plan" in plan and run(plan, repo_like)
-    assert "ok: world 16" in run(with_argument(launch, "--check"), repo_like)
+    assert "--check" in check and "ok: world 16" in run(check)
+    assert "--plan" in plan and run(plan)
+    assert "ok: world 16" in run(with_argument(launch, "--check"))
     assert export == ["dimoo export-hf runs/dimoo-8b-ft/checkpoints runs/dimoo-8b-ft/hf"], "needs the cluster run"
