@@ -88,6 +88,12 @@ def dimoo(*args: str, threads: int) -> None:
     subprocess.run(command, check=True, env=env, cwd=REPO)
 
 
+def repo_relative(path: Path) -> str:
+    """A path as the shipped report records it: relative to the repository when inside it (no machine's paths)."""
+    resolved = path.resolve()
+    return resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(path)
+
+
 def train_vq_stage(folder: Path, steps: int | None, copy_from: Path | None, report: dict) -> None:
     """The VQ in ``folder``: one already there, a copy of ``copy_from``'s, or one trained now; then its checks."""
     from diffusers import VQModel
@@ -96,7 +102,7 @@ def train_vq_stage(folder: Path, steps: int | None, copy_from: Path | None, repo
 
     if not (folder / "config.json").is_file() and copy_from is not None:
         shutil.copytree(copy_from, folder)
-        report["vq_from"] = str(copy_from)
+        report["vq_from"] = repo_relative(copy_from)
     if (folder / "config.json").is_file():
         logger.info("VQ: reusing %s", folder)
         model = VQModel.from_pretrained(str(folder), use_safetensors=True)
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         before = shipped / "training_report.json"
         lineage = json.loads(before.read_text()) if before.is_file() else {}
         kept = {key: lineage[key] for key in ("command", "seconds_total") if key in lineage}
-        report["init_from"] = {"folder": str(shipped), **kept}
+        report["init_from"] = {"folder": repo_relative(shipped), **kept}
     manifest = work / "data" / "manifest.jsonl"
     if not manifest.is_file():
         write_manifest(work / "data", scaled(DataMix(), args.mix_scale))
