@@ -66,6 +66,22 @@ def tiny_model():
     return dimoo_npu.load_model(CHECKPOINT)
 
 
+@pytest.fixture(scope="session")
+def tok(tiny_model) -> dict[str, int]:
+    """The fixture checkpoint's special-token ids."""
+    return tiny_model.config.special_tokens
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``): a second thread gains
+    nothing there, and on a shared machine its barriers stall every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _forget_fake_torch_npu() -> None:
     """Drop the fake torch_npu and torchair from sys.modules and ``torch.npu`` (real ones are left alone)."""
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
-from dimoo_npu.train.config import load_config
-from dimoo_npu.train.trainer import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny_cpu.yaml"
+from tests.unit.train_support import full_and_resumed_losses  # noqa: E402
+
 STEPS = 4
 LORA = ["lora.rank=4", "lora.alpha=8", "lora.dropout=0", f"lr_decay_iters={STEPS}", "keep_checkpoints=0"]
 
@@ -32,13 +33,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     common = [f"data.shards={out / 'shards'}", "peak_tflops=1", f"model.init_from={args.base}", *LORA]
 
-    def run(folder: str, *extra: str) -> list[float]:
-        return Trainer(load_config(TINY_CONFIG, [*common, f"output_dir={out / folder / 'run'}", *extra])).train()
-
-    result = {
-        "full": run("full", f"train_iters={STEPS}", "save_interval=2"),
-        "resumed": run("resumed", "train_iters=2") + run("resumed", f"train_iters={STEPS}"),
-    }
+    result = full_and_resumed_losses(out, common, STEPS)
     (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -71,7 +71,6 @@ def test_bad_cache_fields_are_a_400(client, fields, message):
 
 def test_a_bad_server_default_is_refused_before_the_model_loads(caplog, monkeypatch):
     from dimoo_npu.cli import main
-
     from dimoo_npu.serve import http_server  # imported unpatched, so later tests get the real server
 
     monkeypatch.setattr(http_server, "build_server", None)  # never reached: it would fail with a type error

@@ -36,8 +36,7 @@ def test_npu_device_defaults_to_npu_kernels(fake_torch_npu):
     ops = resolve_ops("npu")
     assert dict(ops.names) == dict.fromkeys(OP_NAMES, "npu")
     assert ops.describe() == (
-        "attention=npu, rms_norm=npu, rotary=npu, swiglu=npu, add_rms_norm=npu, swiglu_packed=npu, "
-        "quantized_matmul=npu"
+        "attention=npu, rms_norm=npu, rotary=npu, swiglu=npu, add_rms_norm=npu, swiglu_packed=npu, quantized_matmul=npu"
     )
 
 

@@ -8,19 +8,7 @@ import torch
 
 from dimoo_npu.sampling import sample_image, sample_text
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared machine its barriers stall every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return tiny_model.config.special_tokens
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ids(*parts) -> torch.Tensor:

@@ -15,11 +15,6 @@ def t2i(golden):
     return golden["t2i_wide_cfg.prompt"], golden["t2i_wide_cfg.uncond"]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return tiny_model.config.special_tokens
-
-
 @pytest.mark.parametrize(
     "kwargs, words",
     [

@@ -120,6 +120,7 @@ def test_an_empty_answer_fails_with_exit_1(random_checkpoint, tmp_path, monkeypa
 
     image = tmp_path / "a.png"
     world.render(world.Scene((world.ShapeObject("circle", "red", "large", 0, 0),))).save(image)
+
     def first_empty(self, requests, *args, **kwargs):  # every answer path goes through iter_answers
         yield list(range(len(requests))), ["", "red"][: len(requests)]
 

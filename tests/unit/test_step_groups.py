@@ -10,12 +10,9 @@ import torch
 from dimoo_npu.sampling import sample_image, sample_text
 from dimoo_npu.sampling.image import ImageGroup, image_task
 from dimoo_npu.sampling.text import TextGroup, text_task
-from tests.unit.test_sampling_batch import LENGTHS, mmu_prompt, one_thread, t2i_prompt, text  # noqa: F401
+from tests.unit.test_sampling_batch import LENGTHS, mmu_prompt, t2i_prompt, text
 
-
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return tiny_model.config.special_tokens
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seeded(seed: int | None):

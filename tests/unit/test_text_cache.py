@@ -23,17 +23,7 @@ CACHED = ["prefix", "dual"]
 GOLDEN_CASES = ["mmu", "mmu_cfg"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model):
-    return tiny_model.config.special_tokens
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _settings(case: dict) -> dict:

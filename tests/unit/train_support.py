@@ -89,6 +89,20 @@ def tiny_run_config(tmp: Path, *overrides: str, shards: Path | None = None) -> T
     return load_config(TINY_CONFIG, [*base, *overrides])
 
 
+def full_and_resumed_losses(out: Path, common: list[str], steps: int) -> dict[str, list[float]]:
+    """A distributed worker's result: the losses of an uninterrupted tiny run (checkpoint at step 2) and of the same
+    run stopped after step 2 and resumed, each under ``out/<name>/run``."""
+    from dimoo_npu.train.trainer import Trainer
+
+    def run(folder: str, *extra: str) -> list[float]:
+        return Trainer(load_config(TINY_CONFIG, [*common, f"output_dir={out / folder / 'run'}", *extra])).train()
+
+    return {
+        "full": run("full", f"train_iters={steps}", "save_interval=2"),
+        "resumed": run("resumed", "train_iters=2") + run("resumed", f"train_iters={steps}"),
+    }
+
+
 # A run (tiny config under argv[1], overrides argv[2:], saving every 2 steps) SIGKILLed while saving step 4: DCP has
 # written every file, the rename into place is next.
 KILL_AT_STEP_4 = """
