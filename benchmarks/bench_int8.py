@@ -72,7 +72,8 @@ def main() -> None:
         f"thread(s), torch {torch.__version__}\n"
         f"d{args.d_model} x {args.layers} blocks, vocabulary {VOCAB}, batch {args.batch}, {args.grid}x{args.grid} "
         f"grid, {args.timesteps} steps, cfg {args.cfg}, greedy; seconds: median of {args.repeats} (min-max)\n\n"
-        "| model | weights MB | seconds | images/s | vs fp32 | image tokens equal to fp32 |\n|---|---|---|---|---|---|\n"
+        "| model | weights MB | seconds | images/s | vs fp32 | image tokens equal to fp32 |\n"
+        "|---|---|---|---|---|---|\n"
     )
     baseline, reference = None, None
     for name, model in variants.items():

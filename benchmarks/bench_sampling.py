@@ -40,6 +40,16 @@ VOCAB = 134548
 write = sys.stdout.write
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
+    """The flags `build_model` reads: device, dtype and the random model's sizes."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--mlp", type=int, default=0, help="MLP width (default 8/3 d_model)")
+
+
 def build_model(args, device: torch.device, compile: bool = False) -> DiMOOModel:
     config = DiMOOConfig(
         d_model=args.d_model,
@@ -203,12 +213,7 @@ def cache_table(args, models, backend, device) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--mlp", type=int, default=0, help="MLP width (default 8/3 d_model)")
+    add_model_arguments(parser, layers=6)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--grid", type=int, default=16, help="grid side of the naive-vs-batched table")

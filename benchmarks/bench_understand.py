@@ -22,7 +22,7 @@ import sys
 from functools import partial
 
 import torch
-from bench_sampling import build_model, timed
+from bench_sampling import add_model_arguments, build_model, timed
 
 from dimoo_npu.adapters import resolve_device
 from dimoo_npu.sampling import sample_text
@@ -61,12 +61,7 @@ def modes(args) -> list[tuple[str, str, float | None]]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--mlp", type=int, default=0, help="MLP width (default 8/3 d_model)")
+    add_model_arguments(parser, layers=8)
     parser.add_argument("--question-len", type=int, default=40)
     parser.add_argument("--image-side", type=int, default=32, help="image codes per side (32: a 512-pixel image)")
     parser.add_argument("--gen-length", type=int, default=256)
