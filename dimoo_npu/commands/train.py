@@ -109,8 +109,8 @@ def _pretokenize(args: argparse.Namespace) -> int:
     from dimoo_npu.config import DiMOOConfig
     from dimoo_npu.requests import field_maxima
     from dimoo_npu.train.encode import EncoderSettings
-    from dimoo_npu.validate import check_int
     from dimoo_npu.train.pretokenize import REJECTED, pretokenize
+    from dimoo_npu.validate import check_int
 
     model = DiMOOConfig.from_json(args.checkpoint)  # limits the user leaves out are the checkpoint's own
     tuned = model.generation_defaults
