@@ -4,7 +4,10 @@ Self-reward (the Lumina-DiMOO paper's Self-GRPO: generate, understand, assess, r
 question of a prompt's spec about the image generated for it, and the reward is the fraction of answers that
 match the expected ones (after `dimoo_npu.shapes.evaluate.normalise_answer`). The spec comes from the shapes world
 (a question per attribute a prompt states, its answer from the same attribute) or from a JSONL file
-(``{"prompt": ..., "questions": [{"question": ..., "answer": ...}, ...]}`` per line). An external reward
+(``{"prompt": ..., "questions": [{"question": ..., "answer": ...}, ...]}`` per line). Beside text-to-image, the shapes
+world gives edit items (an instruction, its source picture and the one right target) and caption items (a picture
+and its canonical caption); an answer to a caption question earns the share of the expected objects' attributes it
+reads right (`caption_credit`), any other answer 1 or 0. An external reward
 ``module:function`` takes PIL RGB images and prompt strings and returns one float in [0, 1] per image; it is code
 the user names in the run config, imported as such.
 """
@@ -26,6 +29,8 @@ from dimoo_npu.shapes import world
 from dimoo_npu.shapes.evaluate import normalise_answer
 
 SHAPES_SPEC = "shapes"
+# Rollout tasks of the shapes world. Removal has no self-reward: a picture left empty answers no question.
+SHAPES_TASKS: tuple[str, ...] = ("t2i", *(f"edit-{kind}" for kind in world.EDITS if kind != "remove"), "caption")
 Answerer = Callable[[list[Image.Image], list[str]], list[str]]
 RewardFunction = Callable[[list[Image.Image], list[str]], Sequence[float]]
 
@@ -39,6 +44,9 @@ class RewardItem:
     prompt: str
     questions: tuple[tuple[str, str], ...]  # (question, expected answer)
     scene: world.Scene | None = field(default=None, compare=False)  # what the prompt asks for (shapes world)
+    task: str = "t2i"  # a SHAPES_TASKS name: how the item is rolled out
+    source: world.Scene | None = field(default=None, compare=False)  # an edit's source picture
+    edit_type: str | None = None  # an edit's public edit type (`dimoo edit --edit-type`)
 
 
 def shapes_spec(attributes: Sequence[str] | None, seed: int) -> list[RewardItem]:
@@ -62,6 +70,43 @@ def shapes_spec(attributes: Sequence[str] | None, seed: int) -> list[RewardItem]
         )
         for obj in world.split_objects("train")
     ]
+
+
+def shapes_task_spec(task: str, seed: int, count: int) -> list[RewardItem]:
+    """``count`` training-split items of an edit or caption ``task`` (`SHAPES_TASKS`), drawn from ``seed``.
+
+    The judge of an edit reads the result the way it reads any picture: asked for a caption, its answer is credited
+    with the target's attributes it names (the bundled model answers single-object questions only; its captions
+    cover two objects)."""
+    if task not in SHAPES_TASKS or task == "t2i":
+        raise ConfigError(f"rl.tasks names {task!r}: use {', '.join(SHAPES_TASKS)}")
+    rng = random.Random(f"{seed}:{task}")
+    items = []
+    for index in range(count):
+        asked = world.CAPTION_QUESTIONS[index % len(world.CAPTION_QUESTIONS)]
+        if task == "caption":
+            scene = world.picture_scene(rng, 1 + index % 2)  # one and two objects in turn
+            items.append(RewardItem(asked, ((asked, world.scene_caption(scene)),), scene, task))
+            continue
+        edit = world.sample_edit(task.removeprefix("edit-"), rng)
+        target = ((asked, world.scene_caption(edit.target)),)
+        items.append(RewardItem(edit.instruction, target, edit.target, task, edit.source, edit.edit_type))
+    return items
+
+
+def caption_credit(expected: str, got: str) -> float:
+    """The share of the expected caption's (object, attribute) slots that ``got`` reads right, objects in reading
+    order; a caption naming more or fewer objects is divided by the longer list (an extra object costs)."""
+    want, read = world.parse_caption(expected), world.parse_caption(got)
+    right = sum(w[name] == r[name] for w, r in zip(want, read) for name in w)  # noqa: B905 - unequal on purpose
+    return right / (len(want[0]) * max(len(want), len(read)))
+
+
+def answer_credit(question: str, expected: str, got: str) -> float:
+    """1 or 0 for an answer (after `normalise_answer`); `caption_credit` for a caption question."""
+    if normalise_answer(got) == normalise_answer(expected):
+        return 1.0
+    return caption_credit(expected, got) if question in world.CAPTION_QUESTIONS else 0.0
 
 
 def load_spec(path: str | Path, questions_needed: bool = True) -> list[RewardItem]:
@@ -136,14 +181,14 @@ def checked_rewards(name: str, function: Callable, images: list[Image.Image], re
 
 def self_reward(answer: Answerer) -> RewardFunction:
     """The Self-GRPO reward of ``answer`` (a model answering questions about images), as a function of
-    (images, items): the share of each item's questions answered as expected."""
+    (images, items): each item's mean `answer_credit` over its questions."""
 
     def score(images: list[Image.Image], items: list[RewardItem]) -> list[float]:
         asked = [(index, q, want) for index, item in enumerate(items) for q, want in item.questions]
         answers = answer([images[index] for index, _, _ in asked], [q for _, q, _ in asked])
-        right = [0] * len(items)
-        for (index, _, want), got in zip(asked, answers, strict=True):
-            right[index] += normalise_answer(got) == normalise_answer(want)
-        return [hits / len(item.questions) for hits, item in zip(right, items, strict=True)]
+        credit = [0.0] * len(items)
+        for (index, q, want), got in zip(asked, answers, strict=True):
+            credit[index] += answer_credit(q, want, got)
+        return [total / len(item.questions) for total, item in zip(credit, items, strict=True)]
 
     return score

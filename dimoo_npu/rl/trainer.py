@@ -1,9 +1,12 @@
 """Self-GRPO through `dimoo train`: rollouts from the policy, rewards from its own answers, GRPO updates.
 
-One step: take ``global_batch_size / num_generations`` prompts of the reward spec, sample ``num_generations``
-images of each with `sample_image(record=True)` at ``rl.temperature``, decode them, score them (self-reward or
-``rl.reward_function``), normalise the rewards within each group, and make ``num_iterations`` optimizer updates
-of the GRPO loss (`dimoo_npu.rl.objective`) on the recorded rollouts. Every random draw (prompt order, sampling
+One step: take ``global_batch_size / num_generations`` prompt groups, each of the next task of ``rl.tasks`` in
+turn (text-to-image, an edit of a source picture, or a caption of a true picture), sample ``num_generations``
+completions of each at ``rl.temperature`` (`sample_image` / `sample_text` with ``record=True``), score them
+(pictures: self-reward or ``rl.reward_function``; captions: their credit against the true caption), normalise the
+rewards within each group, and make ``num_iterations`` optimizer updates of the GRPO loss
+(`dimoo_npu.rl.objective`) on the recorded rollouts. Every ``rl.eval_interval`` steps the target tasks are
+scored greedily on a held-out slice (`dimoo_npu.rl.heldout`). Every random draw (prompt order, sampling
 noise, the likelihood's hidden tokens) comes from a generator seeded by (run seed, step, row), and the reference
 is the run's starting weights rebuilt, so a resumed run repeats the uninterrupted one. Checkpoints, the run lock,
 resume and metrics are the supervised trainer's (`dimoo_npu.train.trainer.Trainer`).
@@ -18,31 +21,37 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from dimoo_npu.errors import ConfigError
 from dimoo_npu.generation_settings import check_image_settings, check_text_settings
 from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.lengths import LengthLimit
 from dimoo_npu.requests import PIXELS_PER_CELL
+from dimoo_npu.rl.augment import augmented
+from dimoo_npu.rl.heldout import check_heldout_tasks, score_heldout
 from dimoo_npu.rl.likelihood import TokenScores, sampled_timestep_mask, sampled_timestep_scores, trajectory_scores
 from dimoo_npu.rl.objective import group_advantages, grpo_loss
 from dimoo_npu.rl.reward import (
     SHAPES_SPEC,
+    SHAPES_TASKS,
     RewardError,
     RewardItem,
+    answer_credit,
     checked_rewards,
     load_reward_function,
     load_spec,
     self_reward,
     shapes_spec,
+    shapes_task_spec,
 )
 from dimoo_npu.sampling import sample_image, sample_text
 from dimoo_npu.sampling.record import Rollout
 from dimoo_npu.shapes import world
-from dimoo_npu.shapes.evaluate import normalise_answer
-from dimoo_npu.tasks import PromptEncoder, text_to_image, understand
+from dimoo_npu.tasks import PromptEncoder, edit, text_to_image, understand
 from dimoo_npu.text_tokenizer import load_text_tokenizer
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.masking import sample_generator
@@ -71,12 +80,18 @@ def check_rl_layout(config: TrainConfig, world_size: int) -> None:
         )
 
 
-def step_items(items: list[RewardItem], step: int, count: int, seed: int) -> list[RewardItem]:
-    """The ``count`` prompts of ``step``: the spec in a fresh seeded order per pass over it."""
+def step_items(
+    tasks: list[str], items: dict[str, list[RewardItem]], first: int, count: int, seed: int
+) -> list[RewardItem]:
+    """The items of the run's prompt groups ``first .. first + count - 1``: group k is of task
+    ``tasks[k % len(tasks)]``, and each task walks its items in a fresh seeded order per pass over them."""
     chosen = []
-    for index in range(step * count, (step + 1) * count):
-        epoch, offset = divmod(index, len(items))
-        chosen.append(items[_pass_order(seed, epoch, len(items))[offset]])
+    for group in range(first, first + count):
+        turn, slot = divmod(group, len(tasks))
+        task = tasks[slot]
+        occurrence = turn * tasks.count(task) + tasks[:slot].count(task)
+        epoch, offset = divmod(occurrence, len(items[task]))
+        chosen.append(items[task][_pass_order(seed, epoch, len(items[task]))[offset]])
     return chosen
 
 
@@ -111,6 +126,12 @@ class GRPOTrainer(Trainer):
                 "rl.understanding needs pictures whose answers are known: it runs on the shapes world "
                 "(rl.prompts: shapes), whose prompts come with their true picture"
             )
+        self.tasks = self._rollout_tasks()
+        self.task_items = {
+            task: self.items if task == "t2i" else shapes_task_spec(task, self.config.gpt_args.seed, rl.task_items)
+            for task in self.tasks
+        }
+        self.eval_tasks = check_heldout_tasks(rl.eval_tasks if rl.eval_tasks is not None else self.tasks)
         self.reward_function = load_reward_function(rl.reward_function) if external else None
         assets = rl.assets or self.config.model.init_from
         if assets is None:
@@ -123,6 +144,25 @@ class GRPOTrainer(Trainer):
         self.answer_steps = rl.answer_steps or self.answer_length
         check_image_settings(self.timesteps, rl.temperature, rl.cfg_scale, 0.0, 0.9, 0.3, 5)
         check_text_settings(self.answer_length, self.answer_length, self.answer_steps, 0.0, 0.0)
+
+    def _rollout_tasks(self) -> list[str]:
+        """``rl.tasks`` checked: known names, the shapes world for anything but text-to-image, unguided edits."""
+        rl = self.config.rl
+        tasks = list(rl.tasks) if rl.tasks is not None else ["t2i"]
+        if not tasks:
+            raise ConfigError(f"rl.tasks is empty: name at least one of {', '.join(SHAPES_TASKS)}")
+        for task in tasks:
+            if task not in SHAPES_TASKS:
+                raise ConfigError(f"rl.tasks names {task!r}: use {', '.join(SHAPES_TASKS)}")
+        if rl.prompts != SHAPES_SPEC and tasks != ["t2i"]:
+            raise ConfigError(
+                "rl.tasks beyond t2i need pictures and answers the run knows: they run on the shapes world "
+                "(rl.prompts: shapes); a JSONL spec rolls out text-to-image only"
+            )
+        if rl.cfg_scale > 0 and any(task.startswith("edit-") for task in tasks):
+            raise ConfigError("edit rollouts run unguided (the likelihood scores the conditional branch): set "
+                              "rl.cfg_scale: 0 or drop the edit tasks")  # fmt: skip
+        return tasks
 
     # ---- after the model: tokenizers, the reference, the reward ----
 
@@ -139,7 +179,8 @@ class GRPOTrainer(Trainer):
         if self.reward_function is None:
             answerer = self.reference if rl.reward_model == "reference" else self.model
             self.score = self_reward(lambda images, questions: self._answer(answerer, images, questions))
-        self.prompts = {item.prompt: self._image_prompt(item.prompt) for item in self.items}
+        self.prompts = {item.prompt: self._image_prompt(item.prompt) for item in self.task_items.get("t2i", [])}
+        self.image_budget = self.model_config.generation_defaults.get("image_budget")
 
     def _frozen_reference(self) -> torch.nn.Module:
         """The run's starting weights (init_from, or the seeded fresh model), frozen: also after a resume."""
@@ -166,35 +207,55 @@ class GRPOTrainer(Trainer):
 
     # ---- one step ----
 
-    def _rollout(self, items: list[RewardItem], first: int) -> Rollout:
-        """``num_generations`` images of each item; row i draws from the generator of the run's row ``first + i``."""
-        rl, batch = self.config.rl, len(items) * self.config.rl.num_generations
-        prepared = [self.prompts[item.prompt] for item in items for _ in range(rl.num_generations)]
+    def _rollout(self, groups: list[int], items: list[RewardItem]) -> Rollout:
+        """``num_generations`` pictures of each item (text-to-image, or an edit of its source picture), sampled
+        with the generators of the groups' rows."""
+        rl = self.config.rl
+        prepared = [self._picture_prompt(group, item) for group, item in zip(groups, items, strict=True)]
+        repeated = [p for p in prepared for _ in range(rl.num_generations)]
         return sample_image(
             self.model,
-            [p.prompt.to(self.device) for p in prepared],
-            uncond_ids=[p.uncond.to(self.device) for p in prepared] if rl.cfg_scale > 0 else None,
+            [p.prompt.to(self.device) for p in repeated],
+            uncond_ids=[p.uncond.to(self.device) for p in repeated] if rl.cfg_scale > 0 else None,
             timesteps=self.timesteps,
             temperature=rl.temperature,
             cfg_scale=rl.cfg_scale,
-            generator=self._generators(IMAGE_SAMPLING, first, batch),
+            generator=self._generators(IMAGE_SAMPLING, self._rows(groups)),
             record=True,
         )
 
-    def _generators(self, kind: int, first: int, count: int) -> list[torch.Generator]:
-        """One generator per row ``first .. first + count - 1`` of the run, for one kind of draw."""
-        return [sample_generator(self.config.gpt_args.seed, DRAW_KINDS * (first + i) + kind) for i in range(count)]
+    def _picture_prompt(self, group: int, item: RewardItem):
+        if item.source is None:
+            return self.prompts[item.prompt]
+        source = self._shown(world.render(item.source), group)
+        return edit.prepare(self.encoder, source, item.prompt, item.edit_type, image_budget=self.image_budget)
 
-    def _answer_rollout(self, items: list[RewardItem], first: int) -> tuple[Rollout, torch.Tensor]:
+    def _shown(self, picture, group: int):
+        """A picture as a rollout of ``group`` reads it: augmented (one draw per group) with ``rl.augment``."""
+        if not self.config.rl.augment:
+            return picture
+        return augmented(picture, self.config.gpt_args.seed * 1_000_003 + group)
+
+    def _rows(self, groups: list[int]) -> list[int]:
+        """The run's completion rows of prompt groups ``groups``."""
+        n = self.config.rl.num_generations
+        return [group * n + j for group in groups for j in range(n)]
+
+    def _generators(self, kind: int, rows: list[int]) -> list[torch.Generator]:
+        """One generator per run row in ``rows``, for one kind of draw."""
+        return [sample_generator(self.config.gpt_args.seed, DRAW_KINDS * row + kind) for row in rows]
+
+    def _answer_rollout(self, groups: list[int], items: list[RewardItem]) -> tuple[Rollout, torch.Tensor]:
         """Understanding rollouts: ``num_generations`` sampled answers to one question of each item (the step's
-        turn through its questions) about the item's true picture, and their rewards (1 for the expected answer)."""
+        turn through its questions) about the item's true picture, and their rewards (`answer_credit`)."""
         rl = self.config.rl
         asked = [item.questions[self.step % len(item.questions)] for item in items]
         prompts = [
-            understand.prepare(self.encoder, world.render(item.scene), question, self.answer_length, None)
-            for item, (question, _) in zip(items, asked, strict=True)
+            understand.prepare(self.encoder, self._shown(world.render(item.scene), group), question,
+                               self.answer_length, None)
+            for group, item, (question, _) in zip(groups, items, asked, strict=True)
             for _ in range(rl.num_generations)
-        ]
+        ]  # fmt: skip
         rollout = sample_text(
             self.model,
             [p.to(self.device) for p in prompts],
@@ -202,13 +263,13 @@ class GRPOTrainer(Trainer):
             block_length=self.answer_length,
             steps=self.answer_steps,
             temperature=rl.temperature,
-            generator=self._generators(ANSWER_SAMPLING, first, len(prompts)),
+            generator=self._generators(ANSWER_SAMPLING, self._rows(groups)),
             record=True,
         )
-        expected = [want for _, want in asked for _ in range(rl.num_generations)]
+        wanted = [pair for pair in asked for _ in range(rl.num_generations)]
         rewards = [
-            float(normalise_answer(understand.decode_answer(self.encoder, p, row[: p.numel()])) == normalise_answer(e))
-            for p, row, e in zip(prompts, rollout.sequence, expected, strict=True)
+            answer_credit(question, want, understand.decode_answer(self.encoder, p, row[: p.numel()]))
+            for p, row, (question, want) in zip(prompts, rollout.sequence, wanted, strict=True)
         ]
         return rollout, torch.tensor(rewards, device=self.device)
 
@@ -246,6 +307,25 @@ class GRPOTrainer(Trainer):
         parts = [torch.empty_like(local) for _ in range(self.dims.dp)]
         dist.all_gather(parts, local)
         return torch.cat(parts)
+
+    def _reward_metrics(self, by_task: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """``reward_mean`` / ``reward_std`` over the step's task rollouts on every rank, and ``reward_<task>`` per
+        task when there are several (ranks hold different tasks: sums are reduced, not gathered)."""
+        names = list(dict.fromkeys(self.tasks))
+        sums = torch.zeros(len(names), 3, dtype=torch.float64, device=self.device)
+        for index, name in enumerate(names):
+            for values in by_task.get(name, []):
+                values = values.double()
+                sums[index] += torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel())])
+        if self.dims.dp > 1:
+            dist.all_reduce(sums)
+        total, squares, count = sums.sum(dim=0).tolist()
+        mean = total / count
+        metrics = {"reward_mean": mean, "reward_std": max(squares - count * mean**2, 0.0) / max(count - 1, 1)}
+        metrics["reward_std"] **= 0.5
+        if len(names) > 1:
+            metrics.update({f"reward_{n}": float(s[0] / s[2]) for n, s in zip(names, sums, strict=True) if s[2] > 0})
+        return metrics
 
     def _scores(self, model, part: _Part, lo: int, hi: int) -> TokenScores:
         """The configured likelihood estimate of rows ``lo:hi`` of ``part`` under ``model``."""
@@ -304,30 +384,43 @@ class GRPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
         return sums
 
-    def _part(self, rollout: Rollout, rewards: torch.Tensor, vocab_range, first: int, hidden_kind: int) -> _Part:
+    def _part(self, rollout: Rollout, rewards: torch.Tensor, vocab_range, rows: list[int], hidden_kind: int) -> _Part:
         """A rollout with its group advantages and, for the sampled-timestep estimate, its hidden tokens."""
         hidden = None
         if self.config.rl.likelihood == "sampled_timestep":
-            hidden = sampled_timestep_mask(rollout, self._generators(hidden_kind, first, rollout.tokens.shape[0]))
+            hidden = sampled_timestep_mask(rollout, self._generators(hidden_kind, rows))
         return _Part(rollout, hidden, group_advantages(rewards, self.config.rl.num_generations), vocab_range)
 
     def train_step(self) -> dict[str, Any]:
         """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
         rl, g = self.config.rl, self.config.gpt_args
         start = time.perf_counter()
-        groups = g.global_batch_size // rl.num_generations // self.dims.dp
-        items = step_items(self.items, self.step, groups * self.dims.dp, g.seed)[self.dp_rank * groups :][:groups]
-        first = self.step * g.global_batch_size + self.dp_rank * groups * rl.num_generations  # this rank's first row
-        rollout = self._rollout(items, first)
-        local_rewards = self._rewards(rollout, items)
-        rewards = self._gather(local_rewards)
-        parts = [self._part(rollout, local_rewards, self.codes, first, IMAGE_HIDDEN)]
-        extra = {}
+        count = g.global_batch_size // rl.num_generations // self.dims.dp  # this rank's prompt groups
+        first = (self.step * self.dims.dp + self.dp_rank) * count
+        groups = list(range(first, first + count))
+        items = step_items(self.tasks, self.task_items, first, count, g.seed)
+        pictures = [(k, item) for k, item in zip(groups, items, strict=True) if item.task != "caption"]
+        captions = [(k, item) for k, item in zip(groups, items, strict=True) if item.task == "caption"]
+        parts, by_task, completions = [], {}, 0
+        if pictures:
+            picture_groups, picture_items = map(list, zip(*pictures, strict=True))
+            rollout = self._rollout(picture_groups, picture_items)
+            rewards = self._rewards(rollout, picture_items)
+            parts.append(self._part(rollout, rewards, self.codes, self._rows(picture_groups), IMAGE_HIDDEN))
+            self._by_task(by_task, picture_items, rewards)
+            completions += rollout.tokens.numel()
+        if captions:
+            caption_groups, caption_items = map(list, zip(*captions, strict=True))
+            rollout, rewards = self._answer_rollout(caption_groups, caption_items)
+            parts.append(self._part(rollout, rewards, None, self._rows(caption_groups), ANSWER_HIDDEN))
+            self._by_task(by_task, caption_items, rewards)
+            completions += rollout.tokens.numel()
+        extra = self._reward_metrics(by_task)
         if rl.understanding:
-            answers, answer_rewards = self._answer_rollout(items, first)
-            parts.append(self._part(answers, answer_rewards, None, first, ANSWER_HIDDEN))
+            answers, answer_rewards = self._answer_rollout(groups, items)
+            parts.append(self._part(answers, answer_rewards, None, self._rows(groups), ANSWER_HIDDEN))
             every = self._gather(answer_rewards)
-            extra = {"answer_reward_mean": float(every.mean()), "answer_reward_std": float(every.std())}
+            extra.update(answer_reward_mean=float(every.mean()), answer_reward_std=float(every.std()))
         rollout_s = time.perf_counter() - start
         lr = learning_rate(self.step, self.config)
         sums = self._update(parts, lr)
@@ -337,18 +430,62 @@ class GRPOTrainer(Trainer):
         seconds = time.perf_counter() - start
         self.step += 1
         self.consumed += g.global_batch_size
+        heldout = self._heldout_scores()
         return {
             "step": self.step,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
             **extra,
             **sums,
             "lr": lr,
-            "tokens_per_s": rollout.tokens.numel() * self.dims.dp / seconds,
+            "tokens_per_s": completions * self.dims.dp / seconds,
             "rollout_s": rollout_s,
             "update_s": seconds - rollout_s,
             "step_time_s": seconds,
+            **heldout,
         }
+
+    @staticmethod
+    def _by_task(by_task: dict[str, list[torch.Tensor]], items: list[RewardItem], rewards: torch.Tensor) -> None:
+        """File each group's rewards under its task."""
+        for item, values in zip(items, rewards.view(len(items), -1), strict=True):
+            by_task.setdefault(item.task, []).append(values)
+
+    # ---- in-run scoring ----
+
+    def _heldout_scores(self) -> dict[str, float]:
+        """Every ``rl.eval_interval`` steps (and at the last): the held-out slice's scores, with their seconds."""
+        rl = self.config.rl
+        last = self.step == self.config.gpt_args.train_iters
+        if not rl.eval_interval or (self.step % rl.eval_interval and not last):
+            return {}
+        start = time.perf_counter()
+        scores = score_heldout(self.eval_tasks, rl.eval_limit, self._greedy_t2i, self._greedy_edit, self._read)
+        return {**scores, "heldout_s": time.perf_counter() - start}
+
+    def _greedy_pictures(self, prepared) -> list:
+        """Greedy pictures at the checkpoint's settings (as `dimoo eval shapes` draws them), as RGB arrays."""
+        defaults = self.model_config.generation_defaults
+        with self._autocast():
+            cells = sample_image(
+                self.model, [p.prompt.to(self.device) for p in prepared],
+                timesteps=defaults.get("timesteps", 64), temperature=0.0,
+            )  # fmt: skip
+        grid = (self.height // PIXELS_PER_CELL, self.width // PIXELS_PER_CELL)
+        codes = (cells - self.codes[0]).reshape(-1, *grid).cpu()
+        return [np.asarray(image.convert("RGB")) for image in self.image_tokenizer.decode_images(codes)]
+
+    def _greedy_t2i(self, prompts: list[str]) -> list:
+        return self._greedy_pictures([self._image_prompt(prompt) for prompt in prompts])
+
+    def _greedy_edit(self, sources, instructions: list[str], edit_types: list[str]) -> list:
+        prepared = [
+            edit.prepare(self.encoder, Image.fromarray(source), text, kind, image_budget=self.image_budget)
+            for source, text, kind in zip(sources, instructions, edit_types, strict=True)
+        ]
+        return self._greedy_pictures(prepared)
+
+    def _read(self, images, questions: list[str]) -> list[str]:
+        with self._autocast():
+            return self._answer(self.model, [Image.fromarray(image) for image in images], questions)
 
 
 @dataclass

@@ -54,6 +54,9 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "rl.timesteps": (1, MAX_LENGTH_LIMIT),
     "rl.answer_length": (1, MAX_LENGTH_LIMIT),
     "rl.answer_steps": (1, MAX_LENGTH_LIMIT),
+    "rl.task_items": (1, 2**20),
+    "rl.eval_interval": (0, ITERS_LIMIT),
+    "rl.eval_limit": (1, 2**20),
 }
 
 
@@ -168,6 +171,13 @@ class RLArgs:
     answer_length: int | None = None  # answer tokens of the self-reward; null: generation_defaults, else 32
     answer_steps: int | None = None  # answer sampling steps; null: answer_length
     understanding: bool = False  # also num_generations sampled answers per prompt about its true picture (shapes)
+    tasks: list | None = None  # shapes world: rollout tasks, one per prompt group in turn (repeat one to weight
+    # it): t2i, edit-<kind> (recolour, move, turn, resize, add), caption; null: [t2i]
+    task_items: int = 512  # training-split items drawn per edit or caption task
+    augment: bool = False  # jitter the colours and add noise to the pictures a rollout reads (robust beyond renders)
+    eval_interval: int = 0  # steps between in-run scorings of eval_tasks on held-out items (0: none)
+    eval_tasks: list | None = None  # `dimoo eval shapes --task` names scored in-run; null: the rollout tasks
+    eval_limit: int = 12  # held-out items per in-run task (the full `dimoo eval shapes` runs after training)
 
     def image_size(self, defaults: dict[str, Any]) -> tuple[int, int]:
         """(width, height) of the rollouts: as set, else the checkpoint's generation_defaults, else 512."""
@@ -196,6 +206,8 @@ class RLArgs:
             raise ConfigError(f"rl.cfg_scale is {self.cfg_scale}; it must not be negative")
         check_choice("rl.likelihood", self.likelihood, LIKELIHOOD_ESTIMATES)
         check_choice("rl.reward_model", self.reward_model, REWARD_MODELS)
+        if self.task_items < 1 or self.eval_interval < 0 or self.eval_limit < 1:
+            raise ConfigError("rl.task_items and rl.eval_limit must be at least 1, rl.eval_interval at least 0")
         for name in ("width", "height", "timesteps", "answer_length", "answer_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -125,11 +125,19 @@ def test_self_reward_asks_the_chosen_model_about_each_image(tmp_path, monkeypatc
 
 
 def test_prompts_follow_a_seeded_order_per_pass():
-    items = [RewardItem(str(i), ()) for i in range(5)]
-    drawn = [item.prompt for step in range(5) for item in step_items(items, step, 2, seed=3)]
+    items = {"t2i": [RewardItem(str(i), ()) for i in range(5)]}
+    drawn = [item.prompt for step in range(5) for item in step_items(["t2i"], items, 2 * step, 2, seed=3)]
     assert sorted(drawn[:5]) == sorted(drawn[5:]) == [str(i) for i in range(5)], "each pass shows every prompt once"
     assert drawn[:5] != drawn[5:], "in a new order"
-    assert step_items(items, 4, 2, seed=3) == step_items(items, 4, 2, seed=3)
+    assert step_items(["t2i"], items, 8, 2, seed=3) == step_items(["t2i"], items, 8, 2, seed=3)
+
+
+def test_groups_take_the_tasks_in_turn_and_each_task_walks_its_own_items():
+    items = {"a": [RewardItem(f"a{i}", (), task="a") for i in range(3)], "b": [RewardItem("b0", (), task="b")]}
+    drawn = step_items(["a", "a", "b"], items, 0, 9, seed=1)
+    assert [item.task for item in drawn] == ["a", "a", "b"] * 3, "a task listed twice gets twice the groups"
+    assert sorted(item.prompt for item in drawn[:2] + drawn[3:4]) == ["a0", "a1", "a2"], "a pass over a's items"
+    assert step_items(["a", "a", "b"], items, 4, 3, seed=1) == drawn[4:7], "a group's item depends on its index only"
 
 
 @pytest.mark.parametrize("function", ["raises", "not_a_number", "too_large"])
@@ -188,7 +196,7 @@ def test_understanding_rollouts_are_rewarded_by_answer_correctness(tmp_path, mon
     run_grpo(config)
     (record,) = _records(tmp_path)
     assert pictures == [(128, 128)] * 4, "one answer per completion slot: 2 prompts x 2 generations"
-    items = step_items(shapes_spec(["shape"], config.gpt_args.seed), 0, 2, config.gpt_args.seed)
+    items = step_items(["t2i"], {"t2i": shapes_spec(["shape"], config.gpt_args.seed)}, 0, 2, config.gpt_args.seed)
     assert record["answer_reward_mean"] == sum(item.scene.objects[0].shape == "circle" for item in items) / 2
 
 
