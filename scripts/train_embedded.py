@@ -5,6 +5,7 @@
     python scripts/train_embedded.py --from-scratch       # VQ and transformer from nothing
     python scripts/train_embedded.py --work /tmp/smoke --no-install --mix-scale 0.01 --from-scratch --vq-steps 20 \
         --eval-limit 2 gpt_args.train_iters=5           # every stage end to end in minutes
+    python scripts/train_embedded.py --self-grpo          # Self-GRPO from the shipped weights (issue 30)
 
 Stages: VQ image tokenizer -> checkpoint skeleton (config with its own special tokens, word tokenizer,
 vqvae/) -> starting weights -> training manifest -> `dimoo pretokenize` -> `dimoo train` (our trainer,
@@ -17,6 +18,11 @@ By default the run continues from the shipped model: its VQ is reused (the image
 model knows) and its weights seed the transformer, remapped to the grown word list
 (`dimoo_npu.shapes.warm_start`), so the budget goes to what is new. ``--from-scratch`` trains the VQ and the
 transformer from nothing (about 19 minutes more for the VQ alone on 2 threads).
+
+``--self-grpo`` runs the Self-GRPO stage instead (configs/train/shapes_self_grpo.yaml, from the shipped weights,
+on prompts of the training split) -> `dimoo export-hf` -> `dimoo eval shapes`, and installs the result only when
+it meets SELF_GRPO_GOAL against the shipped model's own figures (from its report, with the caption breakdown
+measured when the report predates it).
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = REPO / "configs" / "train" / "shapes_embedded.yaml"
 MAX_ASSET_BYTES = 30_000_000  # issue 18: shipped assets at most 30 MB
 INSTALL_GOAL = {"t2i": 0.95, "qa": 0.95}  # held-out all-attributes accuracy the shipped model must keep
+GRPO_CONFIG = REPO / "configs" / "train" / "shapes_self_grpo.yaml"
+# Issue 30: (task, breakdown or None) -> least gain over the shipped model; and no task may lose more items.
+SELF_GRPO_GOAL = {("edit-recolour", None): 0.10, ("caption", "two_objects"): 0.10}
+MOST_ITEMS_LOST = 2
 MARKER = ".train_embedded-work"  # written into the work folder this script makes; --fresh deletes only such a one
 logger = logging.getLogger("train_embedded")
 
@@ -53,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--from-scratch",
         action="store_true",
         help="train the VQ and the transformer from nothing (default: continue from the shipped model)",
+    )
+    parser.add_argument(
+        "--self-grpo",
+        action="store_true",
+        help="run the Self-GRPO stage from the shipped weights (configs/train/shapes_self_grpo.yaml) instead",
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every stage")
     parser.add_argument("--vq-steps", type=int, default=None, help="VQ training steps (default: the config's)")
@@ -74,6 +89,8 @@ def checked(args: argparse.Namespace) -> argparse.Namespace:
         check_int("--eval-limit", args.eval_limit, 0, 2**31 - 1)
         if args.vq_steps is not None:
             check_int("--vq-steps", args.vq_steps, 1, 10**7)
+        if args.self_grpo and args.from_scratch:
+            raise DimooError("--self-grpo starts from the shipped weights: drop --from-scratch")
     except DimooError as err:
         print(f"train_embedded: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -153,6 +170,80 @@ def short_of_goal(evaluation: dict) -> list[str]:
     ]
 
 
+def figure(evaluation: dict, task: str, subset: str | None) -> tuple[float, int]:
+    """(accuracy, items) of ``task`` (or its ``subset``) in an evaluation report."""
+    score = evaluation[task] if subset is None else evaluation[task]["breakdown"][subset]
+    return score["overall"], score["count"]
+
+
+def self_grpo_misses(before: dict, after: dict) -> list[str]:
+    """What keeps a Self-GRPO result from replacing the shipped model: a goal gain not reached, a task that lost
+    more than MOST_ITEMS_LOST items, or an install goal missed."""
+    missed = []
+    for (task, subset), gain in SELF_GRPO_GOAL.items():
+        (old, _), (new, _) = figure(before, task, subset), figure(after, task, subset)
+        if new < old + gain - 1e-9:
+            missed.append(f"{task}{'/' + subset if subset else ''} {old:.3f} -> {new:.3f}, short of +{gain}")
+    for task in after["tasks"]:
+        (old, count), (new, _) = figure(before, task, None), figure(after, task, None)
+        if round((old - new) * count) > MOST_ITEMS_LOST:
+            missed.append(f"{task} {old:.3f} -> {new:.3f}, down more than {MOST_ITEMS_LOST} items")
+    return missed + short_of_goal(after)
+
+
+def shipped_figures(shipped: Path, work: Path, threads: int) -> dict:
+    """The shipped model's evaluation from its report, its captions measured again when the report has no
+    one-object / two-object breakdown."""
+    evaluation = json.loads((shipped / "training_report.json").read_text())["eval"]
+    if "breakdown" not in evaluation["caption"]:
+        out = work / "eval-shipped-captions.json"
+        dimoo("eval", "shapes", "--checkpoint", str(shipped), "--task", "caption", "--output", str(out),
+              threads=threads)  # fmt: skip
+        evaluation["caption"] = json.loads(out.read_text())["caption"]
+    return evaluation
+
+
+def run_self_grpo(args: argparse.Namespace, work: Path, report: dict) -> int:
+    """The Self-GRPO stage from the shipped weights, its evaluation, and the install when it meets the goal."""
+    from dimoo_npu.atomic import write_text_atomically
+
+    start = time.perf_counter()
+    shipped = Path(args.install_to)
+    before = shipped_figures(shipped, work, args.threads)
+    lineage = json.loads((shipped / "training_report.json").read_text())
+    report["init_from"] = {"folder": repo_relative(shipped), "command": lineage.get("command")}
+    run = work / "run"
+    dimoo("train", str(GRPO_CONFIG), f"output_dir={run}", f"model.init_from={shipped}", *args.overrides,
+          threads=args.threads)  # fmt: skip
+    report["seconds_train"] = round(time.perf_counter() - start, 1)
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report["self_grpo"] = {
+        "steps": len(steps),
+        "reward_first_last": [steps[0]["reward_mean"], steps[-1]["reward_mean"]],
+        "seconds_rollout": round(sum(s["rollout_s"] for s in steps), 1),
+        "seconds_update": round(sum(s["update_s"] for s in steps), 1),
+        "seconds_heldout": round(sum(s.get("heldout_s", 0.0) for s in steps), 1),
+    }
+    export = work / "export"
+    dimoo("export-hf", str(run / "checkpoints"), str(export), "--dtype", "float32", "--assets-from", str(shipped),
+          threads=args.threads)  # fmt: skip
+    with_defaults(export)
+    limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+    dimoo("eval", "shapes", "--checkpoint", str(export), "--output", str(work / "eval.json"), *limit,
+          threads=args.threads)  # fmt: skip
+    after = json.loads((work / "eval.json").read_text())
+    report["eval_before"] = {key: before[key] for key in after["tasks"]}
+    report["eval"] = {key: value for key, value in after.items() if key not in ("checkpoint", "failures")}
+    write_text_atomically(work / "training_report.json", json.dumps(report, indent=2) + "\n")
+    missed = self_grpo_misses(before, after)
+    if missed:
+        logger.error("not installed, the shipped model stays: %s", "; ".join(missed))
+        return 1
+    if not args.no_install:
+        install(export, shipped, report)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -171,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     report: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "threads": args.threads}
+    if args.self_grpo:
+        return run_self_grpo(args, work, report)
     start = time.perf_counter()
 
     shipped = None if args.from_scratch else Path(args.install_to)

@@ -143,4 +143,3 @@ def _understand_defaults(args: argparse.Namespace) -> dict:
     speed = resolve(UnderstandRequest(**given))
     check_cache_settings(speed.kv_cache, speed.parallel_threshold)
     return given
-

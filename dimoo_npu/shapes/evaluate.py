@@ -31,15 +31,18 @@ Painter = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], list[str]], Sequ
 
 @dataclass
 class Score:
-    """Accuracy per attribute and overall (a sample counts only when every attribute is right)."""
+    """Accuracy per attribute and overall (a sample counts only when every attribute is right); ``breakdown``:
+    overall accuracy of named subsets (captions: one-object and two-object pictures)."""
 
     per_attribute: dict[str, float]
     overall: float
     count: int
     failures: list[dict] = field(default_factory=list)
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"overall": self.overall, "per_attribute": self.per_attribute, "count": self.count}
+        summary = {"overall": self.overall, "per_attribute": self.per_attribute, "count": self.count}
+        return {**summary, "breakdown": self.breakdown} if self.breakdown else summary
 
 
 def score_images(expected: Sequence[ShapeObject], images: Sequence[np.ndarray], whole: bool = False) -> Score:
@@ -193,10 +196,14 @@ def score_captions(scenes: Sequence[Scene], predicted: Sequence[str]) -> Score:
         raise ValueError(f"{len(scenes)} scenes but {len(predicted)} captions")
     hits = {name: 0 for name in ATTRIBUTES}
     overall, failures = 0, []
+    by_objects: dict[str, list[int]] = {}
     for scene, text in zip(scenes, predicted, strict=True):
         want = world.scene_caption(scene)
         ok = normalise_answer(text) == normalise_answer(want)
         overall += ok
+        subset = by_objects.setdefault(CAPTION_SUBSETS[len(scene.objects)], [0, 0])
+        subset[0] += ok
+        subset[1] += 1
         ordered = sorted(scene.objects, key=lambda obj: (obj.row, obj.col))
         read = world.parse_caption(text)
         for name in ATTRIBUTES:
@@ -206,7 +213,11 @@ def score_captions(scenes: Sequence[Scene], predicted: Sequence[str]) -> Score:
         if not ok:
             failures.append({"expected": want, "caption": text})
     count = max(len(scenes), 1)
-    return Score({n: hits[n] / count for n in ATTRIBUTES}, overall / count, len(scenes), failures)
+    breakdown = {name: {"overall": hit / total, "count": total} for name, (hit, total) in sorted(by_objects.items())}
+    return Score({n: hits[n] / count for n in ATTRIBUTES}, overall / count, len(scenes), failures, breakdown)
+
+
+CAPTION_SUBSETS = {1: "one_object", 2: "two_objects"}  # `score_captions` breakdown names, by objects pictured
 
 
 def evaluate_captions(answer_questions: QuestionAnswerer, scenes: Sequence[Scene], batch_size: int = 16) -> Score:

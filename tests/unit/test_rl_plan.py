@@ -42,3 +42,16 @@ def test_supervised_plan_has_no_rl_terms(monkeypatch, tmp_path, capsys):
     supervised.write_text(yaml.safe_dump(raw))
     plan = _plan(monkeypatch, tmp_path, capsys, supervised)
     assert all(REFERENCE not in rank["memory"] and ROLLOUT not in rank["memory"] for rank in plan["ranks"])
+
+
+def test_sweep_counts_reference_and_rollouts_and_lists_data_parallel_only(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    out = tmp_path / "sweep.json"
+    args = ["train", str(CONFIG), f"model.init_from={EMBEDDED_CHECKPOINT}", "--sweep", "--json", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    fits = json.loads(out.read_text())["fits"]
+    assert fits, "the bundled model fits every data-parallel layout"
+    for plan in fits:
+        assert plan["layout"]["tp"] == plan["layout"]["pp"] == 1, "Self-GRPO is refused at tp or pp > 1"
+        assert REFERENCE in plan["ranks"][0]["memory"] and ROLLOUT in plan["ranks"][0]["memory"]

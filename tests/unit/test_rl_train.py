@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -253,3 +254,44 @@ def test_bundled_model_self_grpo_step(tmp_path):
     run_grpo(load_config(CONFIG, [f"output_dir={tmp_path / 'run'}", "train_iters=1", "plot=false"]))
     (record,) = _records(tmp_path)
     assert record["reward_mean"] >= 0.5, "the shipped model draws what it is asked and says what it drew"
+
+
+def test_edit_and_caption_tasks_take_their_turns_and_the_heldout_slice_is_scored(tmp_path, monkeypatch):
+    """Groups alternate an augmented recolour edit (its source picture inside the prompt, rewarded by the policy's
+    caption of the result) and a caption of a true picture; the held-out slice is scored at the last step."""
+    from dimoo_npu.rl import trainer as grpo_trainer
+
+    prepared = []
+    prepare = grpo_trainer.edit.prepare
+
+    def remember(encoder, image, instruction, edit_type, **kwargs):
+        prepared.append((np.asarray(image), instruction, edit_type))
+        return prepare(encoder, image, instruction, edit_type, **kwargs)
+
+    monkeypatch.setattr(grpo_trainer.edit, "prepare", remember)
+    tasks = ["rl.tasks=[edit-recolour, caption]", "rl.augment=true", "rl.task_items=3"]
+    scoring = ["rl.eval_interval=5", "rl.eval_tasks=[edit-recolour, caption]", "rl.eval_limit=1"]
+    run_grpo(tiny_grpo_config(tmp_path, "train_iters=1", *tasks, *scoring))
+    (record,) = _records(tmp_path)
+    rollout, heldout = prepared[0], prepared[-1]
+    assert rollout[1].startswith("make the ") and rollout[2] == "edit"
+    assert not np.isin(rollout[0], (0, 255)).all(), "the rollout's source picture is augmented"
+    assert np.isin(heldout[0], (0, 255)).sum() > heldout[0].size // 2, "the held-out source is the plain render"
+    for key in ("reward_edit-recolour", "reward_caption", "heldout_edit-recolour", "heldout_caption"):
+        assert 0 <= record[key] <= 1, key
+    assert record["heldout_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("rl.tasks=[edit-remove]",), "rl.tasks names 'edit-remove'"),
+        (("rl.tasks=[]",), "rl.tasks is empty"),
+        (("rl.tasks=[edit-add]", "rl.cfg_scale=2"), "edit rollouts run unguided"),
+        (("rl.eval_tasks=[everything]",), "rl.eval_tasks names 'everything'"),
+    ],
+)
+def test_unknown_or_unguidable_tasks_are_refused_before_any_rollout(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        GRPOTrainer(tiny_grpo_config(tmp_path, *overrides))
+    assert not (tmp_path / "run").exists(), "nothing was started"

@@ -163,15 +163,37 @@ def test_eval_command_reports_every_task(random_checkpoint, tmp_path, capsys):
     assert cli.main(["eval", "shapes", "--checkpoint", str(random_checkpoint), "--task", "nope"]) == 2
 
 
-def test_retrain_installs_only_a_model_that_keeps_the_goals():
+def _train_embedded_script():
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "train_embedded.py"
     spec = importlib.util.spec_from_file_location("train_embedded", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_retrain_installs_only_a_model_that_keeps_the_goals():
+    script = _train_embedded_script()
     assert script.short_of_goal({"t2i": {"overall": 1.0}, "qa": {"overall": 0.95}}) == []
     assert script.short_of_goal({"t2i": {"overall": 0.93}, "qa": {"overall": 1.0}}) == ["t2i 0.930 < 0.95"]
     assert script.MAX_ASSET_BYTES <= 30_000_000
     small = dataset.scaled(dataset.DataMix(), 0.001)
     assert (small.t2i, small.edit, small.caption) == (4, 1, 2) and small.seed == dataset.DataMix().seed
+
+
+def test_self_grpo_installs_only_the_goal_gains_with_no_task_down_more_than_two_items():
+    script = _train_embedded_script()
+
+    def report(recolour: float, two: float, turn: float) -> dict:
+        caption = {"overall": 0.5, "count": 48, "breakdown": {"two_objects": {"overall": two, "count": 24}}}
+        tasks = {"t2i": 1.0, "qa": 0.99, "edit-recolour": recolour, "edit-turn": turn}
+        scores = {task: {"overall": value, "count": 48} for task, value in tasks.items()}
+        return {"tasks": [*tasks, "caption"], "caption": caption, **scores}
+
+    before = report(recolour=0.75, two=0.29, turn=0.92)
+    assert script.self_grpo_misses(before, report(recolour=0.85, two=0.40, turn=0.92 - 2 / 48)) == []
+    missed = script.self_grpo_misses(before, report(recolour=0.80, two=0.40, turn=0.92 - 3 / 48))
+    assert len(missed) == 2 and missed[0].startswith("edit-recolour 0.750 -> 0.800")
+    assert "edit-turn" in missed[1] and "more than 2 items" in missed[1]
+    assert "caption/two_objects" in script.self_grpo_misses(before, report(0.9, 0.35, 0.92))[0]
