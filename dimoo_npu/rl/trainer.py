@@ -321,8 +321,8 @@ class GRPOTrainer(Trainer):
             dist.all_reduce(sums)
         total, squares, count = sums.sum(dim=0).tolist()
         mean = total / count
-        metrics = {"reward_mean": mean, "reward_std": max(squares - count * mean**2, 0.0) / max(count - 1, 1)}
-        metrics["reward_std"] **= 0.5
+        variance = max(squares - count * mean**2, 0.0) / max(count - 1, 1)  # Bessel's correction, as torch.std
+        metrics = {"reward_mean": mean, "reward_std": variance**0.5}
         if len(names) > 1:
             metrics.update({f"reward_{n}": float(s[0] / s[2]) for n, s in zip(names, sums, strict=True) if s[2] > 0})
         return metrics
