@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 
 import torch
 
@@ -20,8 +21,12 @@ DEVICE_FIX = "check `npu-smi info`, the /dev/davinci* device mounts and ASCEND_R
 
 
 def import_torch_npu():
-    """Import torch_npu (which also makes ``torch.npu`` exist) and return the module."""
-    return importlib.import_module("torch_npu")
+    """Import torch_npu (which also makes ``torch.npu`` exist) and return the module.
+
+    Once imported it comes from sys.modules: the npu ops call this in the forward, and graph mode traces a
+    sys.modules lookup but breaks the graph at importlib (a model resolving npu ops has imported it already).
+    """
+    return sys.modules.get("torch_npu") or importlib.import_module("torch_npu")
 
 
 def import_torchair():

@@ -62,6 +62,7 @@ INT_MM_MULTIPLE = 8
 EXACT_FP32_TERMS = 2**24 // 127**2
 
 
+@torch.compiler.assume_constant_result  # a fact of the host: graph mode takes it as a constant, not a graph break
 def int_mm_is_fast(device: torch.device) -> bool:
     """torch._int_mm on CPU is fast with AVX-512 VNNI (oneDNN); without it, it falls back to a loop far slower
     than an fp32 matmul (50x on an AVX2 core), so `int8_matmul` takes the exact fp32 path there."""

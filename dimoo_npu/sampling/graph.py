@@ -13,20 +13,17 @@ import torch
 
 from dimoo_npu import envs
 from dimoo_npu.adapters import BACKENDS
-from dimoo_npu.errors import InputError
 from dimoo_npu.model import DiMOOModel
-from dimoo_npu.quantization import fuse_for_sampling, is_quantized
+from dimoo_npu.quantization import fuse_for_sampling
 
 RECOMPILE_LIMIT = 64
 
 
 def prepare_for_sampling(model: DiMOOModel, compile: bool | None = None) -> DiMOOModel:
     """Fuse the projections (see `fuse_projections`, int8 too) and, when ``compile`` (None: ``DIMOO_COMPILE``),
-    compile; graph mode of an int8 model is refused (its F.linear dispatch is not traced yet)."""
+    compile; int8 models too (their fused `QuantizedLinear`s trace as one graph with the rest)."""
     fuse_for_sampling(model)
     if envs.compile_enabled() if compile is None else compile:
-        if is_quantized(model):
-            raise InputError("graph mode (--compile, DIMOO_COMPILE) does not run int8 models yet: drop it")
         compile_forward(model)
     return model
 

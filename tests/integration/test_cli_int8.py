@@ -49,14 +49,24 @@ def test_t2i_and_understand_run_int8(how, int8_checkpoint, checkpoint, fixture_d
     assert code == (0 if row["answer"] else 1)  # a random model's answer may decode to nothing: exit 1, as in fp32
 
 
-def test_int8_with_graph_mode_or_twice_is_refused(int8_checkpoint, tmp_path, caplog):
+def test_int8_twice_is_refused(int8_checkpoint, tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="dimoo"):
         argv = ["t2i", *FAST, "--checkpoint", str(int8_checkpoint), "--prompt", "a cat", "--output-dir", str(tmp_path)]
         assert main([*argv, "--quantize", "w8a8"]) == 2
         assert "already quantized (w8a8): load it without --quantize" in caplog.text
-        assert main([*argv, "--compile"]) == 2
-        assert "does not run int8 models yet" in caplog.text
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_int8_with_graph_mode_runs_compiled(int8_checkpoint, tmp_path, monkeypatch):
+    """--compile hands the int8 model to graph mode (tests/unit/test_int8_graph_mode.py compiles it)."""
+    from dimoo_npu.sampling import graph
+
+    compiled = []
+    monkeypatch.setattr(graph, "compile_forward", lambda model, backend=None: compiled.append(model) or model)
+    argv = ["t2i", *FAST, "--checkpoint", str(int8_checkpoint), "--prompt", "a cat", "--output-dir", str(tmp_path)]
+    assert main([*argv, "--width", "32", "--height", "16", "--compile"]) == 0
+    assert len(compiled) == 1 and is_quantized(compiled[0])
+    assert list(tmp_path.glob("*.png"))
 
 
 def test_serve_quantizes_while_it_loads(monkeypatch):

@@ -257,13 +257,6 @@ def test_training_and_export_hf_refuse_an_int8_checkpoint(quantized_dir, tmp_pat
         export_hf(folders["w8a8"], tmp_path / "out")
 
 
-def test_graph_mode_of_an_int8_model_is_refused():
-    from dimoo_npu.sampling.graph import prepare_for_sampling
-
-    with pytest.raises(InputError, match="graph mode .* does not run int8 models yet"):
-        prepare_for_sampling(dimoo_npu.load_model(CHECKPOINT, quantize="w8a16"), compile=True)
-
-
 # --- dimoo check and dimoo plan -----------------------------------------------------------------------------------
 
 

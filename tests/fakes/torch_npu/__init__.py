@@ -34,7 +34,12 @@ if _MODE == "accelerator_conflict":
 from torch_npu import npu  # noqa: E402
 from torch_npu._attention import npu_fusion_attention  # noqa: E402
 from torch_npu._ops import npu_add_rms_norm, npu_rms_norm, npu_rotary_mul, npu_swiglu  # noqa: E402
-from torch_npu._quant import npu_dynamic_quant, npu_quant_matmul, npu_weight_quant_batchmatmul  # noqa: E402
+from torch_npu._quant import OPS  # noqa: E402
+
+# As the real __init__ does for every op: torch_npu.<op> is torch.ops.npu.<op> (only the faked int8 ops are).
+npu_dynamic_quant = OPS["npu_dynamic_quant"]
+npu_quant_matmul = OPS["npu_quant_matmul"]
+npu_weight_quant_batchmatmul = OPS["npu_weight_quant_batchmatmul"]
 
 
 def _expose_as_torch_npu() -> None:

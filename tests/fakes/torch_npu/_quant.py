@@ -5,11 +5,16 @@ torch_npu-npu_quant_matmul.md and torch_npu-npu_weight_quant_batchmatmul.md (Atl
 their 函数原型 sections). Only the int8 paths this package uses are computed; the other documented modes (int4,
 smooth_scales groups, offsets, output quantization, per-group) are refused, so a caller cannot rely on them here.
 Integer products are exact (int64 on CPU); scales apply in fp32 and the output is rounded once.
+
+The functions below keep the documented Python prototypes; the package exposes them as dispatcher ops
+(``OPS``: ``torch.ops.npu.<op>``, each with its Meta function), as the real torch_npu does, so graph mode
+records them as single nodes.
 """
 
 from __future__ import annotations
 
 import torch
+from fake_npu_op_library import define
 
 from torch_npu._checks import check
 
@@ -116,3 +121,77 @@ def npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset=No
     check(antiquant_group_size == 0, "npu_weight_quant_batchmatmul: per-group mode is not faked")
     dequantised = weight.float() * antiquant_scale.float().reshape(1, -1)  # (K, N), scale per column n
     return (x.float() @ dequantised).to(x.dtype)
+
+
+# --- the dispatcher side: ``torch_npu.<op>`` is ``torch.ops.npu.<op>`` (see fake_npu_op_library) ------------------
+# Schemas verbatim from op-plugin op_plugin/config/op_plugin_functions.yaml (commit 517f2e7d); dtype arguments are
+# ``int?`` there, so a torch.dtype passed to the op reaches the kernel as its c10::ScalarType value.
+SCHEMAS = {
+    "npu_dynamic_quant": "npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, Tensor? group_index=None, "
+    'int? dst_type=None, str quant_mode="pertoken", float dst_type_max=0.0) -> (Tensor, Tensor)',
+    "npu_quant_matmul": "npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
+    "Tensor? pertoken_scale=None, Tensor? bias=None, int? output_dtype=None, int? x1_dtype=None, int? x2_dtype=None, "
+    "int? pertoken_scale_dtype=None, int? scale_dtype=None, int[]? group_sizes=None, Tensor? y_scale=None) -> Tensor",
+    "npu_weight_quant_batchmatmul": "npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor antiquant_scale, "
+    "Tensor? antiquant_offset=None, Tensor? quant_scale=None, Tensor? quant_offset=None, Tensor? bias=None, "
+    "int antiquant_group_size=0, int inner_precise=0, int? weight_dtype=None) -> Tensor",
+}
+SCALAR_TYPES = {1: torch.int8, 5: torch.float16, 6: torch.float32, 15: torch.bfloat16}  # c10/core/ScalarType.h
+
+
+def _dtype(value):
+    return SCALAR_TYPES.get(value, value) if isinstance(value, int) else value
+
+
+def _dynamic_quant_kernel(input, *, dst_type=None, **kwargs):
+    return npu_dynamic_quant(input, dst_type=_dtype(dst_type), **kwargs)
+
+
+def _dynamic_quant_meta(input, **kwargs):
+    """Meta function, pertoken int8: y like input, an fp32 scale over input's dims but the last."""
+    return torch.empty_like(input, dtype=torch.int8), input.new_empty(input.shape[:-1], dtype=torch.float32)
+
+
+def _quant_matmul_kernel(x1, x2, scale, *, output_dtype=None, x1_dtype=None, x2_dtype=None, pertoken_scale_dtype=None,
+                         scale_dtype=None, y_scale=None, **kwargs):  # fmt: skip
+    extras = (x1_dtype, x2_dtype, pertoken_scale_dtype, scale_dtype, y_scale)
+    check(all(extra is None for extra in extras), "npu_quant_matmul: x1/x2/scale dtypes and y_scale are not faked")
+    return npu_quant_matmul(x1, x2, scale, output_dtype=_dtype(output_dtype), **kwargs)
+
+
+def _quant_matmul_meta(x1, x2, scale, *, output_dtype=None, **kwargs):
+    """Meta function, int8 x1/x2: (broadcast batch, m, n) in output_dtype (None: int8)."""
+    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    return x1.new_empty((*batch, x1.shape[-2], x2.shape[-1]), dtype=_dtype(output_dtype) or torch.int8)
+
+
+def _weight_quant_batchmatmul_kernel(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
+                                     quant_offset=None, bias=None, antiquant_group_size=0, inner_precise=0,
+                                     weight_dtype=None):  # fmt: skip
+    check(weight_dtype is None, "npu_weight_quant_batchmatmul: weight_dtype is not faked")
+    return npu_weight_quant_batchmatmul(
+        x,
+        weight,
+        antiquant_scale,
+        antiquant_offset,
+        quant_scale,
+        quant_offset,
+        bias,
+        antiquant_group_size,
+        inner_precise,
+    )
+
+
+def _weight_quant_batchmatmul_meta(x, weight, *args, **kwargs):
+    """Meta function, int8 weight without quant_scale: (M, N) in x's dtype."""
+    return x.new_empty((x.shape[0], weight.shape[1]), dtype=x.dtype)
+
+
+OPS = {
+    name: define(SCHEMAS[name], kernel, meta)
+    for name, kernel, meta in (
+        ("npu_dynamic_quant", _dynamic_quant_kernel, _dynamic_quant_meta),
+        ("npu_quant_matmul", _quant_matmul_kernel, _quant_matmul_meta),
+        ("npu_weight_quant_batchmatmul", _weight_quant_batchmatmul_kernel, _weight_quant_batchmatmul_meta),
+    )
+}

@@ -6,7 +6,11 @@ AOTAutograd with torchair's compiler), configs/compiler_config.py (``CompilerCon
 graph, "reduce-overhead" = aclgraph; ``debug``; ``experimental_config``). torchair ships inside torch_npu and is
 imported after it; the fake records whether torch_npu was already imported (``TORCH_NPU_IMPORTED_FIRST``).
 Where the real backend hands each forward graph to GE, the fake runs it as is and appends it to ``GRAPHS``, so
-tests can count the graphs a run compiled.
+tests can count the graphs a run compiled. GE mode needs an Ascend IR converter for every operator in the graph
+(docs/zh/custom_op_graph/overview.md: a custom operator without one fails to enter the graph); torchair ships them
+for aten and torch_npu's ``npu`` operators, so the fake refuses an operator from any other namespace (a model's own
+``torch.library`` op), where the real backend would fail to convert it. aclgraph mode ("reduce-overhead") needs
+only Meta functions.
 """
 
 from __future__ import annotations
@@ -39,10 +43,25 @@ def _npu_backend(gm: torch.fx.GraphModule, example_inputs, compiler_config: Comp
         raise ValueError(f"Unsupported compiler_config.mode {compiler_config.mode!r}")
 
     def forward_compiler(graph: torch.fx.GraphModule, inputs):
+        if compiler_config.mode == "max-autotune":
+            _check_converters(graph)
         GRAPHS.append(graph)
         return make_boxed_func(graph.forward)
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, decompositions=decompositions)
+
+
+CONVERTED_NAMESPACES = ("aten", "prims", "npu")  # operators torchair has converters for (fake: by namespace)
+
+
+def _check_converters(graph: torch.fx.GraphModule) -> None:
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            if node.target.namespace not in CONVERTED_NAMESPACES:
+                raise RuntimeError(
+                    f"Ascend IR converter for {node.target} is not implemented; register one with "
+                    "torchair.register_fx_node_ge_converter (fake torchair)"
+                )
 
 
 def get_npu_backend(*, compiler_config: CompilerConfig | None = None, custom_decompositions: dict | None = None):
