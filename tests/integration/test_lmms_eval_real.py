@@ -35,12 +35,17 @@ def test_lmms_eval_accuracy_equals_dimoo_eval_shapes_qa(tmp_path):
     }
     lmms = [sys.executable, "-m", "lmms_eval", "--model", "dimoo", "--device", "cpu", "--batch_size", "8"]
     lmms += ["--tasks", shapes_task.TASK_NAME, "--include_path", str(folder), "--output_path", str(tmp_path / "out")]
-    run(lmms, env, tmp_path)
-    (results,) = [p for p in (tmp_path / "out").rglob("*results*.json") if "samples" not in p.name]
-    scored = json.loads(results.read_text())["results"][shapes_task.TASK_NAME]
-    theirs = scored[f"{shapes_task.METRIC},none"]
+    run([*lmms, "--log_samples"], env, tmp_path)
+    (results,) = (tmp_path / "out").rglob("*_results.json")
+    theirs = json.loads(results.read_text())["results"][shapes_task.TASK_NAME][f"{shapes_task.METRIC},none"]
+    (samples,) = (tmp_path / "out").rglob("*_samples_*.jsonl")
+    logged = [json.loads(line) for line in samples.read_text().splitlines()]
+    ordered = sorted(logged, key=lambda s: s["doc_id"])
+    missed = [(s["target"], s["filtered_resps"]) for s in ordered if not s["accuracy"]]
 
     dimoo = [sys.executable, "-m", "dimoo_npu.cli", "eval", "shapes", "--task", "qa", "--limit", str(OBJECTS)]
-    report = json.loads(run(dimoo + ["--batch-size", "8"], env, tmp_path).stdout)
-    assert report["qa"]["count"] == 4 * OBJECTS
+    run([*dimoo, "--batch-size", "8", "--output", str(tmp_path / "report.json")], env, tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["qa"]["count"] == len(logged) == 4 * OBJECTS
     assert theirs == pytest.approx(report["qa"]["overall"])
+    assert missed == [(f["expected"], f["answer"]) for f in report["failures"]["qa"]]  # the same answers missed
