@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_INSTALLED_HERE = {
     "npu": "torch-npu needs Huawei's CANN toolkit",
     "msmodelslim": "only remakes the committed tests/fixtures/msmodelslim-w8a8; users and CI do not need it",
+    "eval": "lmms-eval pulls a CUDA torchvision that breaks the CPU torch beside it; it gets its own venv",
 }
 # `pip install -e '.[NAME]'`, the README's form; a hint in any other form (dimoo_npu[x], .[x] unquoted) is caught.
 HINT = re.compile(r"pip install (?P<target>(?:-e )?[^\s\"`]*\[(?P<extras>[^\]]*)\][^\s\"`),]*)")
