@@ -164,56 +164,8 @@ def _masked_schedule(batch: ImageBatch, mask: int, timesteps: int) -> tuple[list
     return keep, masked_upper_bounds(masked, keep)
 
 
-def sample_image(
-    model,
-    prompt_ids: RowsLike,
-    *,
-    uncond_ids: RowsLike | None = None,
-    uncond_image_ids: RowsLike | None = None,
-    code_start: int | None = None,
-    timesteps: int,
-    temperature: float = 1.0,
-    cfg_scale: float = 0.0,
-    cfg_img: float = 0.0,
-    use_cache: bool = False,
-    cache_ratio: float = 0.9,
-    warmup_ratio: float = 0.3,
-    refresh_interval: int = 5,
-    generator=None,
-    progress: bool = False,
-    record: bool = False,
-) -> torch.Tensor | Rollout:
-    """Sample the MASK cells of B image grids; returns every cell (B, N) as absolute ids, end-of-lines removed.
-
-    Guidance: ``(1+g)*cond - g*uncond`` (cfg_scale only), or when ``uncond_image_ids`` is given (editing)
-    ``cond + g*(cond - u_text) + g_img*(cond - u_img)``. ``generator``: None, one torch.Generator, or one per
-    prompt (then a sample does not depend on its batch). ``progress`` shows a tqdm bar over the steps.
-    ``record``: return a `Rollout` (cells, their positions in the cond rows and the step that revealed each) for a
-    policy log-likelihood, sampled outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
-    """
-    check_image_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
-    if record:
-        check_recordable(model)
-    with sampling_context(record):
-        tokens = model.config.special_tokens
-        rows, _, _, batch = _prepare(model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img)
-        guide = _guidance(cfg_scale, cfg_img, editing=uncond_image_ids is not None)
-        modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
-        run = _Run(model, batch, tokens, guide, temperature, row_generators(generator, len(rows)))
-        if record:
-            run.reveal_step = torch.full_like(batch.cells, NOT_SAMPLED)
-        run.steps(modes, MLCache(), 1 - cache_ratio, progress)
-        if not record:
-            return batch.cells.to(rows[0].device)
-        batch.write_cells()
-        count = len(rows)
-        return Rollout(
-            batch.cells, batch.cell_pos[:count], batch.seq[:count], batch.real[:count], run.reveal_step, len(modes)
-        )
-
-
 class _Run:
-    """The step loop of one `sample_image` call."""
+    """Token state of an `ImageGroup`'s batch and one step over it."""
 
     def __init__(self, model, batch: ImageBatch, tokens, guide, temperature: float, generators):
         self.model, self.batch, self.guide = model, batch, guide
@@ -230,22 +182,7 @@ class _Run:
         index = torch.arange(cells, device=batch.cells.device).expand_as(batch.cell_pos)
         self.cell_at = torch.full_like(batch.seq, -1).scatter_(1, batch.cell_pos, index)
         self.reveal_step: torch.Tensor | None = None  # (B, N) when recording a rollout (`sample_image(record=True)`)
-        self.step_index = 0
-
-    def steps(self, modes: list[str], cache: MLCache, compute_ratio: float, progress: bool) -> None:
-        keep, bounds = _masked_schedule(self.batch, self.mask, len(modes))
-        device = self.batch.cells.device
-        keep_on_device = torch.tensor(keep, device=device)  # (T, B): one copy, not one per step
-        widths = recompute_widths(self.batch.lengths, compute_ratio)
-        widths_on_device = torch.tensor(widths, device=device)
-        recompute = None
-        for step in tqdm(range(len(modes)), desc="image steps", disable=not progress):
-            if max(bounds[step]) == 0:
-                break
-            self.step_index = step
-            self.step(bounds[step], keep_on_device[step], cache, modes[step], recompute)
-            if step + 1 < len(modes) and modes[step + 1] == "cached":
-                recompute = cache.recompute_positions(self.batch.real, widths_on_device, max(widths))
+        self.step_index: torch.Tensor | None = None  # (B, 1) each row's step, when recording
 
     def step(self, bounds: list[int], keep: torch.Tensor, cache: MLCache, mode: str, recompute) -> None:
         """Sample every masked cell, then re-mask the least confident ones (keep[b] stay masked)."""
@@ -294,7 +231,7 @@ class _Run:
         return self.cell_code.gather(1, slots), self.cell_score.gather(1, slots)
 
 
-# ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
+# ---- the one step loop: `sample_image` runs a group of one task; `dimoo serve` joins requests at step boundaries ----
 
 
 @dataclass(eq=False)
@@ -311,9 +248,12 @@ class ImageTask:
     generators: list
     modes: list[str]  # per step: plain / store / cached (see _step_modes)
     keep: list[list[int]]  # [step][row]
+    keep_table: torch.Tensor  # (T, b) the same on the device: one copy per task, none per step
     bounds: list[list[int]]  # [step][row]
+    batch: ImageBatch  # its rows alone, checked; a group of this task only runs on it
     cells: torch.Tensor  # (b, N) current grid, refreshed from the group when it leaves or the group is rebuilt
     key: tuple  # grid and every setting the group's one forward and guidance share
+    reveal_step: torch.Tensor | None = None  # (b, N) when recording (see `image_task`), refreshed like ``cells``
     step: int = 0
     cancelled: bool = False
 
@@ -322,7 +262,6 @@ class ImageTask:
         return self.step >= len(self.modes) or max(self.bounds[self.step]) == 0
 
 
-@torch.inference_mode()
 def image_task(
     model,
     prompt_ids: RowsLike,
@@ -339,19 +278,34 @@ def image_task(
     warmup_ratio: float = 0.3,
     refresh_interval: int = 5,
     generator=None,
+    record: bool = False,
 ) -> ImageTask:
-    """`sample_image`'s arguments, checked and laid out as a task for `ImageGroup` (nothing is sampled yet)."""
+    """The settings of an image sampling call, checked and laid out as a task for `ImageGroup` (nothing sampled yet).
+
+    Guidance: ``(1+g)*cond - g*uncond`` (cfg_scale only), or when ``uncond_image_ids`` is given (editing)
+    ``cond + g*(cond - u_text) + g_img*(cond - u_img)``. ``generator``: None, one torch.Generator, or one per
+    prompt (then a sample does not depend on its batch). ``record``: keep the step that revealed each cell, for a
+    policy log-likelihood: sampled outside inference mode on the unfused model (`dimoo_npu.sampling.record`), in a
+    group of recording tasks only.
+    """
     check_image_settings(timesteps, temperature, cfg_scale, cfg_img, cache_ratio, warmup_ratio, refresh_interval)
-    rows, starts, uncond, batch = _prepare(
-        model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img
-    )
-    keep, bounds = _masked_schedule(batch, model.config.special_tokens["mask"], timesteps)
+    if record:
+        check_recordable(model)
+    with sampling_context(record):
+        rows, starts, uncond, batch = _prepare(
+            model, prompt_ids, uncond_ids, uncond_image_ids, code_start, cfg_scale, cfg_img
+        )
+        keep, bounds = _masked_schedule(batch, model.config.special_tokens["mask"], timesteps)
+        keep_table = torch.tensor(keep, device=batch.cells.device)
+        reveal_step = torch.full_like(batch.cells, NOT_SAMPLED) if record else None
     grid = (rows[0].numel() - starts[0] + 2, batch.cells.shape[1])  # image part length and cells fix the grid
     cache = (cache_ratio, warmup_ratio, refresh_interval) if use_cache else None
-    key = (grid, temperature, cfg_scale, cfg_img, uncond_image_ids is not None, cache)
+    key = (grid, temperature, cfg_scale, cfg_img, uncond_image_ids is not None, cache, record)
     modes = _step_modes(refresh_steps(timesteps, use_cache, warmup_ratio, refresh_interval))
     generators = row_generators(generator, len(rows))
-    return ImageTask(rows, starts, uncond, generators, modes, keep, bounds, batch.cells, key)
+    return ImageTask(
+        rows, starts, uncond, generators, modes, keep, keep_table, bounds, batch, batch.cells, key, reveal_step
+    )
 
 
 class ImageGroup:
@@ -397,9 +351,12 @@ class ImageGroup:
     def join(self, task: ImageTask) -> None:
         self.joining.append(task)
 
-    @torch.inference_mode()
     def step(self) -> list[ImageTask]:
         """One forward for every live task; returns the tasks that finished on it (their ``cells`` are final)."""
+        with sampling_context(self.key[-1]):
+            return self._step()
+
+    def _step(self) -> list[ImageTask]:
         mode = self._next_mode()
         if mode is None or (mode != "cached" and (self.joining or any(t.done or t.cancelled for t in self.tasks))):
             self._rebuild()
@@ -410,12 +367,10 @@ class ImageGroup:
         bounds = [
             b for t, on in zip(self.tasks, live, strict=True) for b in (t.bounds[t.step] if on else [0] * len(t.rows))
         ]
-        keep = [
-            k for t, on in zip(self.tasks, live, strict=True) for k in (t.keep[t.step] if on else [0] * len(t.rows))
-        ]
-        bounds, keep = bounds + [0] * self.padding, keep + [0] * self.padding
-        device = self.run.batch.cells.device
-        self.run.step(bounds, torch.tensor(keep, device=device), self.cache, mode, self.recompute)
+        if self.run.reveal_step is not None:
+            self.run.step_index = self._per_row(lambda t: t.keep_table.new_full((len(t.rows),), t.step))[:, None]
+        keep = self._per_row(lambda t: t.keep_table[t.step] if not (t.done or t.cancelled) else None)
+        self.run.step(bounds + [0] * self.padding, keep, self.cache, mode, self.recompute)
         finished = []
         for task, on in zip(self.tasks, live, strict=True):
             if on:
@@ -428,11 +383,23 @@ class ImageGroup:
             self.recompute = self.cache.recompute_positions(self.run.batch.real, self.widths, max(self.width_list))
         return finished
 
+    def _per_row(self, values) -> torch.Tensor:
+        """``values(task)`` (b,) of every task (None: zeros), and zeros for the padding, on the device: no copy from
+        the host, so no step waits on one."""
+        table = self.tasks[0].keep_table
+        parts = [values(t) for t in self.tasks]
+        parts = [p if p is not None else table.new_zeros(len(t.rows)) for p, t in zip(parts, self.tasks, strict=True)]
+        if self.padding:
+            parts.append(table.new_zeros(self.padding))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def _save_cells(self, tasks: list[ImageTask]) -> None:
         start = 0
         for task in self.tasks:
             if task in tasks:
                 task.cells = self.run.batch.cells[start : start + len(task.rows)].clone()
+                if task.reveal_step is not None:
+                    task.reveal_step = self.run.reveal_step[start : start + len(task.rows)].clone()
             start += len(task.rows)
 
     def _rebuild(self) -> None:
@@ -447,14 +414,44 @@ class ImageGroup:
         self.padding = next((size for size in self.buckets if size >= rows), rows) - rows
         filler = [self.tasks[0]] * self.padding  # inert rows: bounds 0, no draws
         members = [(t, i) for t in self.tasks for i in range(len(t.rows))] + [(t, 0) for t in filler]
-        uncond = [[t.uncond[b][i] for t, i in members] for b in range(len(self.tasks[0].uncond))]
         device = next(self.model.parameters()).device
-        batch = build_image_batch(
-            [t.rows[i] for t, i in members], [t.starts[i] for t, i in members], uncond, self.tokens, device
-        )
-        batch.cells = torch.stack([t.cells[i] for t, i in members]).to(device)
-        _, _, cfg_scale, cfg_img, editing, cache = self.key
+        if len(members) == len(self.tasks[0].rows):  # one task, unpadded: its own batch, already checked
+            batch = self.tasks[0].batch
+            batch.cells = self.tasks[0].cells.to(device)
+        else:
+            uncond = [[t.uncond[b][i] for t, i in members] for b in range(len(self.tasks[0].uncond))]
+            batch = build_image_batch(
+                [t.rows[i] for t, i in members], [t.starts[i] for t, i in members], uncond, self.tokens, device
+            )
+            batch.cells = torch.stack([t.cells[i] for t, i in members]).to(device)
+        _, temperature, cfg_scale, cfg_img, editing, cache, record = self.key
         generators = [t.generators[i] for t, i in members[:rows]] + [None] * self.padding
-        self.run = _Run(self.model, batch, self.tokens, _guidance(cfg_scale, cfg_img, editing), self.key[1], generators)
+        self.run = _Run(self.model, batch, self.tokens, _guidance(cfg_scale, cfg_img, editing), temperature, generators)
+        if record:
+            self.run.reveal_step = torch.cat([t.reveal_step[i : i + 1] for t, i in members]).to(device)
         self.width_list = recompute_widths(batch.lengths, 1 - cache[0]) if cache else [1]
         self.widths = torch.tensor(self.width_list, device=device)
+
+
+def sample_image(model, prompt_ids: RowsLike, *, progress: bool = False, **settings) -> torch.Tensor | Rollout:
+    """Sample the MASK cells of B image grids; returns every cell (B, N) as absolute ids, end-of-lines removed.
+
+    ``settings``: `image_task`'s keywords (timesteps, guidance, ML-Cache, generator, record), where they are
+    documented; the call is one such task run to its end in an `ImageGroup` of its own. ``progress`` shows a tqdm
+    bar over the steps. With ``record=True`` it returns a `Rollout` (cells, their positions in the cond rows and
+    the step that revealed each) for a policy log-likelihood.
+    """
+    task = image_task(model, prompt_ids, **settings)
+    group = ImageGroup(model, task.key)
+    group.join(task)
+    with tqdm(total=len(task.modes), desc="image steps", disable=not progress) as bar:
+        while not task.done:
+            group.step()
+            bar.update()
+    if task.reveal_step is None:
+        return task.cells.to(task.rows[0].device)
+    batch, count = group.run.batch, len(task.rows)  # the task's own batch: a group of one is never rebuilt
+    batch.write_cells()
+    return Rollout(
+        batch.cells, batch.cell_pos[:count], batch.seq[:count], batch.real[:count], task.reveal_step, len(task.modes)
+    )

@@ -59,7 +59,10 @@ def check_recordable(model: torch.nn.Module) -> None:
         )
 
 
-def mark_revealed(reveal_step: torch.Tensor, slots: torch.Tensor, revealed: torch.Tensor, step: int) -> None:
-    """Record ``step`` at the slots (B, K) that ``revealed`` (B, K) marks, in place, on the device."""
+def mark_revealed(
+    reveal_step: torch.Tensor, slots: torch.Tensor, revealed: torch.Tensor, step: int | torch.Tensor
+) -> None:
+    """Record ``step`` (one for all rows, or (B, 1): each row's own) at the slots (B, K) that ``revealed`` (B, K)
+    marks, in place, on the device."""
     current = reveal_step.gather(1, slots)
-    reveal_step.scatter_(1, slots, torch.where(revealed, torch.full_like(current, step), current))
+    reveal_step.scatter_(1, slots, torch.where(revealed, step, current))

@@ -177,7 +177,24 @@ def _prepare(model, rows: list[torch.Tensor], code_start: int | None, gen_length
     return x, real, answer, masked, starts
 
 
-def sample_text(
+@dataclass
+class TextCall:
+    """The settings of an understanding sampling call, checked, and its rows laid out (nothing sampled yet)."""
+
+    rows: list[torch.Tensor]
+    was_tensor: bool
+    x: torch.Tensor  # (B, L) padded ids
+    real: torch.Tensor  # (B, L) True at real tokens
+    answer: torch.Tensor  # (B, G) answer positions
+    masked: list[list[int]]  # MASK positions per block at the start, [row][block]
+    starts: list[int]  # where each answer starts (host)
+    generators: list
+    steps: int
+    per_block: int
+    key: tuple  # block length, temperature, cfg_scale, kv_cache, threshold: what one batch's forwards share
+
+
+def text_call(
     model,
     prompt_ids: RowsLike,
     *,
@@ -190,34 +207,46 @@ def sample_text(
     kv_cache: str = "none",
     parallel_threshold: float | None = None,
     generator=None,
-    progress: bool = False,
-    record: bool = False,
-) -> torch.Tensor | list[torch.Tensor] | Rollout:
-    """Fill the answer's MASK positions; returns the whole sequences in the form given (tensor or list).
+) -> TextCall:
+    """The keywords of `sample_text` and `text_task`, checked, with the rows laid out.
 
     The answer is ``gen_length`` positions from ``code_start`` (None: 1 + the index of each row's last BOA).
     ``kv_cache``: "none" (exact), "prefix" or "dual" (see `step_kinds`); ``parallel_threshold`` t in (0, 1]: each
     step also reveals every masked block position of confidence >= t, and a block ends once revealed.
-    ``record``: return a `Rollout` (answer ids, their positions and the step that revealed each) for a policy
-    log-likelihood, sampled outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
+    ``generator``: None, one torch.Generator (drawn in row order), or one per prompt.
     """
     blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale, kv_cache, parallel_threshold)
+    rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
+    x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
+    generators = row_generators(generator, len(rows))
+    key = (block_length, temperature, cfg_scale, kv_cache, parallel_threshold)
+    return TextCall(rows, was_tensor, x, real, answer, masked, starts, generators, steps, steps // blocks, key)
+
+
+def sample_text(
+    model, prompt_ids: RowsLike, *, progress: bool = False, record: bool = False, **settings
+) -> torch.Tensor | list[torch.Tensor] | Rollout:
+    """Fill the answer's MASK positions; returns the whole sequences in the form given (tensor or list).
+
+    ``settings``: `text_call`'s keywords (answer length and place, blocks, steps, guidance, K/V cache, threshold,
+    generator), where they are documented. ``progress`` shows a tqdm bar over the blocks. ``record``: return a
+    `Rollout` (answer ids, their positions and the step that revealed each) for a policy log-likelihood, sampled
+    outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
+    """
     if record:
         check_recordable(model)
     with sampling_context(record):
-        rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
-        x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
-        device = x.device
-        generators = row_generators(generator, len(rows))
-        run = _TextRun(model, x, real, cfg_scale, temperature, generators, None, kv_cache, parallel_threshold)
+        call = text_call(model, prompt_ids, **settings)
+        x, answer, per_block, starts, masked = call.x, call.answer, call.per_block, call.starts, call.masked
+        block_length, temperature, cfg_scale, kv_cache, parallel_threshold = call.key
+        run = _TextRun(model, x, call.real, cfg_scale, temperature, call.generators, None, kv_cache, parallel_threshold)
         if record:
             run.reveal_step = torch.full_like(x, NOT_SAMPLED)
-        per_block = steps // blocks
         kinds = step_kinds(kv_cache, per_block)
-        for block in tqdm(range(blocks), desc="answer blocks", disable=not progress):
+        for block in tqdm(range(len(masked[0])), desc="answer blocks", disable=not progress):
             positions = answer[:, block * block_length : (block + 1) * block_length]  # (B, block_length)
             so_far = answer[:, : (block + 1) * block_length]
-            counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=device)  # (B, S)
+            counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=x.device)  # (B, S)
             widths = masked_bounds([m[block] for m in masked], per_block)
             run.first_block_start = min(starts) + block * block_length
             for step in range(per_block):
@@ -230,10 +259,10 @@ def sample_text(
             if stopped if parallel_threshold is not None else run.stop_finished(so_far):
                 break
         if record:
-            return Rollout(x.gather(1, answer), answer, x, real, run.reveal_step.gather(1, answer), steps)
-        if was_tensor:
-            return x.to(rows[0].device)
-        return [x[index, : row.numel()].to(row.device) for index, row in enumerate(rows)]
+            return Rollout(x.gather(1, answer), answer, x, call.real, run.reveal_step.gather(1, answer), call.steps)
+        if call.was_tensor:
+            return x.to(call.rows[0].device)
+        return [x[index, : row.numel()].to(row.device) for index, row in enumerate(call.rows)]
 
 
 # ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
@@ -261,27 +290,13 @@ class TextTask:
 
 
 @torch.inference_mode()
-def text_task(
-    model,
-    prompt_ids: torch.Tensor,
-    *,
-    code_start: int | None = None,
-    gen_length: int,
-    block_length: int,
-    steps: int,
-    temperature: float = 0.0,
-    cfg_scale: float = 0.0,
-    kv_cache: str = "none",
-    parallel_threshold: float | None = None,
-    generator: torch.Generator | None = None,
-) -> TextTask:
-    """One prompt row and `sample_text`'s settings, checked and laid out for `TextGroup` (nothing sampled yet)."""
-    blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale, kv_cache, parallel_threshold)
-    rows, _ = as_rows([prompt_ids], "prompt_ids")
-    x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
-    prompt = real[0] & (x[0] != model.config.special_tokens["mask"])
-    key = (block_length, temperature, cfg_scale, kv_cache, parallel_threshold)
-    return TextTask(x[0], prompt, answer[0], generator, masked[0], steps // blocks, key, starts[0])
+def text_task(model, prompt_ids: torch.Tensor, **settings) -> TextTask:
+    """One prompt row and `text_call`'s keywords, checked and laid out for `TextGroup` (nothing sampled yet)."""
+    call = text_call(model, [prompt_ids], **settings)
+    prompt = call.real[0] & (call.x[0] != model.config.special_tokens["mask"])
+    return TextTask(
+        call.x[0], prompt, call.answer[0], call.generators[0], call.masked[0], call.per_block, call.key, call.starts[0]
+    )
 
 
 class TextGroup:
