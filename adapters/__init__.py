@@ -15,7 +15,7 @@ AUTO_ORDER = ("npu", "cuda", "cpu")
 
 def get_backend(name: str = "auto") -> Backend:
     """The backend called ``name`` (checked to be available here), or the first available for ``auto``."""
-    from dimoo_npu import envs
+    from dimoo_npu.utils import envs
 
     key = (name or "auto").split(":")[0].lower()
     if key == "auto" and envs.device_override():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dimoo_npu.errors import BackendUnavailableError
+from dimoo_npu.utils.errors import BackendUnavailableError
 
 
 @dataclass(frozen=True)

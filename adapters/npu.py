@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from dimoo_npu import envs
 from dimoo_npu.adapters.base import Availability, Backend
+from dimoo_npu.utils import envs
 
 INSTALL_FIX = "pip install -e '.[npu]' (torch-npu==2.13.0 beside the CPU build of torch==2.13.0)"
 CANN_FIX = "install CANN 9.x and run: source /usr/local/Ascend/ascend-toolkit/set_env.sh"

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES, apply_recompute
@@ -161,7 +161,7 @@ def main() -> None:
             "held_out_errors_shipped": dict(zip([f"tp{t}-sp{int(s)}" for t, s in LAYOUTS], shipped, strict=True)),
         }
     if args.json:
-        from dimoo_npu.atomic import write_text_atomically
+        from dimoo_npu.files.atomic import write_text_atomically
 
         write_text_atomically(args.json, json.dumps(report, indent=1) + "\n")
 

@@ -22,8 +22,8 @@ from functools import partial
 import torch
 from bench_sampling import VOCAB, ours, t2i_prompts
 
-from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.quantization import QuantizationSpec, quantize_model, weight_bytes
 from dimoo_npu.sampling.graph import prepare_for_sampling

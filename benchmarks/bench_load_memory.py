@@ -28,8 +28,8 @@ def _status_kib(field: str) -> int:
 
 def write_checkpoint(folder: Path, layers: int) -> int:
     from dimoo_npu.checkpoint import save_pretrained
-    from dimoo_npu.config import DiMOOConfig
     from dimoo_npu.model import DiMOOModel
+    from dimoo_npu.modeling.config import DiMOOConfig
 
     config = DiMOOConfig(d_model=1024, n_layers=layers, n_heads=16, mlp_hidden_size=2816, embedding_size=134548)
     with torch.device("meta"):

@@ -30,8 +30,8 @@ from functools import partial
 import torch
 
 from dimoo_npu.adapters import resolve_device
-from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.sampling import cosine_keep_masked, sample_image
 from dimoo_npu.sampling.graph import prepare_for_sampling

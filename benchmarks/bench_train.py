@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.train.config import DataArgs, GptArgs, ModelArgs, TrainConfig
 from dimoo_npu.train.metrics import flops_per_token, measure_peak_flops
 from dimoo_npu.train.schedule import learning_rate

@@ -26,7 +26,7 @@ from bench_sampling import add_model_arguments, build_model, timed
 
 from dimoo_npu.adapters import resolve_device
 from dimoo_npu.sampling import sample_text
-from dimoo_npu.sequences import understanding
+from dimoo_npu.tokens.sequences import understanding
 
 write = sys.stdout.write
 

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from dimoo_npu.config import DiMOOConfig  # noqa: E402
 from dimoo_npu.model import DiMOOModel  # noqa: E402
+from dimoo_npu.modeling.config import DiMOOConfig  # noqa: E402
 from dimoo_npu.numerics.golden import greedy_sampling_case  # noqa: E402
 from dimoo_npu.ops import resolve_ops  # noqa: E402
 from dimoo_npu.sampling import image as image_sampling  # noqa: E402

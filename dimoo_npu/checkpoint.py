@@ -1,7 +1,7 @@
 """Checkpoint folders (Hugging Face layout) <-> `DiMOOModel`.
 
 Loading builds the model on the meta device, then materialises each weight straight into the target
-device and dtype from a memory-mapped shard (`dimoo_npu.safetensors_io`), so an 8B model never sits
+device and dtype from a memory-mapped shard (`dimoo_npu.files.safetensors_io`), so an 8B model never sits
 in host memory twice. Saving writes shards and the index atomically.
 """
 
@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dimoo_npu.atomic import write_text_atomically
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.lora import Adapter, check_adapter, merge_adapter, read_adapter
+from dimoo_npu.files.atomic import write_text_atomically
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.files.lora import Adapter, check_adapter, merge_adapter, read_adapter
+from dimoo_npu.files.msmodelslim import SlimExport, find_description, load_export_state, read_export
+from dimoo_npu.files.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
 from dimoo_npu.model import DiMOOModel
-from dimoo_npu.msmodelslim import SlimExport, find_description, load_export_state, read_export
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import OpSet, require_quantized_matmul, resolve_ops
 from dimoo_npu.quantization import (
     DEFAULT_KEEP,
@@ -35,7 +35,7 @@ from dimoo_npu.quantization import (
     refuse_quantized,
     spec_of,
 )
-from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def load_model(
     An int8 folder (``quantization_config`` in config.json) loads as one; ``quantize="w8a8"|"w8a16"`` quantizes a
     float folder while it loads, one weight at a time (`dimoo_npu.quantization`): the float model never exists.
     ``dtype`` then applies to what stays unquantized (embedding, norms, head).
-    ``lora``: a LoRA adapter folder (peft's format) merged into the float weights as they load (`dimoo_npu.lora`).
+    ``lora``: a LoRA adapter folder (peft's format) merged into the float weights as they load (`dimoo_npu.files.lora`).
 
     ``device="meta"`` checks every weight's name and shape against the headers and reads no data: a model
     to plan memory or sharding with. ``max_layers=N`` builds the embedding, the first N blocks, the final
@@ -139,7 +139,7 @@ def load_model(
 
 
 def read_slim_export(folder: Path, quantize: str | QuantizationSpec | None, max_layers: int | None) -> SlimExport:
-    """A msModelSlim export folder (`dimoo_npu.msmodelslim`), checked before anything loads."""
+    """A msModelSlim export folder (`dimoo_npu.files.msmodelslim`), checked before anything loads."""
     if quantize is not None:
         raise InputError(f"{folder} is a msModelSlim int8 export (already quantized): load it without --quantize")
     if max_layers is not None:

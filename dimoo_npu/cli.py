@@ -17,9 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
-from dimoo_npu import envs
-from dimoo_npu.errors import BackendUnavailableError, DimooError
-from dimoo_npu.validate import check_args
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import BackendUnavailableError, DimooError
+from dimoo_npu.utils.validate import check_args
 
 # command name -> (module under dimoo_npu.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

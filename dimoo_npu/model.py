@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import InputError
-from dimoo_npu.lengths import length_cap
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import OpSet, resolve_ops
+from dimoo_npu.tokens.lengths import length_cap
+from dimoo_npu.utils.errors import InputError
 
 
 class KVCacheLike(Protocol):

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dimoo_npu import requests as req
-from dimoo_npu.errors import ConfigError, InputError
-from dimoo_npu.generation_settings import DEFAULTS, ImageSettings, TextSettings
-from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.image_tokenizer import ImageTokenizer
-from dimoo_npu.lengths import LengthLimit
-from dimoo_npu.requests import generation_defaults  # noqa: F401 (re-exported: callers read a checkpoint's defaults)
-from dimoo_npu.sequences import Ids, ImagePrompt
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.settings import requests as req
+from dimoo_npu.settings.generation_settings import DEFAULTS, ImageSettings, TextSettings
+from dimoo_npu.settings.requests import generation_defaults  # noqa: F401 (re-exported: callers read a checkpoint's defaults)
 from dimoo_npu.tasks import PromptEncoder, edit, paint, prepare_request, text_to_image, understand
-from dimoo_npu.text_tokenizer import load_text_tokenizer
+from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
+from dimoo_npu.tokens.lengths import LengthLimit
+from dimoo_npu.tokens.sequences import Ids, ImagePrompt
+from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
+from dimoo_npu.utils.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _per_request(settings, count: int) -> list:
 class DiMOOPipeline:
     """A DiMOO model with its text and image tokenizers. ``model`` may be a zero-argument loader (lazy).
 
-    ``max_length`` caps sequence lengths (default: `dimoo_npu.lengths.length_cap`); longer than the checkpoint's
+    ``max_length`` caps sequence lengths (default: `dimoo_npu.tokens.lengths.length_cap`); longer than the checkpoint's
     max_sequence_length runs with one warning.
     """
 
@@ -110,7 +110,7 @@ class DiMOOPipeline:
         with ``compile`` (None: ``DIMOO_COMPILE``), in graph mode; ``quantize``: see `load_model`. ``lora``: an
         adapter folder merged at load, checked against the checkpoint now (even when ``lazy``)."""
         from dimoo_npu.checkpoint import load_model, resolve_target
-        from dimoo_npu.config import DiMOOConfig
+        from dimoo_npu.modeling.config import DiMOOConfig
         from dimoo_npu.sampling.graph import prepare_for_sampling
 
         folder = resolve_checkpoint(path)
@@ -268,7 +268,8 @@ class DiMOOPipeline:
     # ---- one call per task ----
 
     def _defaults(self, kind: type[req.Request], settings, **given) -> req.Request:
-        """A task method's unset sizes and settings from the one defaults table (`dimoo_npu.requests.resolve`)."""
+        """A task method's unset sizes and settings from the one defaults table
+        (`dimoo_npu.settings.requests.resolve`)."""
         names = {f.name for f in dataclasses.fields(kind)}
         chosen = {} if settings is None else {k: v for k, v in dataclasses.asdict(settings).items() if k in names}
         return req.resolve(kind(**chosen, **given), self.config.generation_defaults)

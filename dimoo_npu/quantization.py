@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import InputError
 from dimoo_npu.model import DiMOOModel, fuse_projections
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import OpSet, require_quantized_matmul
 from dimoo_npu.ops.reference import quantize_rows
+from dimoo_npu.utils.errors import InputError
 
 SCHEMES = ("w8a8", "w8a16")
 QUANT_METHOD = "dimoo-int8"

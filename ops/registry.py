@@ -2,7 +2,7 @@
 
 Implementations: ``reference`` (pure PyTorch, fp32 accumulation), ``torch`` (SDPA etc.),
 ``npu`` (torch_npu fused kernels; imported lazily, only when chosen). A backend names its default;
-``DIMOO_OPS`` (see `dimoo_npu.envs`) or an explicit ``overrides`` mapping forces one per op.
+``DIMOO_OPS`` (see `dimoo_npu.utils.envs`) or an explicit ``overrides`` mapping forces one per op.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def require_quantized_matmul(ops: OpSet, device_type: str, scheme: str) -> None:
     if has_quantized_matmul(ops, device_type):
         return
     impl = ops.names["quantized_matmul"]
-    from dimoo_npu.errors import InputError
+    from dimoo_npu.utils.errors import InputError
 
     if device_type in QUANTIZED_MATMUL_DEVICES.get(impl, ()):  # cuda: the table has it, this torch cannot load it
         raise InputError(
@@ -120,7 +120,7 @@ def _check(overrides: Mapping[str, str]) -> None:
 
 def resolve_ops(device_type: str = "cpu", overrides: Mapping[str, str] | str | None = None) -> OpSet:
     """Pick each op's implementation: explicit overrides, then ``DIMOO_OPS``, then the device default."""
-    from dimoo_npu import envs
+    from dimoo_npu.utils import envs
 
     chosen = dict.fromkeys(OP_NAMES, _DEFAULT_FOR_DEVICE.get(device_type, "reference"))
     for source in (envs.ops_override(), overrides):

@@ -13,8 +13,8 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.utils.errors import ConfigError
 
 SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe}
 

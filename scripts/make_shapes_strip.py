@@ -37,7 +37,7 @@ def greyed(image: np.ndarray, mask: np.ndarray) -> Image.Image:
 
 def columns(pipeline, defaults: dict) -> list[tuple[str, Image.Image | None, Image.Image | None, str]]:
     """(title, input, output, text) per task, each on a held-out example."""
-    from dimoo_npu.generation_settings import ImageSettings, TextSettings
+    from dimoo_npu.settings.generation_settings import ImageSettings, TextSettings
     from dimoo_npu.shapes import evaluate, world
 
     image_settings = ImageSettings(
@@ -95,7 +95,7 @@ def draw_strip(made: list[tuple[str, Image.Image | None, Image.Image | None, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dimoo_npu.atomic import write_atomically
+    from dimoo_npu.files.atomic import write_atomically
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
 

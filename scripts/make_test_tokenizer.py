@@ -23,8 +23,8 @@ import string
 from collections.abc import Iterator
 from pathlib import Path
 
-from dimoo_npu.prompts import template_texts
-from dimoo_npu.special_tokens import DIMOO_SPECIAL_TOKENS
+from dimoo_npu.tokens.prompts import template_texts
+from dimoo_npu.tokens.special_tokens import DIMOO_SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "tests" / "fixtures" / "public-tokenizer"

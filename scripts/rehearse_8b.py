@@ -65,8 +65,8 @@ def public_config(shape: str) -> dict:
 
 def weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every weight's name and shape in module order (embedding, blocks, final norm, head), as shards hold them."""
-    from dimoo_npu.config import DiMOOConfig
     from dimoo_npu.model import DiMOOModel
+    from dimoo_npu.modeling.config import DiMOOConfig
 
     with torch.device("meta"):
         model = DiMOOModel(DiMOOConfig.from_dict(config))
@@ -109,8 +109,8 @@ def _write_shard(path: Path, tensors: dict[str, tuple[int, ...]], seed: int) -> 
 
 def write_checkpoint(folder: Path, shape: str) -> dict:
     """The checkpoint in the public layout; returns its figures (bytes, shards, seconds)."""
-    from dimoo_npu.atomic import write_atomically, write_text_atomically
     from dimoo_npu.checkpoint import INDEX_NAME
+    from dimoo_npu.files.atomic import write_atomically, write_text_atomically
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,8 +200,8 @@ def t2i_input(config) -> tuple[torch.Tensor, int]:
     The text part is ``PROMPT_TOKENS`` random text ids, so the input has the 4182 tokens of the public default
     size whatever tokenizer the checkpoint has (the test tokenizer encodes the template into more tokens).
     """
-    from dimoo_npu import sequences
-    from dimoo_npu.image_prep import PIXELS_PER_CELL
+    from dimoo_npu.tokens import sequences
+    from dimoo_npu.tokens.image_prep import PIXELS_PER_CELL
 
     tokens = config.special_tokens
     prompt = torch.randint(0, tokens["eos"], (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0))

@@ -79,9 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def checked(args: argparse.Namespace) -> argparse.Namespace:
-    """Every argument bounded before anything is deleted or trained (`dimoo_npu.validate`); SystemExit(2)."""
-    from dimoo_npu.errors import DimooError
-    from dimoo_npu.validate import check_args, check_int, check_number
+    """Every argument bounded before anything is deleted or trained (`dimoo_npu.utils.validate`); SystemExit(2)."""
+    from dimoo_npu.utils.errors import DimooError
+    from dimoo_npu.utils.validate import check_args, check_int, check_number
 
     try:
         check_args(vars(args))
@@ -137,7 +137,7 @@ def train_vq_stage(folder: Path, steps: int | None, copy_from: Path | None, repo
 
 def with_defaults(export: Path) -> None:
     """Write the sampling settings the model was trained for into its config.json (the CLI and eval read them)."""
-    from dimoo_npu.atomic import write_text_atomically
+    from dimoo_npu.files.atomic import write_text_atomically
     from dimoo_npu.shapes.embedded import GENERATION_DEFAULTS
 
     config = json.loads((export / "config.json").read_text())
@@ -151,7 +151,7 @@ def install(export: Path, target: Path, report: dict) -> None:
     size = sum(p.stat().st_size for p in export.rglob("*") if p.is_file())
     if size > MAX_ASSET_BYTES:
         raise SystemExit(f"the model is {size / 1e6:.1f} MB, over the {MAX_ASSET_BYTES / 1e6:.0f} MB for package data")
-    from dimoo_npu.atomic import replace_directory
+    from dimoo_npu.files.atomic import replace_directory
 
     def fill(staging: Path) -> None:
         shutil.copytree(export, staging, dirs_exist_ok=True)
@@ -205,7 +205,7 @@ def shipped_figures(shipped: Path, work: Path, threads: int) -> dict:
 
 def run_self_grpo(args: argparse.Namespace, work: Path, report: dict) -> int:
     """The Self-GRPO stage from the shipped weights, its evaluation, and the install when it meets the goal."""
-    from dimoo_npu.atomic import write_text_atomically
+    from dimoo_npu.files.atomic import write_text_atomically
 
     start = time.perf_counter()
     shipped = Path(args.install_to)
@@ -249,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.errors import DimooError
+    from dimoo_npu.files.atomic import write_text_atomically
+    from dimoo_npu.files.work_folder import claim
     from dimoo_npu.shapes.dataset import DataMix, scaled, write_manifest
     from dimoo_npu.shapes.embedded import ANSWER_LENGTH, build_skeleton, model_config
-    from dimoo_npu.work_folder import claim
+    from dimoo_npu.utils.errors import DimooError
 
     try:
         work = claim(args.work, MARKER, fresh=args.fresh)

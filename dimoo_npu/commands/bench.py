@@ -1,7 +1,7 @@
 """``dimoo bench geneval|dpg PROMPTS --output-dir D``: a benchmark's images in the layout its evaluator reads.
 
-The prompts come from the user's copy of the benchmark (`dimoo_npu.prompt_sets`; nothing is downloaded); the
-sampling settings from a named preset (`dimoo_npu.generation_settings.BENCH_PRESETS`), any flag overriding it.
+The prompts come from the user's copy of the benchmark (`dimoo_npu.batch.prompt_sets`; nothing is downloaded); the
+sampling settings from a named preset (`dimoo_npu.settings.generation_settings.BENCH_PRESETS`), any flag overriding it.
 Sample k of the whole run gets seed base + k, so the images do not depend on batching, ranks or resumes. Under
 torchrun each rank takes whole prompts (prompt i on rank i mod WORLD_SIZE). ``D/.dimoo-bench.json`` records
 what made the folder, so ``--resume`` refuses a folder of another benchmark, prompt file or checkpoint.
@@ -16,15 +16,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu import envs
-from dimoo_npu.batch_requests import Numbered
+from dimoo_npu.batch.batch_requests import Numbered
+from dimoo_npu.batch.prompt_sets import DPG_SAMPLES, READERS, BenchPrompt, sample_outputs
+from dimoo_npu.batch.resume import FIX, first_difference
 from dimoo_npu.commands.generate import add_model_arguments, add_request_arguments, add_write_arguments
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import BENCH_PRESETS
-from dimoo_npu.prompt_sets import DPG_SAMPLES, READERS, BenchPrompt, sample_outputs
-from dimoo_npu.requests import TextToImageRequest, check, from_mapping, generation_defaults, resolve
-from dimoo_npu.resume import FIX, first_difference
-from dimoo_npu.validate import check_seeds, resolved
+from dimoo_npu.settings.generation_settings import BENCH_PRESETS
+from dimoo_npu.settings.requests import TextToImageRequest, check, from_mapping, generation_defaults, resolve
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import check_seeds, resolved
 
 MARKER = ".dimoo-bench.json"
 GENEVAL_SAMPLES = 4  # GenEval's generation scripts' default images per prompt
@@ -94,7 +94,7 @@ def claim_folder(folder: Path, record: dict[str, Any], resume: bool, overwrite: 
     elif resume and folder.is_dir() and any(folder.iterdir()):
         raise InputError(f"cannot resume into {folder}: it was not made by dimoo bench (no {MARKER}); {FIX}")
     if rank == 0:
-        from dimoo_npu.atomic import write_text_atomically
+        from dimoo_npu.files.atomic import write_text_atomically
 
         write_text_atomically(folder / MARKER, json.dumps(record, sort_keys=True) + "\n")
 

@@ -1,5 +1,5 @@
 """The writing half of `dimoo_npu.commands.bench`: GenEval's per-prompt metadata files and DPG-Bench's 2 x 2
-grids, each resumable like the samples (`dimoo_npu.resume`)."""
+grids, each resumable like the samples (`dimoo_npu.batch.resume`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 
 from PIL import Image
 
-from dimoo_npu.batch_requests import Numbered
+from dimoo_npu.batch.batch_requests import Numbered
+from dimoo_npu.batch.prompt_sets import DPG_SAMPLES, BenchPrompt
+from dimoo_npu.batch.resume import FIX, State, png_state
 from dimoo_npu.commands.generate_run import GenerationRun, png_metadata
-from dimoo_npu.errors import InputError
-from dimoo_npu.outputs import check_writable, save_png, save_text
-from dimoo_npu.prompt_sets import DPG_SAMPLES, BenchPrompt
-from dimoo_npu.requests import PIXELS_PER_CELL, TextToImageRequest
-from dimoo_npu.resume import FIX, State, png_state
+from dimoo_npu.files.outputs import check_writable, save_png, save_text
+from dimoo_npu.settings.requests import PIXELS_PER_CELL, TextToImageRequest
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger("dimoo")
 

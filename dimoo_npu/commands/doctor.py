@@ -11,8 +11,8 @@ import importlib.metadata
 import platform
 from pathlib import Path
 
-from dimoo_npu import envs
 from dimoo_npu.commands import emit
+from dimoo_npu.utils import envs
 
 PACKAGES = ("torch", "torch_npu", "onnx", "onnxruntime", "onnxscript", "diffusers", "transformers", "safetensors")
 # Where CANN installs put ascend_<component>_install.info (torch_npu's collect_env reads the same files).
@@ -25,14 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dimoo_npu.errors import InputError
+    from dimoo_npu.utils.errors import InputError
 
     findings = collect()
     emit(format_findings(findings))
     if args.json:
         import json
 
-        from dimoo_npu.atomic import write_text_atomically
+        from dimoo_npu.files.atomic import write_text_atomically
 
         write_text_atomically(args.json, json.dumps(findings, indent=2))
         emit(f"wrote {args.json}")

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     parser.add_argument("--answer-steps", type=int, help="answer sampling steps (default: the checkpoint's)")
     from dimoo_npu.commands.generate import add_request_arguments
-    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
+    from dimoo_npu.settings.requests import UNDERSTAND_SPEED_FIELDS
 
     add_request_arguments(
         parser.add_argument_group("answer speed (caption, qa)"), "understand", UNDERSTAND_SPEED_FIELDS
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 def selected_tasks(text: str) -> list[str]:
     """The tasks ``--task`` names, in report order; InputError for an unknown name."""
-    from dimoo_npu.errors import InputError
+    from dimoo_npu.utils.errors import InputError
 
     names = task_names()
     asked = {t.strip() for t in text.split(",") if t.strip()}
@@ -96,14 +96,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from dimoo_npu.atomic import write_text_atomically
-    from dimoo_npu.generation_settings import ImageSettings, TextSettings, check_cache_settings
-    from dimoo_npu.outputs import save_png
+    from dimoo_npu.files.atomic import write_text_atomically
+    from dimoo_npu.files.outputs import save_png
     from dimoo_npu.pipeline import DiMOOPipeline, generation_defaults
-    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
+    from dimoo_npu.settings.generation_settings import ImageSettings, TextSettings, check_cache_settings
+    from dimoo_npu.settings.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
     from dimoo_npu.shapes import evaluate, world
     from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
-    from dimoo_npu.validate import output_file
+    from dimoo_npu.utils.validate import output_file
 
     tasks = selected_tasks(args.task)
     if args.output:

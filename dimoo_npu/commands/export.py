@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dimoo_npu.errors import InputError
+    from dimoo_npu.utils.errors import InputError
 
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -79,9 +79,9 @@ def _export_vq_decoder(args: argparse.Namespace, path: Path) -> bool:
     import torch
 
     from dimoo_npu.export.onnx import export_vq_decoder
-    from dimoo_npu.hub_cache import resolve_checkpoint
-    from dimoo_npu.image_tokenizer import VQ_SUBFOLDER, load_vq_model
+    from dimoo_npu.files.hub_cache import resolve_checkpoint
     from dimoo_npu.numerics.onnx_check import verify_vq_decoder
+    from dimoo_npu.tokens.image_tokenizer import VQ_SUBFOLDER, load_vq_model
 
     vqvae = load_vq_model(resolve_checkpoint(args.checkpoint) / VQ_SUBFOLDER)
     export_vq_decoder(vqvae, path, opset=args.opset, overwrite=args.overwrite)
@@ -101,7 +101,7 @@ def _report(diffs: list, shape: str) -> bool:
 
 
 def _vocab_range(spec: str | None, config) -> tuple[int, int] | None:
-    from dimoo_npu.errors import InputError
+    from dimoo_npu.utils.errors import InputError
 
     if not spec:
         return None

@@ -1,6 +1,6 @@
 """``dimoo t2i | edit | inpaint | outpaint | understand``: one request from flags or many from --batch-file.
 
-The task's flags are derived from its request type (`dimoo_npu.requests`): one flag per field, with the field's
+The task's flags are derived from its request type (`dimoo_npu.settings.requests`): one flag per field, with the field's
 type and help; the run's own flags (checkpoint, device, batching, where outputs go) are added here. Everything
 that needs no transformer is checked before it loads. Torch-free: the work is in `dimoo_npu.commands.generate_run`.
 """
@@ -11,12 +11,12 @@ import argparse
 import dataclasses
 import logging
 
-from dimoo_npu import envs
-from dimoo_npu.batch_requests import assign_seeds, build_requests, my_share
+from dimoo_npu.batch.batch_requests import assign_seeds, build_requests, my_share
 from dimoo_npu.commands.quantize import add_quantize_argument
-from dimoo_npu.errors import InputError
-from dimoo_npu.lengths import length_cap
-from dimoo_npu.requests import DEFAULTS, TASKS, field_type, generation_defaults, trained_length
+from dimoo_npu.settings.requests import DEFAULTS, TASKS, field_type, generation_defaults, trained_length
+from dimoo_npu.tokens.lengths import length_cap
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger("dimoo")
 

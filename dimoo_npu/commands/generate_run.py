@@ -1,5 +1,5 @@
 """The work behind the generation commands: check files and outputs, prepare token ids, load the model, sample,
-write. Requests arrive resolved and checked (`dimoo_npu.batch_requests`); this module never reads argparse.
+write. Requests arrive resolved and checked (`dimoo_npu.batch.batch_requests`); this module never reads argparse.
 
 Kept apart from `dimoo_npu.commands.generate` so that ``dimoo --help`` imports no torch.
 """
@@ -17,15 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 import dimoo_npu
-from dimoo_npu.answer_files import answered, answers_path, append_rows
-from dimoo_npu.batch_progress import BatchProgress
-from dimoo_npu.batch_requests import Numbered, output_paths
+from dimoo_npu.batch.answer_files import answered, answers_path, append_rows
+from dimoo_npu.batch.batch_progress import BatchProgress
+from dimoo_npu.batch.batch_requests import Numbered, output_paths
+from dimoo_npu.batch.resume import State, png_state
 from dimoo_npu.commands import emit
-from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.outputs import check_writable, save_png, save_text
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.files.outputs import check_writable, save_png, save_text
 from dimoo_npu.pipeline import DiMOOPipeline
-from dimoo_npu.requests import ImageRequest, InpaintRequest, UnderstandRequest
-from dimoo_npu.resume import State, png_state
+from dimoo_npu.settings.requests import ImageRequest, InpaintRequest, UnderstandRequest
 from dimoo_npu.tasks import check_files
 from dimoo_npu.tasks.understand import EMPTY_ANSWER
 

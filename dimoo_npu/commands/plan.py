@@ -13,11 +13,11 @@ from typing import Any
 
 from dimoo_npu.commands import emit
 from dimoo_npu.commands.quantize import add_quantize_argument
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import check_not_negative
+from dimoo_npu.modeling.presets import PRESETS
 from dimoo_npu.planner.hardware import ACCELERATORS
-from dimoo_npu.presets import PRESETS
-from dimoo_npu.validate import check_image_dimension
+from dimoo_npu.settings.generation_settings import check_not_negative
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import check_image_dimension
 
 DEFAULT_PRESET = "lumina-dimoo-8b"
 
@@ -64,10 +64,10 @@ def add_train_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dimoo_npu.config import DiMOOConfig
+    from dimoo_npu.modeling.config import DiMOOConfig
+    from dimoo_npu.modeling.presets import preset_config
     from dimoo_npu.planner.hardware import accelerator
     from dimoo_npu.planner.sample_plan import SampleSettings, plan_sampling
-    from dimoo_npu.presets import preset_config
 
     for name in ("width", "height"):
         value = check_image_dimension(f"--{name}", getattr(args, name))
@@ -98,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
 
 def plan_train(config: Any, args: argparse.Namespace) -> int:
     """``dimoo train CONFIG --plan`` / ``--sweep``: exit 1 when the layout (or every layout) does not fit."""
-    from dimoo_npu import envs
     from dimoo_npu.planner.hardware import accelerator
     from dimoo_npu.planner.report import format_plan, format_sweep
     from dimoo_npu.planner.sweep import sweep
     from dimoo_npu.planner.train_plan import layout_of, plan_training
     from dimoo_npu.train.layout import model_config_of, plan_layout
+    from dimoo_npu.utils import envs
 
     world = envs.world_size()
     model = model_config_of(config, planning=True)
@@ -127,6 +127,6 @@ def plan_train(config: Any, args: argparse.Namespace) -> int:
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
-        from dimoo_npu.atomic import write_text_atomically
+        from dimoo_npu.files.atomic import write_text_atomically
 
         write_text_atomically(path, json.dumps(payload, indent=1) + "\n")

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from dimoo_npu.commands import emit
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger("dimoo")
 
@@ -47,12 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dimoo_npu.atomic import replace_directory
     from dimoo_npu.checkpoint import find_shards, load_model, save_pretrained
-    from dimoo_npu.hub_cache import resolve_checkpoint
-    from dimoo_npu.msmodelslim import write_export
+    from dimoo_npu.files.atomic import replace_directory
+    from dimoo_npu.files.hub_cache import resolve_checkpoint
+    from dimoo_npu.files.msmodelslim import write_export
+    from dimoo_npu.files.safetensors_io import read_header
     from dimoo_npu.quantization import DEFAULT_KEEP, QuantizationSpec, weight_bytes
-    from dimoo_npu.safetensors_io import read_header
     from dimoo_npu.train.checkpoint import copy_assets
 
     spec = QuantizationSpec(args.scheme, (*DEFAULT_KEEP, *args.keep))  # refuses an unknown scheme first

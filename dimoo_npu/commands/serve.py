@@ -8,9 +8,9 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from dimoo_npu import envs
 from dimoo_npu.commands.quantize import add_quantize_argument
-from dimoo_npu.errors import ConfigError, InputError
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from dimoo_npu.serve.app import ServeConfig
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--compile", action="store_true", help="graph mode (torch.compile); groups pad to fixed batch buckets"
     )
     from dimoo_npu.commands.generate import add_request_arguments
-    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS
+    from dimoo_npu.settings.requests import UNDERSTAND_SPEED_FIELDS
 
     speed = parser.add_argument_group("chat answers' defaults (a request's own fields win)")
     add_request_arguments(speed, "understand", UNDERSTAND_SPEED_FIELDS)
@@ -136,8 +136,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _understand_defaults(args: argparse.Namespace) -> dict:
     """The chat answers' speed flags that were given, checked before the model loads."""
-    from dimoo_npu.generation_settings import check_cache_settings
-    from dimoo_npu.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
+    from dimoo_npu.settings.generation_settings import check_cache_settings
+    from dimoo_npu.settings.requests import UNDERSTAND_SPEED_FIELDS, UnderstandRequest, resolve
 
     given = {name: getattr(args, name) for name in UNDERSTAND_SPEED_FIELDS if getattr(args, name) is not None}
     speed = resolve(UnderstandRequest(**given))

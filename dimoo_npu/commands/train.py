@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from dimoo_npu import envs
 from dimoo_npu.commands import emit
 from dimoo_npu.commands.plan import add_train_plan_arguments, plan_train
+from dimoo_npu.utils import envs
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -106,11 +106,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _pretokenize(args: argparse.Namespace) -> int:
-    from dimoo_npu.config import DiMOOConfig
-    from dimoo_npu.requests import field_maxima
+    from dimoo_npu.modeling.config import DiMOOConfig
+    from dimoo_npu.settings.requests import field_maxima
     from dimoo_npu.train.encode import EncoderSettings
     from dimoo_npu.train.pretokenize import REJECTED, pretokenize
-    from dimoo_npu.validate import check_int
+    from dimoo_npu.utils.validate import check_int
 
     model = DiMOOConfig.from_json(args.checkpoint)  # limits the user leaves out are the checkpoint's own
     tuned = model.generation_defaults
@@ -129,7 +129,7 @@ def _pretokenize(args: argparse.Namespace) -> int:
     )
     summary = pretokenize(args.manifest, args.output, settings, args.chunk_size, args.workers)
     if summary.samples == 0 and summary.chunks_skipped == 0:
-        from dimoo_npu.errors import InputError
+        from dimoo_npu.utils.errors import InputError
 
         raise InputError(
             f"no sample written: all {summary.rejected} record(s) were rejected: see {args.output}/{REJECTED} "

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dimoo_npu.atomic import fsync
-from dimoo_npu.block_outputs import LOGITS, block_name, capture_blocks
-from dimoo_npu.errors import InputError
+from dimoo_npu.files.atomic import fsync
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.block_outputs import LOGITS, block_name, capture_blocks
 from dimoo_npu.ops import resolve_ops
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 def _save(program, path: Path, weight_bytes: int) -> Path:
     """Save into a temporary folder beside ``path``, then move the .onnx (and its .data) into place, flushed to disk
-    as `dimoo_npu.atomic` does (the graph names its .data file, so the file cannot be written under a temp name)."""
+    as `dimoo_npu.files.atomic` does (the graph names its .data file, so the file cannot be written under a temp
+    name)."""
     external = weight_bytes > EXTERNAL_DATA_BYTES
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -13,7 +13,6 @@ from typing import Any
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
-from dimoo_npu.generation_settings import DEFAULTS, TextSettings
 from dimoo_npu.integrations.lmms_eval_settings import (
     cut_at_stop,
     image_budget_for,
@@ -22,6 +21,7 @@ from dimoo_npu.integrations.lmms_eval_settings import (
     single_image,
     unsupported,
 )
+from dimoo_npu.settings.generation_settings import DEFAULTS, TextSettings
 
 
 class DiMOOLmms(lmms):

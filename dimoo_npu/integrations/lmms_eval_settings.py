@@ -22,9 +22,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import TextSettings
-from dimoo_npu.requests import UnderstandRequest, resolve
+from dimoo_npu.settings.generation_settings import TextSettings
+from dimoo_npu.settings.requests import UnderstandRequest, resolve
+from dimoo_npu.utils.errors import InputError
 
 MODEL_NAME = "dimoo"
 MODEL_CLASS = "dimoo_npu.integrations.lmms_eval_model.DiMOOLmms"

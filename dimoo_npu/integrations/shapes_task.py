@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dimoo_npu.atomic import replace_directory
-from dimoo_npu.errors import InputError
+from dimoo_npu.files.atomic import replace_directory
+from dimoo_npu.utils.errors import InputError
 
 TASK_NAME = "dimoo_shapes_qa"
 METRIC = "accuracy"

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from dimoo_npu.adapters import BACKENDS, Availability, BackendUnavailableError
-from dimoo_npu.block_outputs import LOGITS, run_with_capture
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import InputError
+from dimoo_npu.modeling.block_outputs import LOGITS, run_with_capture
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 

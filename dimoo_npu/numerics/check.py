@@ -13,17 +13,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dimoo_npu import envs
-from dimoo_npu.block_outputs import layer_names
 from dimoo_npu.checkpoint import with_max_layers
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import InputError
-from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.lengths import length_cap
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.modeling.block_outputs import layer_names
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.numerics.backends import ModelSlot, Target, check_onnx_plan, require_available, run_target
 from dimoo_npu.numerics.compare import LayerDiff, compare_runs, first_failure, real_positions
 from dimoo_npu.numerics.tolerances import Tolerance, tolerance_for
 from dimoo_npu.quantization import check_scheme, spec_of
+from dimoo_npu.tokens.lengths import length_cap
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

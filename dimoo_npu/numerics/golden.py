@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dimoo_npu.block_outputs import block_name, capture_blocks
-from dimoo_npu.losses import masked_diffusion_loss
+from dimoo_npu.modeling.block_outputs import block_name, capture_blocks
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.numerics.compare import LayerDiff, compare_layer
 from dimoo_npu.numerics.tolerances import tolerance
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dimoo_npu.block_outputs import LOGITS, block_name, run_with_capture
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.export.onnx import INPUT_NAMES, META_PREFIX, VQ_INPUT, VQ_OUTPUT, VQDecoderForExport
+from dimoo_npu.modeling.block_outputs import LOGITS, block_name, run_with_capture
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.numerics.compare import LayerDiff, compare_layer
 from dimoo_npu.numerics.tolerances import tolerance
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 REEXPORT_FIX = "re-export it from this checkpoint: dimoo export-onnx --checkpoint {checkpoint} --output FOLDER"
 

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from dimoo_npu.atomic import write_atomically
+from dimoo_npu.files.atomic import write_atomically
 from dimoo_npu.numerics.check import CheckReport
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.modeling.config import DiMOOConfig
 
 OP_FAMILIES = ("torch", "npu")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.utils.errors import ConfigError
 
 GIB = 1024**3
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from dimoo_npu.planner.activations import op_family, working_set_terms
 from dimoo_npu.planner.train_plan import RESERVE, TrainPlan
-from dimoo_npu.requests import PIXELS_PER_CELL
+from dimoo_npu.settings.requests import PIXELS_PER_CELL
 
 if TYPE_CHECKING:
     from dimoo_npu.train.config import TrainConfig

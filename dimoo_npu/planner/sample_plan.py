@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.planner.hardware import GIB, Accelerator
 
 PATCH = 16  # pixels per image code

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
 from dimoo_npu.planner.hardware import Accelerator
 from dimoo_npu.planner.rl_plan import add_rl_terms
 from dimoo_npu.planner.train_plan import TrainPlan, layout_of, plan_training
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.layout import plan_layout
+from dimoo_npu.utils.errors import ConfigError
 
 
 def _divisors(n: int) -> list[int]:

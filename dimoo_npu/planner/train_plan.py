@@ -31,7 +31,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.parallel.pipeline_parallel import stage_layer_counts
 from dimoo_npu.planner.activations import BLOCK, op_family, stage_activation_terms, working_set_terms
 from dimoo_npu.planner.hardware import GIB, Accelerator

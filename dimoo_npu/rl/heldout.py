@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.shapes import evaluate, world
+from dimoo_npu.utils.errors import ConfigError
 
 HELDOUT_TASKS: tuple[str, ...] = ("t2i", *(f"edit-{kind}" for kind in world.EDITS), "caption", "qa")
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dimoo_npu.errors import ConfigError, InputError
 from dimoo_npu.shapes import world
 from dimoo_npu.shapes.evaluate import normalise_answer
+from dimoo_npu.utils.errors import ConfigError, InputError
 
 SHAPES_SPEC = "shapes"
 # Rollout tasks of the shapes world. Removal has no self-reward: a picture left empty answers no question.

@@ -26,11 +26,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from dimoo_npu.errors import ConfigError
-from dimoo_npu.generation_settings import check_image_settings, check_text_settings
-from dimoo_npu.image_tokenizer import ImageTokenizer
-from dimoo_npu.lengths import LengthLimit
-from dimoo_npu.requests import PIXELS_PER_CELL
 from dimoo_npu.rl.augment import augmented
 from dimoo_npu.rl.heldout import check_heldout_tasks, score_heldout
 from dimoo_npu.rl.likelihood import TokenScores, sampled_timestep_mask, sampled_timestep_scores, trajectory_scores
@@ -50,13 +45,18 @@ from dimoo_npu.rl.reward import (
 )
 from dimoo_npu.sampling import sample_image, sample_text
 from dimoo_npu.sampling.record import Rollout
+from dimoo_npu.settings.generation_settings import check_image_settings, check_text_settings
+from dimoo_npu.settings.requests import PIXELS_PER_CELL
 from dimoo_npu.shapes import world
 from dimoo_npu.tasks import PromptEncoder, edit, text_to_image, understand
-from dimoo_npu.text_tokenizer import load_text_tokenizer
+from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
+from dimoo_npu.tokens.lengths import LengthLimit
+from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.masking import sample_generator
 from dimoo_npu.train.schedule import learning_rate
 from dimoo_npu.train.trainer import DistEnv, Trainer
+from dimoo_npu.utils.errors import ConfigError
 
 
 def check_rl_layout(config: TrainConfig, world_size: int) -> None:

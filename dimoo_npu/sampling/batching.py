@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 RowsLike = torch.Tensor | Sequence[torch.Tensor]
 

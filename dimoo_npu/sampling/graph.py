@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from dimoo_npu import envs
 from dimoo_npu.adapters import BACKENDS
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.quantization import fuse_for_sampling
+from dimoo_npu.utils import envs
 
 RECOMPILE_LIMIT = 64
 

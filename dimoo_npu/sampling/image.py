@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import check_image_settings
 from dimoo_npu.sampling.batching import (
     RowsLike,
     as_rows,
@@ -30,6 +28,8 @@ from dimoo_npu.sampling.graph import static_shapes
 from dimoo_npu.sampling.record import NOT_SAMPLED, Rollout, check_recordable, mark_revealed, sampling_context
 from dimoo_npu.sampling.schedule import keep_masked_table, masked_upper_bounds, recompute_widths, refresh_steps
 from dimoo_npu.sampling.step import sample_codes, stay_masked
+from dimoo_npu.settings.generation_settings import check_image_settings
+from dimoo_npu.utils.errors import InputError
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _image_parts(rows: list[torch.Tensor], starts: list[int], tokens) -> tuple[l
         if heads != [tokens["boa"], tokens["boi"]] or ends != [tokens["eoi"], tokens["eoa"]]:
             raise InputError(
                 f"prompt row {index} is not laid out as prompt + BOA BOI + rows + EOI EOA with code_start={start} "
-                "at the first cell: build it with dimoo_npu.sequences or pass the right code_start"
+                "at the first cell: build it with dimoo_npu.tokens.sequences or pass the right code_start"
             )
         parts.append(row[start - 2 :])
     newline = tokens["newline"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 NOT_SAMPLED = -1  # reveal step of a position the prompt already gave
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import check_text_settings
 from dimoo_npu.sampling.batching import (
     RowsLike,
     as_rows,
@@ -33,6 +31,8 @@ from dimoo_npu.sampling.graph import static_shapes
 from dimoo_npu.sampling.record import NOT_SAMPLED, Rollout, check_recordable, mark_revealed, sampling_context
 from dimoo_npu.sampling.schedule import transfer_tokens
 from dimoo_npu.sampling.step import predict_text, reveal
+from dimoo_npu.settings.generation_settings import check_text_settings
+from dimoo_npu.utils.errors import InputError
 
 
 def step_kinds(kv_cache: str, per_block: int) -> list[str]:

@@ -1,14 +1,14 @@
 """The HTTP API of `dimoo serve`: OpenAI's images and chat endpoints on the continuous-batching `Scheduler`.
 
-Request bodies are generated from the task dataclasses of `dimoo_npu.requests` (their fields, types and help), with
-only OpenAI's wire names added (``n``, ``size``, ``response_format``, ``model``, chat ``messages`` and ``stream``);
-values are then resolved and checked by `dimoo_npu.requests` as for ``dimoo t2i``, so a seeded request gives what
-the command gives. Every error is OpenAI's JSON body ``{"error": {"message", "type", "param", "code"}}``: 400 for a
-bad value, 401 without the API key (checked before the body is read, on every route but /health and /ready), 404 for
-a model name this server does not serve, 408 for a body not sent within the timeout, 413 for a body over the limit
-(however it is sent), 422 for a malformed body or an unknown field (on every endpoint), 429 (with Retry-After) when
-the queue or the token budget is full, 503 while the model loads or the server drains; never a traceback or a path
-of the server's.
+Request bodies are generated from the task dataclasses of `dimoo_npu.settings.requests` (their fields, types and
+help), with only OpenAI's wire names added (``n``, ``size``, ``response_format``, ``model``, chat ``messages`` and
+``stream``); values are then resolved and checked by `dimoo_npu.settings.requests` as for ``dimoo t2i``, so a seeded
+request gives what the command gives. Every error is OpenAI's JSON body ``{"error": {"message", "type", "param",
+"code"}}``: 400 for a bad value, 401 without the API key (checked before the body is read, on every route but
+/health and /ready), 404 for a model name this server does not serve, 408 for a body not sent within the timeout,
+413 for a body over the limit (however it is sent), 422 for a malformed body or an unknown field (on every
+endpoint), 429 (with Retry-After) when the queue or the token budget is full, 503 while the model loads or the
+server drains; never a traceback or a path of the server's.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
-from dimoo_npu import requests
-from dimoo_npu.errors import DimooError
 from dimoo_npu.serve.metrics import Metrics
 from dimoo_npu.serve.scheduler import Job, NotAccepting, QueueFull, Scheduler, TooMuchWork
+from dimoo_npu.settings import requests
+from dimoo_npu.utils.errors import DimooError
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +84,14 @@ def default_token_limit(checkpoint: str, max_batch: int) -> int:
     """One sequence at the length cap per batch row: what ``--max-batch`` rows could hold without guidance (a
     guided row counts each copy), so the tokens of all work in flight are bounded by the checkpoint's cap.
     Reads config.json and DIMOO_MAX_LENGTH (an InputError names a bad value)."""
-    from dimoo_npu.config import DiMOOConfig
-    from dimoo_npu.hub_cache import resolve_checkpoint
-    from dimoo_npu.lengths import length_cap
+    from dimoo_npu.files.hub_cache import resolve_checkpoint
+    from dimoo_npu.modeling.config import DiMOOConfig
+    from dimoo_npu.tokens.lengths import length_cap
 
     return max_batch * length_cap(DiMOOConfig.from_json(resolve_checkpoint(checkpoint)).max_sequence_length)
 
 
-# ---- request bodies, generated from dimoo_npu.requests ----
+# ---- request bodies, generated from dimoo_npu.settings.requests ----
 
 # Fields of the task dataclasses that the wire names replace or that do not travel in a body.
 _NOT_ON_THE_WIRE = {

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from dimoo_npu import envs
 from dimoo_npu.serve.app import ServeConfig, create_app
+from dimoo_npu.utils import envs
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from dimoo_npu.atomic import write_atomically, write_text_atomically
+from dimoo_npu.files.atomic import write_atomically, write_text_atomically
 from dimoo_npu.shapes import world
 
 logger = logging.getLogger(__name__)

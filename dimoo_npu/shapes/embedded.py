@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.atomic import write_text_atomically
-from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.files.atomic import write_text_atomically
+from dimoo_npu.modeling.config import DiMOOConfig
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "assets" / "shapes-dimoo"
 FIRST_SPECIAL = 128  # word ids stay below this (the world and the task templates use about 100)
@@ -73,7 +73,7 @@ def model_config(
 def build_skeleton(folder: str | Path, vq_folder: str | Path, config: dict[str, Any]) -> Path:
     """config.json + word tokenizer + vqvae/ in ``folder``: everything but the transformer weights."""
     from dimoo_npu.shapes import world
-    from dimoo_npu.text_tokenizer import build_word_tokenizer
+    from dimoo_npu.tokens.text_tokenizer import build_word_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dimoo_npu.atomic import replace_directory
+from dimoo_npu.files.atomic import replace_directory
 from dimoo_npu.shapes import world
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reconstruction_psnr(model, images: torch.Tensor, batch_size: int = 32) -> float:
     """Mean PSNR (dB) of uint8 (N, 3, H, W) images against their round trip through code indices."""
-    from dimoo_npu.image_tokenizer import ImageTokenizer
+    from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
 
     tokenizer = ImageTokenizer(model)  # the encode/decode path DiMOO uses (eval mode, no grad)
     values = []
@@ -120,7 +120,7 @@ def reconstruction_psnr(model, images: torch.Tensor, batch_size: int = 32) -> fl
 @torch.no_grad()
 def codes_per_cell_content(model, images: torch.Tensor) -> dict[str, float]:
     """How local the codes are: distinct codes for all-white cells, and on average per distinct cell content."""
-    from dimoo_npu.image_tokenizer import ImageTokenizer
+    from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
 
     cell, tokenizer = code_cell_size(model), ImageTokenizer(model)
     codes = torch.cat([tokenizer.encode(to_unit(batch)).flatten() for batch in images.split(32)])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.safetensors_io import atomic_save_file
+from dimoo_npu.files.safetensors_io import atomic_save_file
+from dimoo_npu.files.work_folder import claim
 from dimoo_npu.shapes.embedded import FIRST_SPECIAL
-from dimoo_npu.work_folder import claim
 
 WEIGHTS = "model.safetensors"
 SEED_MARKER = ".warm_start-seed"  # written into the folder seed_from fills; a rerun replaces only such a folder

@@ -7,11 +7,11 @@ transformer is needed here, so every request is prepared and checked before the 
 
 from __future__ import annotations
 
-from dimoo_npu import requests
-from dimoo_npu.image_prep import load_image
-from dimoo_npu.sequences import Ids, ImagePrompt
+from dimoo_npu.settings import requests
 from dimoo_npu.tasks import edit, paint, text_to_image, understand
 from dimoo_npu.tasks.encoder import PromptEncoder
+from dimoo_npu.tokens.image_prep import load_image
+from dimoo_npu.tokens.sequences import Ids, ImagePrompt
 
 __all__ = ["PromptEncoder", "check_files", "prepare_request"]
 
@@ -25,7 +25,7 @@ def check_files(request: requests.Request) -> None:
 
 
 def prepare_request(encoder: PromptEncoder, request: requests.Request) -> ImagePrompt | Ids:
-    """The sampler's input of one resolved request (`dimoo_npu.requests.resolve`)."""
+    """The sampler's input of one resolved request (`dimoo_npu.settings.requests.resolve`)."""
     budget = getattr(request, "image_budget", None) or None  # 0: keep the size
     if isinstance(request, requests.TextToImageRequest):
         return text_to_image.prepare(encoder, request.prompt, request.width, request.height)

@@ -7,10 +7,10 @@ import logging
 
 from PIL import Image
 
-from dimoo_npu import prompts, sequences
-from dimoo_npu.errors import InputError
-from dimoo_npu.image_prep import grid_size
 from dimoo_npu.tasks.encoder import PromptEncoder
+from dimoo_npu.tokens import prompts, sequences
+from dimoo_npu.tokens.image_prep import grid_size
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dimoo_npu import prompts, sequences
-from dimoo_npu.errors import InputError
-from dimoo_npu.image_prep import fit_image, grid_size
-from dimoo_npu.image_tokenizer import ImageTokenizer
-from dimoo_npu.lengths import LengthLimit
-from dimoo_npu.requests import budget_tokens, image_tokens
-from dimoo_npu.text_tokenizer import warn_unknown_words
+from dimoo_npu.settings.requests import budget_tokens, image_tokens
+from dimoo_npu.tokens import prompts, sequences
+from dimoo_npu.tokens.image_prep import fit_image, grid_size
+from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
+from dimoo_npu.tokens.lengths import LengthLimit
+from dimoo_npu.tokens.text_tokenizer import warn_unknown_words
+from dimoo_npu.utils.errors import InputError
 
 
 @dataclass

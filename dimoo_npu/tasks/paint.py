@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from PIL import Image
 
-from dimoo_npu import prompts, sequences
-from dimoo_npu.image_prep import box_cell_mask, check_mask_size, grid_size, image_cell_mask
 from dimoo_npu.tasks.encoder import PromptEncoder
+from dimoo_npu.tokens import prompts, sequences
+from dimoo_npu.tokens.image_prep import box_cell_mask, check_mask_size, grid_size, image_cell_mask
 
 
 def prepare(

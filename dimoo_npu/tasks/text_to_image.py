@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dimoo_npu import prompts, sequences
-from dimoo_npu.requests import IMAGE_FRAME, PIXELS_PER_CELL, check_image_size, square_cells
+from dimoo_npu.settings.requests import IMAGE_FRAME, PIXELS_PER_CELL, check_image_size, square_cells
 from dimoo_npu.tasks.encoder import PromptEncoder
+from dimoo_npu.tokens import prompts, sequences
 
 
 def prepare(encoder: PromptEncoder, prompt: str, width: int, height: int) -> sequences.ImagePrompt:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from dimoo_npu import prompts, sequences
 from dimoo_npu.tasks.encoder import PromptEncoder
+from dimoo_npu.tokens import prompts, sequences
 
 
 def prepare(

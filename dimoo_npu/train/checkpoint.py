@@ -43,13 +43,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from dimoo_npu.atomic import fsync, replace_directory, write_text_atomically
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.lora import Adapter, merge_adapter, read_adapter
+from dimoo_npu.files.atomic import fsync, replace_directory, write_text_atomically
+from dimoo_npu.files.lora import Adapter, merge_adapter, read_adapter
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.dcp_reader import SafeFileSystemReader, UnsafeCheckpointError
 from dimoo_npu.train.lora import LORA_DIR, is_adapter, saved_name
+from dimoo_npu.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

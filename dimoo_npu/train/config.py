@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.errors import ConfigError
-from dimoo_npu.validate import MAX_LENGTH_LIMIT, check_int, shown
+from dimoo_npu.utils.errors import ConfigError
+from dimoo_npu.utils.validate import MAX_LENGTH_LIMIT, check_int, shown
 
 DECAY_STYLES = ("cosine", "linear", "constant")
 RESUME_CHOICES = ("auto", "never")
@@ -44,7 +44,7 @@ INT_BOUNDS: dict[str, tuple[int, int]] = {
     "gpt_args.lr_warmup_iters": (0, ITERS_LIMIT),
     "gpt_args.lr_decay_iters": (1, ITERS_LIMIT),
     "gpt_args.seed": (0, 2**63 - 1),
-    "data.seq_length": (1, MAX_LENGTH_LIMIT),  # the longest cap any sampler takes (dimoo_npu.validate)
+    "data.seq_length": (1, MAX_LENGTH_LIMIT),  # the longest cap any sampler takes (dimoo_npu.utils.validate)
     "keep_checkpoints": (0, ITERS_LIMIT),
     # rl: the upper bounds (the lower ones are RLArgs.check's, with their reasons)
     "rl.num_generations": (1, 4096),
@@ -94,7 +94,7 @@ class ModelArgs:
     init_from: str | None = None  # Hugging Face folder (config.json + safetensors) to start from
     config: dict[str, Any] | None = None  # LLaDA config.json dict for a fresh random model (tests, tiny runs)
     ops: str | None = None  # op override as DIMOO_OPS takes it, e.g. "reference"
-    preset: str | None = None  # built-in sizes (dimoo_npu.presets) for --check/--plan when init_from is absent
+    preset: str | None = None  # built-in sizes (dimoo_npu.modeling.presets) for --check/--plan when init_from is absent
 
     def overridden(self, name: str) -> None:
         """A weight source set on the command line replaces the file's conflicting ones: the command line wins."""

@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from dimoo_npu.errors import CheckpointError
+from dimoo_npu.utils.errors import CheckpointError
 
 _DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 _ALLOWED: dict[str, set[str] | None] = {

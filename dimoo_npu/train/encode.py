@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.image_prep import box_cell_mask, fit_image, grid_size, image_cell_mask, load_image
-from dimoo_npu.prompts import SYSTEM_TEXTS, UNCONDITION_TEXT, chat_text, uncond_text
-from dimoo_npu.requests import image_tokens
-from dimoo_npu.sequences import answer_image, as_ids, code_cells, image_block, insert_before_last
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.settings.requests import image_tokens
+from dimoo_npu.tokens.image_prep import box_cell_mask, fit_image, grid_size, image_cell_mask, load_image
+from dimoo_npu.tokens.prompts import SYSTEM_TEXTS, UNCONDITION_TEXT, chat_text, uncond_text
+from dimoo_npu.tokens.sequences import answer_image, as_ids, code_cells, image_block, insert_before_last
 from dimoo_npu.train.shards import TASKS, Sample
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 SYSTEMS = {
     "t2i": SYSTEM_TEXTS["image_generation"],
@@ -63,8 +63,8 @@ class RecordEncoder:
     """Tokenizes records with the checkpoint's text tokenizer and VQ model; bad records raise `InputError`."""
 
     def __init__(self, settings: EncoderSettings):
-        from dimoo_npu.image_tokenizer import ImageTokenizer
-        from dimoo_npu.text_tokenizer import load_text_tokenizer
+        from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
+        from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
 
         self.settings = settings
         folder = resolve_checkpoint(settings.checkpoint)

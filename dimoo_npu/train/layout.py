@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.modeling.presets import preset_config
 from dimoo_npu.parallel import ParallelDims, ParallelOptions
 from dimoo_npu.parallel.pipeline_parallel import SCHEDULES
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES
-from dimoo_npu.presets import preset_config
 from dimoo_npu.quantization import refuse_quantized
 from dimoo_npu.train.config import TrainConfig, check_choice
 from dimoo_npu.train.lora import check_targets
+from dimoo_npu.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

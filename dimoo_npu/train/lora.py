@@ -5,7 +5,7 @@ see the module tree they know); each targeted ``nn.Linear`` becomes a peft layer
 ``<module>.base_layer.weight`` with ``<module>.lora_A.default.weight`` and ``lora_B`` beside it. `saved_name`
 maps those names back, so DCP checkpoints keep the base weights under their plain names and the adapters under
 peft's saved names; the adapter folder (`save_adapter`) is peft's own format, loadable with ``PeftModel`` or
-merged at load by `dimoo_npu.lora`.
+merged at load by `dimoo_npu.files.lora`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dimoo_npu.errors import CheckpointError, ConfigError
-from dimoo_npu.lora import ADAPTER_WEIGHTS, PEFT_PREFIX
-from dimoo_npu.safetensors_io import atomic_save_file
+from dimoo_npu.files.lora import ADAPTER_WEIGHTS, PEFT_PREFIX
+from dimoo_npu.files.safetensors_io import atomic_save_file
 from dimoo_npu.train.config import LoraArgs
+from dimoo_npu.utils.errors import CheckpointError, ConfigError
 
 ADAPTER_NAME = "default"  # peft's name of the one adapter
 LORA_DIR = "lora"  # the adapter folder in output_dir and beside each checkpoint

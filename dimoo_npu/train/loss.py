@@ -1,6 +1,6 @@
 """The masked-diffusion loss of one optimizer step, split over micro-batches, pipeline stages and ranks.
 
-`dimoo_npu.losses.masked_diffusion_loss` is one mean over the labelled positions of a batch. Split into pieces,
+`dimoo_npu.modeling.losses.masked_diffusion_loss` is one mean over the labelled positions of a batch. Split into pieces,
 that mean is kept exact by summing each piece's cross-entropy and dividing by the labelled-token count of the
 whole global batch, counted once per step (all-reduced over data parallel ranks).
 """
@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from dimoo_npu.losses import IGNORE_INDEX
+from dimoo_npu.modeling.losses import IGNORE_INDEX
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.losses import IGNORE_INDEX
+from dimoo_npu.modeling.losses import IGNORE_INDEX
 from dimoo_npu.train.shards import Sample
+from dimoo_npu.utils.errors import InputError
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads consecutive positions over the seed space
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from dimoo_npu.atomic import write_text_atomically
-from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.files.atomic import write_text_atomically
+from dimoo_npu.modeling.config import DiMOOConfig
 
 
 def parameter_counts(config: DiMOOConfig) -> tuple[int, int]:

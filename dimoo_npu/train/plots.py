@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from dimoo_npu.atomic import write_atomically
-from dimoo_npu.errors import InputError
+from dimoo_npu.files.atomic import write_atomically
+from dimoo_npu.utils.errors import InputError
 
 
 def plot_curves(metrics: str | os.PathLike, output: str | os.PathLike) -> Path:

@@ -30,12 +30,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dimoo_npu.atomic import write_text_atomically
-from dimoo_npu.errors import DimooError, InputError
-from dimoo_npu.safetensors_io import read_metadata
+from dimoo_npu.files.atomic import write_text_atomically
+from dimoo_npu.files.safetensors_io import read_metadata
 from dimoo_npu.train.encode import EncoderSettings, RecordEncoder, with_paths_under
 from dimoo_npu.train.shards import Sample, shard_name, write_shard
-from dimoo_npu.validate import input_file
+from dimoo_npu.utils.errors import DimooError, InputError
+from dimoo_npu.utils.validate import input_file
 
 logger = logging.getLogger(__name__)
 

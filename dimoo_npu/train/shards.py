@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.safetensors_io import atomic_save_file, read_header, read_metadata
+from dimoo_npu.files.safetensors_io import atomic_save_file, read_header, read_metadata
+from dimoo_npu.utils.errors import CheckpointError
 
 FORMAT = "dimoo-shard-1"
 TASKS = ("t2i", "edit", "inpaint", "mmu")

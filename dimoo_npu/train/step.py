@@ -16,12 +16,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
-from dimoo_npu.errors import InputError
 from dimoo_npu.model import DiMOOModel
 from dimoo_npu.parallel import ParallelDims, ParallelOptions
 from dimoo_npu.parallel.mesh import pipeline_stage
 from dimoo_npu.parallel.pipeline_parallel import build_schedule
 from dimoo_npu.train.loss import StepLoss, global_label_count
+from dimoo_npu.utils.errors import InputError
 
 
 class TrainStep:

@@ -23,16 +23,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from dimoo_npu import envs
 from dimoo_npu.adapters import resolve_device
-from dimoo_npu.atomic import replace_directory
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, ConfigError
-from dimoo_npu.lengths import LengthLimit
+from dimoo_npu.files.atomic import replace_directory
+from dimoo_npu.files.run_lock import RunFolderBusyError, hold_run_folder
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import build_mesh, parallelize
-from dimoo_npu.run_lock import RunFolderBusyError, hold_run_folder
+from dimoo_npu.tokens.lengths import LengthLimit
 from dimoo_npu.train.checkpoint import CONFIG_FILE, STATE_FILE, Checkpointer, load_hf_weights
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.data import BatchSource
@@ -50,6 +48,8 @@ from dimoo_npu.train.metrics import MetricsLog, flops_per_token, measure_peak_fl
 from dimoo_npu.train.schedule import learning_rate
 from dimoo_npu.train.shards import ShardDataset
 from dimoo_npu.train.step import TrainStep
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 

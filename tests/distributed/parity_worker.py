@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.parallel import ParallelDims, ParallelOptions, build_mesh, parallelize
 from dimoo_npu.train.step import TrainStep
 

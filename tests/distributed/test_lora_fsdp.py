@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dimoo_npu.checkpoint import save_pretrained
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.lora import read_adapter
+from dimoo_npu.files.lora import read_adapter
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.numerics.compare import compare_layer
 from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.train.config import load_config

@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import loss_parallel
 
-from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import OP_NAMES, resolve_ops
 from dimoo_npu.parallel.tensor_parallel import apply_tp
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dimoo_npu
-from dimoo_npu.losses import masked_diffusion_loss
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.numerics.compare import compare_layer
 from dimoo_npu.numerics.golden import forward_errors, golden_batch, image_logits_within
 from dimoo_npu.numerics.tolerances import GOLDEN_LOSS_ATOL, tolerance

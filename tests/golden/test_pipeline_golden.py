@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimoo_npu.generation_settings import ImageSettings
-from dimoo_npu.image_tokenizer import ImageTokenizer
 from dimoo_npu.pipeline import DiMOOPipeline
-from dimoo_npu.sequences import ImagePrompt
+from dimoo_npu.settings.generation_settings import ImageSettings
+from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
+from dimoo_npu.tokens.sequences import ImagePrompt
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimoo_npu import sequences
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.image_prep import box_cell_mask, grid_size, load_image
-from dimoo_npu.image_tokenizer import ImageTokenizer
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.numerics.tolerances import tolerance
+from dimoo_npu.tokens import sequences
+from dimoo_npu.tokens.image_prep import box_cell_mask, grid_size, load_image
+from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from dimoo_npu.text_tokenizer import build_word_tokenizer
+from dimoo_npu.tokens.text_tokenizer import build_word_tokenizer
 
 
 @pytest.fixture(scope="module")

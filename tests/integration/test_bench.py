@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dimoo_npu.batch.prompt_sets import read_geneval
 from dimoo_npu.cli import build_parser, main
 from dimoo_npu.commands.bench import sample_requests
-from dimoo_npu.outputs import read_png_text
-from dimoo_npu.prompt_sets import read_geneval
+from dimoo_npu.files.outputs import read_png_text
 
 TINY = ["--preset", "checkpoint", "--device", "cpu", "--timesteps", "2", "--width", "16", "--height", "16"]
 

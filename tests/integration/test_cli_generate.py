@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dimoo_npu.cli import main
-from dimoo_npu.outputs import read_png_text
+from dimoo_npu.files.outputs import read_png_text
 
 FAST = ["--device", "cpu", "--timesteps", "2"]
 

@@ -162,14 +162,14 @@ def test_a_folder_without_write_permission_is_refused_before_sampling(cli, tmp_p
 
 
 def test_a_batch_file_with_a_byte_order_mark_is_read(tmp_path):
-    from dimoo_npu.batch_requests import build_requests
+    from dimoo_npu.batch.batch_requests import build_requests
 
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a red cat"}\n')
     assert build_requests("t2i", {}, str(tmp_path / "bom.jsonl"))[0].request.prompt == "a red cat"
 
 
 def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
-    from dimoo_npu.image_prep import load_image
+    from dimoo_npu.tokens.image_prep import load_image
 
     ramp = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")

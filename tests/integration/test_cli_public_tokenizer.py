@@ -8,9 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from dimoo_npu import prompts
 from dimoo_npu.cli import main
-from dimoo_npu.special_tokens import DIMOO_SPECIAL_TOKENS
+from dimoo_npu.tokens import prompts
+from dimoo_npu.tokens.special_tokens import DIMOO_SPECIAL_TOKENS
 from tests.public_checkpoint import assemble_public_checkpoint
 
 FAST = ["--device", "cpu", "--timesteps", "2"]

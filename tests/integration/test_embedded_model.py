@@ -46,7 +46,7 @@ def defaults() -> dict:
 
 
 def test_draws_what_the_prompt_asks_for(pipeline, defaults):
-    from dimoo_npu.generation_settings import ImageSettings
+    from dimoo_npu.settings.generation_settings import ImageSettings
 
     obj = world.ShapeObject("circle", "red", "large", 0, 0)
     settings = ImageSettings(**{key: defaults[key] for key in ("timesteps", "temperature", "cfg_scale")})
@@ -57,7 +57,7 @@ def test_draws_what_the_prompt_asks_for(pipeline, defaults):
 
 
 def test_answers_a_question_about_a_held_out_image(pipeline, defaults):
-    from dimoo_npu.generation_settings import TextSettings
+    from dimoo_npu.settings.generation_settings import TextSettings
 
     # Colour, the attribute that generalised last (0.21 before objects moved inside their third, 1.00 now).
     obj = world.split_objects("heldout")[0]

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from dimoo_npu.cli import main
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from dimoo_npu.outputs import read_png_text
+from dimoo_npu.files.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from dimoo_npu.files.outputs import read_png_text
 from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+from dimoo_npu.utils.errors import CheckpointError
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.skipif(
@@ -89,8 +89,8 @@ def broken_adapters(recipe_run: Path, tmp_path: Path) -> dict[str, Path]:
     """Adapter folders a user could pass by mistake: no config, and one whose target this model lacks."""
     import torch
 
-    from dimoo_npu.lora import PEFT_PREFIX
-    from dimoo_npu.safetensors_io import atomic_save_file
+    from dimoo_npu.files.lora import PEFT_PREFIX
+    from dimoo_npu.files.safetensors_io import atomic_save_file
 
     no_config = shutil.copytree(recipe_run / "run" / "lora", tmp_path / "no-config")
     (no_config / ADAPTER_CONFIG).unlink()

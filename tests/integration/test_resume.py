@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from dimoo_npu.cli import main
-from dimoo_npu.outputs import read_png_text
+from dimoo_npu.files.outputs import read_png_text
 
 SIZE = ["--device", "cpu", "--timesteps", "2", "--width", "16", "--height", "16", "--batch-size", "2"]
 UNDERSTAND = ["--device", "cpu", "--gen-length", "4", "--block-length", "4", "--steps", "2", "--image-budget", "32"]

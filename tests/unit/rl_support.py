@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu import sequences
-from dimoo_npu.config import DiMOOConfig
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.sampling import sample_image
 from dimoo_npu.shapes.embedded import EMBEDDED_CHECKPOINT
+from dimoo_npu.tokens import sequences
 from dimoo_npu.train.config import TrainConfig, load_config
 from tests.unit.train_support import tiny_special_tokens
 

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from dimoo_npu.atomic import replace_directory, write_text_atomically
+from dimoo_npu.files.atomic import replace_directory, write_text_atomically
 
 
 def test_replace_directory_swaps_in_the_new_folder_and_removes_the_old(tmp_path):

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from dimoo_npu.batch_requests import Numbered, output_paths
-from dimoo_npu.errors import InputError
-from dimoo_npu.requests import TextToImageRequest
+from dimoo_npu.batch.batch_requests import Numbered, output_paths
+from dimoo_npu.settings.requests import TextToImageRequest
+from dimoo_npu.utils.errors import InputError
 
 
 def requests_writing(*names: str) -> list[Numbered]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from dimoo_npu.batch_progress import BatchProgress, format_duration
-from dimoo_npu.resume import first_difference
+from dimoo_npu.batch.batch_progress import BatchProgress, format_duration
+from dimoo_npu.batch.resume import first_difference
 
 
 def test_eta_from_the_pace_of_the_requests_done_here(caplog):

@@ -1,4 +1,4 @@
-"""torchrun's variables are read in `dimoo_npu.envs` only, checked there, with the fix in the error."""
+"""torchrun's variables are read in `dimoo_npu.utils.envs` only, checked there, with the fix in the error."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dimoo_npu import envs
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -53,4 +53,4 @@ def test_no_module_of_the_package_reads_the_environment_itself():
         for path in sorted((root / folder).rglob("*.py"))
         if path.name != "envs.py" and re.search(r"os\.environ|getenv\(", path.read_text())
     ]
-    assert readers == [], "read environment variables through dimoo_npu.envs"
+    assert readers == [], "read environment variables through dimoo_npu.utils.envs"

@@ -10,9 +10,9 @@ import torch
 
 import dimoo_npu
 from dimoo_npu.cli import main
-from dimoo_npu.errors import DimooError
 from dimoo_npu.train.checkpoint import export_hf
 from dimoo_npu.train.trainer import run_training
+from dimoo_npu.utils.errors import DimooError
 from tests.unit.train_support import tiny_run_config
 
 

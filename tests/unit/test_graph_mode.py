@@ -62,4 +62,4 @@ def test_compiled_greedy_tokens_equal_the_golden_with_static_shapes(fake_torch_n
 @pytest.mark.parametrize("flag", ["0", ""])
 def test_dimoo_compile_off_values(monkeypatch, flag):
     monkeypatch.setenv("DIMOO_COMPILE", flag)
-    assert not dimoo_npu.envs.compile_enabled()
+    assert not dimoo_npu.utils.envs.compile_enabled()

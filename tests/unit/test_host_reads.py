@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from dimoo_npu.errors import InputError
 from dimoo_npu.sampling import sample_image, sample_text
+from dimoo_npu.utils.errors import InputError
 
 # Tensor methods and torch functions that hand a tensor's value to the host or size their output by it.
 READS = {

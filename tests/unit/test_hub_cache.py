@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dimoo_npu import envs
 from dimoo_npu.checkpoint import load_model
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.hub_cache import resolve_checkpoint
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import CheckpointError
 from tests.conftest import CHECKPOINT
 from tests.public_checkpoint import PUBLIC_TOKENIZER, TOKENIZER_FILES
 

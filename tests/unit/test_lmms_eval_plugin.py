@@ -13,9 +13,9 @@ import pytest
 import tomllib
 from PIL import Image
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import DEFAULTS, TextSettings
 from dimoo_npu.integrations import lmms_eval_settings as plugin
+from dimoo_npu.settings.generation_settings import DEFAULTS, TextSettings
+from dimoo_npu.utils.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLIC: dict = {}  # a checkpoint without generation_defaults: the public scripts' 1024 / 256 / 128

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from dimoo_npu.errors import InputError
 from dimoo_npu.integrations import shapes_task
 from dimoo_npu.shapes import evaluate, world
+from dimoo_npu.utils.errors import InputError
 
 
 class FunctionTag(yaml.SafeLoader):

@@ -11,9 +11,9 @@ import torch
 
 import dimoo_npu
 from dimoo_npu.checkpoint import save_pretrained
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, ConfigError, InputError
-from dimoo_npu.safetensors_io import atomic_save_file, read_header
+from dimoo_npu.files.safetensors_io import atomic_save_file, read_header
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.utils.errors import CheckpointError, ConfigError, InputError
 from tests.conftest import CHECKPOINT
 
 
@@ -163,7 +163,7 @@ def test_sequence_longer_than_the_cap(tiny_model):
 
 
 def test_cap_from_the_environment(monkeypatch):
-    from dimoo_npu.lengths import length_cap
+    from dimoo_npu.tokens.lengths import length_cap
 
     assert length_cap(4096) == 8192
     assert length_cap(16384) == 16384  # never below what the checkpoint was trained at

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import dimoo_npu
-from dimoo_npu import safetensors_io
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.files import safetensors_io
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.utils.errors import CheckpointError, InputError
 from tests.conftest import CHECKPOINT
 
 IDS = torch.tensor([[5, 17, 126336, 126356, 126400, 126081]])

@@ -15,16 +15,16 @@ import torch
 
 from dimoo_npu import load_model
 from dimoo_npu.checkpoint import save_pretrained
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, ConfigError, InputError
-from dimoo_npu.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from dimoo_npu.files.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.numerics.compare import compare_layer
 from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.train.checkpoint import export_hf
 from dimoo_npu.train.config import load_config
 from dimoo_npu.train.layout import plan_layout
 from dimoo_npu.train.trainer import Trainer, run_training
+from dimoo_npu.utils.errors import CheckpointError, ConfigError, InputError
 from tests.unit.train_support import KILL_AT_STEP_4, TINY_CONFIG, tiny_run_config
 
 pytest.importorskip("peft")

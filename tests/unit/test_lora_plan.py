@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dimoo_npu.cli import main
-from dimoo_npu.presets import preset_config
+from dimoo_npu.modeling.presets import preset_config
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "dimoo_8b_ascend.yaml")
 ONE_DEVICE = [

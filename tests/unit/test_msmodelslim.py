@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dimoo_npu
-from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.numerics.compare import compare_layer
 from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.quantization import QuantizationSpec, QuantizedLinear, quantize_model
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPORT = ROOT / "tests" / "fixtures" / "msmodelslim-w8a8"
@@ -165,7 +165,7 @@ def test_export_is_not_quantized_twice_and_meta_reads_no_weights(no_load):
 def test_our_export_is_msmodelslims_own_layout_tensor_for_tensor(tmp_path):
     """Our w8a8 of the fixture's source, written as msModelSlim, equals what msmodelslim 26.1.0 wrote: the same
     description, the same tensor names, dtypes, shapes and values."""
-    from dimoo_npu.msmodelslim import write_export
+    from dimoo_npu.files.msmodelslim import write_export
 
     model = quantize_model(_script().small_vocab_model(), QuantizationSpec("w8a8"))
     write_export(model.state_dict(), model.config, tmp_path)

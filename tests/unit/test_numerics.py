@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from dimoo_npu.adapters import BackendUnavailableError, CudaBackend
-from dimoo_npu.block_outputs import layer_names, run_with_capture
-from dimoo_npu.errors import InputError
+from dimoo_npu.modeling.block_outputs import layer_names, run_with_capture
 from dimoo_npu.numerics.backends import TARGETS, ModelSlot, parse_targets, require_available
 from dimoo_npu.numerics.check import make_check_inputs, run_check
 from dimoo_npu.numerics.compare import compare_layer, real_positions
 from dimoo_npu.numerics.report import format_table, write_json, write_plot
 from dimoo_npu.numerics.tolerances import TOLERANCES, Tolerance, tolerance_for
 from dimoo_npu.ops import resolve_ops
+from dimoo_npu.utils.errors import InputError
 
 TOL = Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
 

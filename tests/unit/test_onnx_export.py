@@ -7,14 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dimoo_npu.block_outputs import layer_names
-from dimoo_npu.errors import CheckpointError, InputError
 from dimoo_npu.export.onnx import (
     example_transformer_inputs,
     export_transformer,
     export_vq_decoder,
 )
-from dimoo_npu.image_tokenizer import load_vq_model
+from dimoo_npu.modeling.block_outputs import layer_names
 from dimoo_npu.numerics.onnx_check import (
     read_signature,
     run_transformer_onnx,
@@ -22,6 +20,8 @@ from dimoo_npu.numerics.onnx_check import (
     verify_transformer,
     verify_vq_decoder,
 )
+from dimoo_npu.tokens.image_tokenizer import load_vq_model
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxscript", reason="needs the onnx extra: pip install -e '.[onnx]'")

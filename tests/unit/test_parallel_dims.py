@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dimoo_npu.errors import ConfigError
-from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.parallel import ParallelDims, build_mesh
 from dimoo_npu.parallel.pipeline_parallel import split_stage, stage_layer_counts
 from dimoo_npu.parallel.recompute import apply_recompute
+from dimoo_npu.utils.errors import ConfigError
 from tests.unit.train_support import masked_batch, small_config
 
 

@@ -19,11 +19,11 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.presets import preset_config
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, ParallelOptions, build_mesh, parallelize
 from dimoo_npu.planner.hardware import accelerator
 from dimoo_npu.planner.train_plan import Layout, local_shape, plan_training, stage_parameters
-from dimoo_npu.presets import preset_config
 from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.trainer import build_optimizer
 

@@ -15,9 +15,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from dimoo_npu.cli import main
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.parallel import ParallelDims, build_mesh
 from dimoo_npu.parallel.recompute import RECOMPUTE_MODES, apply_recompute
@@ -29,6 +28,7 @@ from dimoo_npu.planner.train_plan import chunk_sizes
 from dimoo_npu.sampling.cache import MLCache
 from dimoo_npu.train.config import load_config
 from dimoo_npu.train.layout import model_config_of
+from dimoo_npu.utils.errors import ConfigError
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "dimoo_8b_ascend.yaml")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from dimoo_npu import sequences
 from dimoo_npu.sampling import sample_image
+from dimoo_npu.tokens import sequences
 
 
 def test_1536x768_samples_past_max_sequence_length(tiny_model):

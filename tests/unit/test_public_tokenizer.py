@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dimoo_npu import prompts
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.special_tokens import DIMOO_SPECIAL_TOKENS
-from dimoo_npu.text_tokenizer import load_text_tokenizer
+from dimoo_npu.tokens import prompts
+from dimoo_npu.tokens.special_tokens import DIMOO_SPECIAL_TOKENS
+from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
+from dimoo_npu.utils.errors import CheckpointError
 from tests.public_checkpoint import PUBLIC_TOKENIZER, TOKENIZER_FILES
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_test_tokenizer.py"
@@ -95,7 +95,7 @@ VARIANTS = {
 @pytest.mark.parametrize("case", sorted(VARIANTS))
 def test_config_keys_do_not_change_prompt_ids(case, tokenizer, tmp_path, caplog):
     config, post_processor = VARIANTS[case]
-    with caplog.at_level(logging.WARNING, logger="dimoo_npu.text_tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="dimoo_npu.tokens.text_tokenizer"):
         changed = load_text_tokenizer(variant(tmp_path / "tok", config, post_processor))
     assert [changed(text)["input_ids"] for text in TEXTS] == [tokenizer(text)["input_ids"] for text in TEXTS]
     assert changed.decode(changed(TEXTS[0])["input_ids"]) == TEXTS[0]

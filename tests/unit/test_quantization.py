@@ -18,13 +18,13 @@ import torch.nn.functional as F
 import dimoo_npu
 from dimoo_npu.checkpoint import find_shards
 from dimoo_npu.cli import main
-from dimoo_npu.errors import CheckpointError, InputError
+from dimoo_npu.files.safetensors_io import read_header
 from dimoo_npu.numerics.backends import parse_targets
 from dimoo_npu.numerics.check import run_check
 from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.ops import reference, resolve_ops, torch_impl
 from dimoo_npu.quantization import SCHEMES, QuantizedLinear, fuse_for_sampling, is_quantized
-from dimoo_npu.safetensors_io import read_header
+from dimoo_npu.utils.errors import CheckpointError, InputError
 from tests.conftest import CHECKPOINT
 
 
@@ -290,8 +290,8 @@ def test_int8_check_catches_a_broken_kernel(mutant, monkeypatch):
 
 
 def test_plan_counts_int8_bytes():
+    from dimoo_npu.modeling.presets import preset_config
     from dimoo_npu.planner.sample_plan import SampleSettings, weight_bytes
-    from dimoo_npu.presets import preset_config
 
     model = preset_config("lumina-dimoo-8b")
     bf16 = weight_bytes(model, SampleSettings())

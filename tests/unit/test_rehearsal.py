@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dimoo_npu
-from dimoo_npu.safetensors_io import read_header
+from dimoo_npu.files.safetensors_io import read_header
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rehearse_8b.py"
 

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dimoo_npu import requests
-from dimoo_npu.batch_requests import build_requests
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import MAX_LENGTH_LIMIT
+from dimoo_npu.batch.batch_requests import build_requests
+from dimoo_npu.settings import requests
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import MAX_LENGTH_LIMIT
 
 # What each task needs besides the field under test, every size at its smallest so that only that field can be
 # past its maximum (paths are never opened by these checks).
@@ -146,7 +146,7 @@ MEMORY_PROBE = textwrap.dedent(
     import json, resource, sys
     import numpy as np
     from PIL import Image
-    from dimoo_npu import requests
+    from dimoo_npu.settings import requests
     from dimoo_npu.pipeline import DiMOOPipeline, default_checkpoint
 
     cap, source = int(sys.argv[1]), sys.argv[2]

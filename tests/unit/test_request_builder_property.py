@@ -12,10 +12,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dimoo_npu.batch_requests import assign_seeds, build_requests, output_paths
-from dimoo_npu.errors import DimooError
-from dimoo_npu.requests import TASKS
-from dimoo_npu.validate import SEED_LIMIT, check_args
+from dimoo_npu.batch.batch_requests import assign_seeds, build_requests, output_paths
+from dimoo_npu.settings.requests import TASKS
+from dimoo_npu.utils.errors import DimooError
+from dimoo_npu.utils.validate import SEED_LIMIT, check_args
 
 FIELDS = sorted({f.name for cls in TASKS.values() for f in dataclasses.fields(cls)} | {"colour", ""})
 NUMBERS = st.one_of(
@@ -53,7 +53,8 @@ def check_valid(task: str, requests, paths) -> None:
         assert isinstance(request["seed"], int) and 0 <= request["seed"] < SEED_LIMIT
         for name in ("width", "height"):
             assert name not in request or (isinstance(request[name], int) and request[name] > 0)
-        optional = ("ref_image", "mask", "output") + (("prompt",) if task == "edit" else ())  # edit types need none
+        # edit types need no prompt; no parallel_threshold is exact decoding (the default)
+        optional = ("ref_image", "mask", "output", "parallel_threshold") + (("prompt",) if task == "edit" else ())
         for name, value in request.items():  # every field resolved, every number finite
             assert value is not None or name in optional, name
             assert not isinstance(value, float) or math.isfinite(value), name

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from dimoo_npu import requests
 from dimoo_npu.cli import COMMANDS
-from dimoo_npu.errors import InputError
 from dimoo_npu.pipeline import plan_batches
+from dimoo_npu.settings import requests
+from dimoo_npu.utils.errors import InputError
 
 
 def test_defaults_layer_public_then_checkpoint_then_user():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.train.config import RLArgs, load_config
+from dimoo_npu.utils.errors import ConfigError
 from tests.unit.train_support import TINY_CONFIG
 
 

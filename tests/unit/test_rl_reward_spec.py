@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.rl.augment import augmented
 from dimoo_npu.rl.reward import (
     VIEW_QUESTIONS,
@@ -19,6 +18,7 @@ from dimoo_npu.rl.reward import (
 )
 from dimoo_npu.shapes import world
 from dimoo_npu.shapes.detect import detect_objects
+from dimoo_npu.utils.errors import ConfigError
 
 TWO = "a large red circle in the top left and a small blue square in the bottom right"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimoo_npu.errors import InputError
 from dimoo_npu.model import fuse_projections
 from dimoo_npu.sampling import sample_image, sample_text
 from dimoo_npu.sampling.schedule import cosine_keep_masked
+from dimoo_npu.utils.errors import InputError
 from tests.unit.rl_support import GRID, image_prompts, image_rollout, tiny_policy
 from tests.unit.train_support import tiny_special_tokens
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from dimoo_npu.errors import ConfigError
 from dimoo_npu.rl.reward import RewardError, RewardItem, checked_rewards
 from dimoo_npu.rl.trainer import GRPOTrainer, check_rl_layout, run_grpo, step_items
 from dimoo_npu.train.checkpoint import LATEST
 from dimoo_npu.train.config import load_config
+from dimoo_npu.utils.errors import ConfigError
 from tests.unit import rl_rewards
 from tests.unit.rl_support import CONFIG, tiny_grpo_config
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from dimoo_npu.run_lock import OWNER_NAME, RunFolderBusyError, hold_run_folder
+from dimoo_npu.files.run_lock import OWNER_NAME, RunFolderBusyError, hold_run_folder
 from tests.unit.train_support import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 HOLD = """
 import sys, time
-from dimoo_npu.run_lock import hold_run_folder
+from dimoo_npu.files.run_lock import hold_run_folder
 lock = hold_run_folder(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)
@@ -65,7 +65,7 @@ def test_train_refuses_a_run_folder_in_use_before_touching_it(holder, tmp_path):
 RANK = """
 import os, sys
 import torch.distributed as dist
-from dimoo_npu.run_lock import RunFolderBusyError, hold_run_folder
+from dimoo_npu.files.run_lock import RunFolderBusyError, hold_run_folder
 dist.init_process_group("gloo")
 try:
     hold_run_folder(sys.argv[1], dist.get_rank(), dist.get_world_size())

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.safetensors_io import atomic_save_file, iter_tensors, read_header, read_metadata
+from dimoo_npu.files.safetensors_io import atomic_save_file, iter_tensors, read_header, read_metadata
+from dimoo_npu.utils.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit on the JSON header
 

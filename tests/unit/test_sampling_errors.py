@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import ImageSettings, TextSettings
 from dimoo_npu.sampling import sample_image, sample_text
+from dimoo_npu.settings.generation_settings import ImageSettings, TextSettings
+from dimoo_npu.utils.errors import InputError
 
 
 @pytest.fixture(scope="module")

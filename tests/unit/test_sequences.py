@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dimoo_npu import image_prep, prompts, sequences
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.lengths import LengthLimit
-from dimoo_npu.text_tokenizer import build_word_tokenizer, load_text_tokenizer
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.tokens import image_prep, prompts, sequences
+from dimoo_npu.tokens.lengths import LengthLimit
+from dimoo_npu.tokens.text_tokenizer import build_word_tokenizer, load_text_tokenizer
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dimoo_npu.outputs import read_png_text
+from dimoo_npu.files.outputs import read_png_text
 from dimoo_npu.shapes import dataset, embedded, vq_train, world
 
 TINY_VQ = vq_train.VQTrainConfig(
@@ -22,8 +22,8 @@ TINY_VQ = vq_train.VQTrainConfig(
 def random_checkpoint(tmp_path_factory):
     """A skeleton with a random tiny VQ and a random 1-layer transformer (pictures are noise)."""
     from dimoo_npu.checkpoint import save_pretrained
-    from dimoo_npu.config import DiMOOConfig
     from dimoo_npu.model import DiMOOModel
+    from dimoo_npu.modeling.config import DiMOOConfig
 
     folder = tmp_path_factory.mktemp("shapes-random")
     torch.manual_seed(0)
@@ -36,8 +36,8 @@ def random_checkpoint(tmp_path_factory):
 
 
 def test_token_layout_is_words_then_specials_then_codebook(random_checkpoint):
-    from dimoo_npu.config import DiMOOConfig
-    from dimoo_npu.text_tokenizer import load_text_tokenizer
+    from dimoo_npu.modeling.config import DiMOOConfig
+    from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
 
     table = embedded.special_tokens(256)
     ids = [v for k, v in table.items() if k not in ("codebook_size", "vocab", "image_offset")]
@@ -89,7 +89,7 @@ def _shows(stem: str) -> set[tuple]:
 
 
 def test_generation_defaults_carry_every_trained_setting_and_fit_a_caption(random_checkpoint):
-    from dimoo_npu.text_tokenizer import load_text_tokenizer
+    from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
 
     defaults = embedded.GENERATION_DEFAULTS
     assert defaults["cfg_img"] == 0.0 and defaults["cfg_scale"] == 0.0 and defaults["temperature"] == 0.0
@@ -102,7 +102,7 @@ def test_generation_defaults_carry_every_trained_setting_and_fit_a_caption(rando
 
 
 def test_unknown_words_map_to_unk_with_one_warning(random_checkpoint, caplog):
-    from dimoo_npu.text_tokenizer import load_text_tokenizer, warn_unknown_words
+    from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer, warn_unknown_words
 
     tokenizer = load_text_tokenizer(random_checkpoint)
     with caplog.at_level("WARNING"):

@@ -15,9 +15,9 @@ NEW_WORDS = ("add", "describe", "remove")  # in the grown list, alphabetically a
 def _checkpoint(folder, words, d_model=32):
     """A tiny random transformer with a word tokenizer over ``words`` (no VQ: the seed never reads it)."""
     from dimoo_npu.checkpoint import save_pretrained
-    from dimoo_npu.config import DiMOOConfig
     from dimoo_npu.model import DiMOOModel
-    from dimoo_npu.text_tokenizer import build_word_tokenizer
+    from dimoo_npu.modeling.config import DiMOOConfig
+    from dimoo_npu.tokens.text_tokenizer import build_word_tokenizer
 
     raw = embedded.model_config(16, d_model=d_model, n_layers=1, n_heads=2, mlp_hidden_size=64)
     folder.mkdir(parents=True)
@@ -40,7 +40,7 @@ def old_and_new(tmp_path):
 
 def _logits(folder, text):
     from dimoo_npu.checkpoint import load_model
-    from dimoo_npu.text_tokenizer import load_text_tokenizer
+    from dimoo_npu.tokens.text_tokenizer import load_text_tokenizer
 
     ids = load_text_tokenizer(folder)(text).input_ids
     return load_model(folder)(torch.tensor([ids]))[0], ids
@@ -79,7 +79,7 @@ def test_a_source_that_cannot_seed_is_refused_with_the_way_out(old_and_new, tmp_
 
 def test_a_seed_folder_it_did_not_make_is_left_untouched(old_and_new, tmp_path):
     """Issue 24: seed_from used to delete whatever folder it was given before filling it."""
-    from dimoo_npu.errors import InputError
+    from dimoo_npu.utils.errors import InputError
 
     old, new = old_and_new
     theirs = tmp_path / "theirs"

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import dimoo_npu
-from dimoo_npu.errors import InputError
 from dimoo_npu.numerics.compare import compare_layer
 from dimoo_npu.numerics.tolerances import tolerance
 from dimoo_npu.ops import resolve_ops
 from dimoo_npu.sampling import sample_text
 from dimoo_npu.sampling import text as text_sampling
 from dimoo_npu.sampling.text import TextGroup, text_task
+from dimoo_npu.utils.errors import InputError
 from tests.unit.test_sampling_batch import LENGTHS, mmu_prompt
 
 CACHED = ["prefix", "dual"]

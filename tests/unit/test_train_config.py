@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dimoo_npu.cli import main
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.train.config import load_config
 from dimoo_npu.train.layout import model_config_of, plan_layout
 from dimoo_npu.train.schedule import learning_rate
+from dimoo_npu.utils.errors import ConfigError
 from tests.unit.train_support import TINY_CONFIG, small_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"

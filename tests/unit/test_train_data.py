@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dimoo_npu.losses import IGNORE_INDEX
+from dimoo_npu.modeling.losses import IGNORE_INDEX
 from dimoo_npu.train.data import BatchSource, SampleOrder, rank_positions
 from dimoo_npu.train.masking import Objective, collate, mask_answer, sample_generator, training_example
 from dimoo_npu.train.shards import ShardDataset

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import dimoo_npu
-from dimoo_npu.errors import CheckpointError, ConfigError
-from dimoo_npu.losses import masked_diffusion_loss
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.train.checkpoint import LATEST, export_hf
 from dimoo_npu.train.trainer import Trainer, run_training
+from dimoo_npu.utils.errors import CheckpointError, ConfigError
 from tests.unit.train_support import KILL_AT_STEP_4, tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]

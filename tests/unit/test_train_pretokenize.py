@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import DimooError
-from dimoo_npu.prompts import uncond_text
-from dimoo_npu.text_tokenizer import build_word_tokenizer, load_text_tokenizer
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.tokens.prompts import uncond_text
+from dimoo_npu.tokens.text_tokenizer import build_word_tokenizer, load_text_tokenizer
 from dimoo_npu.train.encode import SYSTEMS, EncoderSettings
 from dimoo_npu.train.masking import drop_condition
 from dimoo_npu.train.pretokenize import REJECTED, pretokenize
 from dimoo_npu.train.shards import ShardDataset
+from dimoo_npu.utils.errors import DimooError
 from tests.conftest import CHECKPOINT
 
 WORDS = ["a red square on grass", "make it blue", "what color is the square", "it is red", "fill the hole"]

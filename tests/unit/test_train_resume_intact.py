@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dimoo_npu.errors import CheckpointError
 from dimoo_npu.train.checkpoint import LATEST, Checkpointer
 from dimoo_npu.train.trainer import Trainer, run_training
+from dimoo_npu.utils.errors import CheckpointError
 from tests.unit.train_support import tiny_run_config
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.losses import masked_diffusion_loss
 from dimoo_npu.model import DiMOOModel
+from dimoo_npu.modeling.losses import masked_diffusion_loss
 from dimoo_npu.parallel import ParallelDims, ParallelOptions, parallelize
 from dimoo_npu.train.step import TrainStep
+from dimoo_npu.utils.errors import InputError
 from tests.unit.train_support import masked_batch, small_config
 
 

@@ -49,7 +49,7 @@ def test_every_distinct_cell_gets_its_own_code_and_too_small_a_codebook_is_refus
 
 
 def test_training_moves_each_cell_onto_its_content_code_wherever_it_is():
-    from dimoo_npu.image_tokenizer import ImageTokenizer
+    from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
 
     torch.set_num_threads(1)
     images = _images()
@@ -68,7 +68,7 @@ def test_training_moves_each_cell_onto_its_content_code_wherever_it_is():
 
 
 def test_save_and_load_round_trip_keeps_codes_and_pictures(tmp_path):
-    from dimoo_npu.image_tokenizer import ImageTokenizer
+    from dimoo_npu.tokens.image_tokenizer import ImageTokenizer
 
     torch.manual_seed(0)
     model = vq_train.build_vq_model(TINY)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.config import DiMOOConfig
+from dimoo_npu.modeling.config import DiMOOConfig
 from dimoo_npu.train.config import TrainConfig, load_config
 from dimoo_npu.train.shards import Sample, write_shard
 

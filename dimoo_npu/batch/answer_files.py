@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.atomic import append_line_block, write_text_atomically
-from dimoo_npu.errors import InputError
-from dimoo_npu.resume import FIX, first_difference
+from dimoo_npu.batch.resume import FIX, first_difference
+from dimoo_npu.files.atomic import append_line_block, write_text_atomically
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger("dimoo")
 

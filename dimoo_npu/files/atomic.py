@@ -63,7 +63,7 @@ def append_line_block(path: str | os.PathLike, text: str) -> Path:
     """Append whole lines to ``path`` in one ``write`` on an ``O_APPEND`` descriptor, flushed to disk.
 
     A crash can only leave a torn last line (no newline), which readers of such files drop
-    (`dimoo_npu.answer_files`); lines already there are never touched.
+    (`dimoo_npu.batch.answer_files`); lines already there are never touched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 logger = logging.getLogger("dimoo")
 
@@ -31,7 +31,7 @@ class State(Enum):
 
 
 def remove_temporaries(path: Path) -> int:
-    """Delete the temporary files `dimoo_npu.atomic` writes beside ``path`` (left by a killed writer)."""
+    """Delete the temporary files `dimoo_npu.files.atomic` writes beside ``path`` (left by a killed writer)."""
     count = 0
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
         tmp.unlink(missing_ok=True)

@@ -15,9 +15,9 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.prompts import template_texts
-from dimoo_npu.special_tokens import build_special_tokens
+from dimoo_npu.tokens.prompts import template_texts
+from dimoo_npu.tokens.special_tokens import build_special_tokens
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def load_text_tokenizer(folder: str | os.PathLike):
     if not has_tokenizer(folder):
         raise CheckpointError(
             f"{folder} has no text tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the "
-            "checkpoint into it, or build a small word-level one with dimoo_npu.text_tokenizer.build_word_tokenizer"
+            "checkpoint into it, or build a small word-level one with "
+            "dimoo_npu.tokens.text_tokenizer.build_word_tokenizer"
         )
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging

@@ -12,9 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from dimoo_npu import envs
-from dimoo_npu.errors import CheckpointError
-from dimoo_npu.validate import shown
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import CheckpointError
+from dimoo_npu.utils.validate import shown
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 Ids = torch.Tensor  # 1-D LongTensor of token ids
 

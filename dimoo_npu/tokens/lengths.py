@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from dimoo_npu import envs
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import MAX_LENGTH_LIMIT, check_int
+from dimoo_npu.utils import envs
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import MAX_LENGTH_LIMIT, check_int
 
 logger = logging.getLogger(__name__)
 

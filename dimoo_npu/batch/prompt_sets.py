@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import read_text_file, resolved
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import read_text_file, resolved
 
 DPG_SAMPLES = 4  # the 2 x 2 grid the evaluator cuts
 

@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import resolved
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import resolved
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import ConfigError
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.utils.errors import ConfigError
 
 # Alpha-VLLM/Lumina-DiMOO config.json (LLaDA-8B sizes; 126464 text + 8192 image codes + specials).
 PRESETS: dict[str, dict[str, Any]] = {

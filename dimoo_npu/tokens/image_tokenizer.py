@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.image_prep import pixels
+from dimoo_npu.tokens.image_prep import pixels
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.errors import ConfigError
-from dimoo_npu.special_tokens import build_special_tokens
+from dimoo_npu.tokens.special_tokens import build_special_tokens
+from dimoo_npu.utils.errors import ConfigError
 
 # The one rope_theta for a config.json that omits it: LLaDA's own code (ModelConfig.rope_theta) defaults to 10000,
 # so this is what the public modeling code runs for such a file. The public checkpoints set it (LLaDA-8B and

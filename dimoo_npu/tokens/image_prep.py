@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import input_file
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import input_file
 
 PATCH = 32  # bucket granularity in pixels
 PIXELS_PER_CELL = 16  # VQ downsampling: one image token per 16 x 16 pixels

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.errors import DimooError, InputError
+from dimoo_npu.utils.errors import DimooError, InputError
 
 NAME_MAX = 255  # bytes in one file name on Linux file systems
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
@@ -21,7 +21,7 @@ DEVICE_PATTERN = re.compile(r"(auto|cpu|cuda|npu)(:\d+)?")
 MAX_LENGTH_LIMIT = 1 << 20
 PIXELS_PER_CELL = 16  # one image token per 16 x 16 pixels
 # Every counted flag of every command that is not a request field (those are bounded by the length cap in
-# `dimoo_npu.requests.check`): (smallest, largest). 0 means "all" / "keep" where the smallest is 0.
+# `dimoo_npu.settings.requests.check`): (smallest, largest). 0 means "all" / "keep" where the smallest is 0.
 FLAG_BOUNDS: dict[str, tuple[int, int]] = {
     "batch_size": (1, 1024),  # requests per forward
     "chunk_size": (1, 1_000_000),  # records per shard

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.atomic import write_text_atomically
-from dimoo_npu.config import DiMOOConfig
-from dimoo_npu.errors import CheckpointError, InputError
-from dimoo_npu.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
+from dimoo_npu.files.atomic import write_text_atomically
+from dimoo_npu.files.safetensors_io import TensorEntry, atomic_save_file, iter_tensors, read_header
+from dimoo_npu.modeling.config import DiMOOConfig
+from dimoo_npu.utils.errors import CheckpointError, InputError
 
 SCHEME = "W8A8_DYNAMIC"  # the one msModelSlim scheme that is our w8a8
 DESCRIPTION_GLOB = "quant_model_description*.json"

@@ -1,6 +1,6 @@
 """The one table of generation defaults, and the sampling settings, checked up front so bad values fail before any
 model loads. A request's unset field takes the checkpoint's ``generation_defaults``, else `DEFAULTS`
-(`dimoo_npu.requests.resolve`); `ImageSettings` and `TextSettings` default to the same table's values.
+(`dimoo_npu.settings.requests.resolve`); `ImageSettings` and `TextSettings` default to the same table's values.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import SCALE_LIMIT, shown
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import SCALE_LIMIT, shown
 
 # The public inference scripts' values (inference_t2i.py, inference_i2i.py, inference_mmu.py; the painting boxes
 # are the public README's examples; image_budget 0 keeps the input's size, cropped to multiples of 16).

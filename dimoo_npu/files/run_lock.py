@@ -16,8 +16,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from dimoo_npu.atomic import write_text_atomically
-from dimoo_npu.errors import DimooError
+from dimoo_npu.files.atomic import write_text_atomically
+from dimoo_npu.utils.errors import DimooError
 
 LOCK_NAME = ".dimoo-train.lock"
 OWNER_NAME = ".dimoo-train.owner.json"

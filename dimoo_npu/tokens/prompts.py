@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dimoo_npu.errors import InputError
+from dimoo_npu.utils.errors import InputError
 
 SYSTEM_TEXTS: dict[str, str] = {
     "understanding": (

@@ -1,4 +1,4 @@
-"""Generated images and texts, written with `dimoo_npu.atomic` and never over an existing file unless asked;
+"""Generated images and texts, written with `dimoo_npu.files.atomic` and never over an existing file unless asked;
 PNGs carry the prompt, seed and settings in text chunks so an image says how it was made."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dimoo_npu.atomic import write_atomically
-from dimoo_npu.errors import InputError
-from dimoo_npu.validate import output_file
+from dimoo_npu.files.atomic import write_atomically
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import output_file
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -1,6 +1,6 @@
 """Generation requests from command-line flags or a JSONL batch file, and each process's share of them.
 
-A batch-file line is one JSON object holding any field of the task's request type (`dimoo_npu.requests`,
+A batch-file line is one JSON object holding any field of the task's request type (`dimoo_npu.settings.requests`,
 sampling settings included); a field missing from a line takes the command-line value, then the checkpoint's
 ``generation_defaults``, then the public default. Relative image paths are read from the batch file's folder.
 Under torchrun, process RANK of WORLD_SIZE takes requests RANK, RANK + WORLD_SIZE, ...: together the
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.requests import TASKS, Request, check, from_mapping, resolve
-from dimoo_npu.validate import check_seeds, output_file, read_text_file, resolved
+from dimoo_npu.settings.requests import TASKS, Request, check, from_mapping, resolve
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import check_seeds, output_file, read_text_file, resolved
 
 PATH_FIELDS = ("image", "ref_image", "mask")
 ALIASES = {"understand": {"prompt": "question"}}
@@ -67,7 +67,7 @@ def build_requests(
     """Resolved, checked requests from the batch file (flags fill missing fields) or one from the flags alone.
 
     ``flags`` may hold anything (the run's other flags are ignored); the request fields among them are typed here.
-    ``cap``, the length cap in tokens, bounds every size-like field (`dimoo_npu.requests.check_budget`).
+    ``cap``, the length cap in tokens, bounds every size-like field (`dimoo_npu.settings.requests.check_budget`).
     """
     names = {f.name for f in dataclasses.fields(TASKS[task])}
     given = {key: value for key, value in flags.items() if key in names and value is not None}

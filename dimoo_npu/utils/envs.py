@@ -9,7 +9,7 @@
 - ``DIMOO_API_KEY``: the key `dimoo serve` requires (``Authorization: Bearer <key>``), as ``--api-key``; unset: none.
 - ``DIMOO_DEBUG``: ``1`` prints the full traceback of an unexpected error instead of writing it to a log file.
 - ``HF_HUB_CACHE``, else ``HF_HOME``/hub, else ``XDG_CACHE_HOME``/huggingface/hub (``~/.cache``): the Hugging
-  Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.hub_cache`; never downloaded).
+  Face cache where a checkpoint given as ``owner/name`` is looked up (`dimoo_npu.files.hub_cache`; never downloaded).
 - ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (set by torchrun): this process's rank, the number of ranks (also what
   ``dimoo train --check/--plan`` lays out; default 1) and the device index on its node (default: the rank).
   ``MASTER_ADDR``/``MASTER_PORT`` are read by torch.distributed's ``env://`` rendezvous itself, never here
@@ -57,14 +57,14 @@ def max_length() -> int | None:
     raw = os.environ.get("DIMOO_MAX_LENGTH", "").strip()
     if not raw:
         return None
-    from dimoo_npu.validate import MAX_LENGTH_LIMIT, parse_int
+    from dimoo_npu.utils.validate import MAX_LENGTH_LIMIT, parse_int
 
     return parse_int("DIMOO_MAX_LENGTH", raw, 1, MAX_LENGTH_LIMIT)
 
 
 def world_size() -> int:
     """Ranks of the job: torchrun's WORLD_SIZE, or the one a user sets to plan a cluster from a laptop."""
-    from dimoo_npu.errors import ConfigError
+    from dimoo_npu.utils.errors import ConfigError
 
     text = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     if not text.isdigit() or int(text) < 1:
@@ -74,7 +74,7 @@ def world_size() -> int:
 
 def torchrun_ranks() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a process run alone."""
-    from dimoo_npu.errors import ConfigError
+    from dimoo_npu.utils.errors import ConfigError
 
     world = world_size()
     rank_text = os.environ.get("RANK", "0").strip()
@@ -121,7 +121,7 @@ def max_concurrent_tokens() -> int | None:
     if not raw:
         return None
     if not raw.isdigit() or int(raw) < 1:
-        from dimoo_npu.errors import InputError
+        from dimoo_npu.utils.errors import InputError
 
         raise InputError(f"DIMOO_MAX_CONCURRENT_TOKENS={raw[:40]!r} must be a positive whole number of tokens")
     return int(raw)

@@ -3,7 +3,7 @@
 The CLI flags of ``dimoo t2i | edit | inpaint | outpaint | understand``, the fields of a batch-file line and the
 server's API schema are all derived from these dataclasses (their fields, annotations and ``help`` metadata).
 A field the user did not give is ``None``; `resolve` fills it in layers: the public inference scripts' values
-(`dimoo_npu.generation_settings.DEFAULTS`, the one table), then the checkpoint's ``generation_defaults``, then
+(`dimoo_npu.settings.generation_settings.DEFAULTS`, the one table), then the checkpoint's ``generation_defaults``, then
 the user's.
 `check` refuses a bad value with an `InputError` before any model loads. Torch-free, so help and schemas are fast.
 """
@@ -21,11 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
-from dimoo_npu.errors import InputError
-from dimoo_npu.generation_settings import DEFAULTS, FAST_UNDERSTANDING, KV_CACHE_MODES, ImageSettings, TextSettings
-from dimoo_npu.hub_cache import resolve_checkpoint
-from dimoo_npu.prompts import EDIT_TYPES, check_edit_type
-from dimoo_npu.validate import (
+from dimoo_npu.files.hub_cache import resolve_checkpoint
+from dimoo_npu.settings.generation_settings import (
+    DEFAULTS,
+    FAST_UNDERSTANDING,
+    KV_CACHE_MODES,
+    ImageSettings,
+    TextSettings,
+)
+from dimoo_npu.tokens.prompts import EDIT_TYPES, check_edit_type
+from dimoo_npu.utils.errors import InputError
+from dimoo_npu.utils.validate import (
     MAX_LENGTH_LIMIT,
     PIXELS_PER_CELL,
     check_finite,
@@ -268,7 +274,7 @@ def least_tokens(request: Request) -> int:
 def check_budget(request: Request, cap: int, where: str = "the request") -> Request:
     """Every size-like field within `field_maxima` of ``cap`` and the request's `least_tokens` within ``cap``:
     refused by the field's name before any image is decoded, resized or encoded. Lower bounds and divisibility
-    are the sampler settings' checks (`dimoo_npu.generation_settings`), with their own hints."""
+    are the sampler settings' checks (`dimoo_npu.settings.generation_settings`), with their own hints."""
     cap = check_int("the length cap", cap, 1, MAX_LENGTH_LIMIT)
     fix = f" for the length cap of {cap} tokens (raise it with --max-length or DIMOO_MAX_LENGTH)"
     for name, high in field_maxima(cap).items():
@@ -326,7 +332,7 @@ def check(request: Request, where: str = "the request", cap: int | None = None, 
 
 def trained_length(checkpoint: str | os.PathLike) -> int:
     """The checkpoint's max_sequence_length (config.json; 4096 when it names none): what the length cap derives
-    from (`dimoo_npu.lengths.length_cap`) before any model or tokenizer loads."""
+    from (`dimoo_npu.tokens.lengths.length_cap`) before any model or tokenizer loads."""
     path = resolve_checkpoint(checkpoint) / "config.json"
     try:
         value = json.loads(path.read_text()).get("max_sequence_length", 4096)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.errors import CheckpointError
+from dimoo_npu.utils.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -37,7 +37,7 @@ class Adapter:
 
 def read_adapter(folder: str | os.PathLike) -> Adapter:
     """An adapter folder's LoRA pairs, refusing a missing config or options a plain merge cannot honour."""
-    from dimoo_npu.safetensors_io import iter_tensors
+    from dimoo_npu.files.safetensors_io import iter_tensors
 
     folder = Path(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS

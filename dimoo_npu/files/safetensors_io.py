@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dimoo_npu.atomic import write_atomically
-from dimoo_npu.errors import CheckpointError
+from dimoo_npu.files.atomic import write_atomically
+from dimoo_npu.utils.errors import CheckpointError
 
 CHUNK_BYTES = 64 << 20
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit on the JSON header

@@ -1,0 +1,1 @@
+"""Resumable batch jobs: batch files and each rank's share, resuming, answer files, progress, prompt sets."""

@@ -1,0 +1,2 @@
+"""Loading and writing files: atomic writes, safetensors, the hub cache, run locks, work folders, outputs, LoRA and
+msModelSlim folders."""

@@ -1,0 +1,1 @@
+"""Requests and their settings: one request type per task and the one table of generation defaults."""
