@@ -273,10 +273,13 @@ class GRPOTrainer(Trainer):
         ]
         return rollout, torch.tensor(rewards, device=self.device)
 
-    def _rewards(self, rollout: Rollout, items: list[RewardItem]) -> torch.Tensor:
+    def _decode(self, cells: torch.Tensor) -> list[Image.Image]:
+        """Sampled image cells (absolute ids, one row per picture) as pictures, through the VQ."""
         grid = (self.height // PIXELS_PER_CELL, self.width // PIXELS_PER_CELL)
-        codes = (rollout.tokens - self.codes[0]).reshape(-1, *grid).cpu()
-        images = self.image_tokenizer.decode_images(codes)
+        return self.image_tokenizer.decode_images((cells - self.codes[0]).reshape(-1, *grid).cpu())
+
+    def _rewards(self, rollout: Rollout, items: list[RewardItem]) -> torch.Tensor:
+        images = self._decode(rollout.tokens)
         per_image = [item for item in items for _ in range(self.config.rl.num_generations)]
         failure = None
         try:
@@ -469,9 +472,7 @@ class GRPOTrainer(Trainer):
                 self.model, [p.prompt.to(self.device) for p in prepared],
                 timesteps=defaults.get("timesteps", 64), temperature=0.0,
             )  # fmt: skip
-        grid = (self.height // PIXELS_PER_CELL, self.width // PIXELS_PER_CELL)
-        codes = (cells - self.codes[0]).reshape(-1, *grid).cpu()
-        return [np.asarray(image.convert("RGB")) for image in self.image_tokenizer.decode_images(codes)]
+        return [np.asarray(image.convert("RGB")) for image in self._decode(cells)]
 
     def _greedy_t2i(self, prompts: list[str]) -> list:
         return self._greedy_pictures([self._image_prompt(prompt) for prompt in prompts])
