@@ -23,6 +23,7 @@ tokenizer and the tiny fixture's VQ-VAE), then, each step in a fresh process so 
    `UNDERSTAND_REPEATS` runs per kind. Not in the default run: at 8B with 2 layers on 2 CPU cores it adds about
    25-30 minutes (six full forwards over 5,206 positions). The small shape runs it on a 256x256 image and a
    64-token answer (`UNDERSTAND_SETTINGS`), to stay quick in the test.
+   On a checkpoint kept with --keep, ``--step understand FOLDER N float32`` reruns this step alone (one JSON line).
 
 The shard files are evicted from the page cache (posix_fadvise) before each load, so reads come from disk.
 Weights are random: each chunk is a rotated, sign-scrambled slice of one pool of small random bf16 values, so
