@@ -97,10 +97,10 @@ def test_text_tasks_joining_equal_each_alone(tiny_model, tok, temperature, cfg_s
     prompts = [mmu_prompt(tok, n, i) for i, (n, _) in enumerate(LENGTHS)]
     settings = [dict(gen_length=12, block_length=4, steps=6), dict(gen_length=8, block_length=4, steps=4)] * 2
     made = [
-        dict(prompt_ids=p, temperature=temperature, cfg_scale=cfg_scale, **settings[i]) for i, p in enumerate(prompts)
+        dict(prompt_ids=[p], temperature=temperature, cfg_scale=cfg_scale, **settings[i]) for i, p in enumerate(prompts)
     ]
     tasks = {}
-    group = TextGroup(tiny_model, (4, temperature, cfg_scale, "none", None))
+    group = TextGroup(tiny_model, (4, temperature, cfg_scale, "none", None, False))
     step, done = 0, {}
     while len(done) < len(made):
         if step < len(made):  # one joins at each step
@@ -108,10 +108,10 @@ def test_text_tasks_joining_equal_each_alone(tiny_model, tok, temperature, cfg_s
             group.join(tasks[step])
         for task in group.step():
             if task.finished:
-                done[next(i for i, t in tasks.items() if t is task)] = task.row
+                done[next(i for i, t in tasks.items() if t is task)] = task.x[0]
         step += 1
         assert step < 100
     for i, kwargs in enumerate(made):
         ids = kwargs.pop("prompt_ids")
-        alone = sample_text(tiny_model, [ids], generator=[torch.Generator().manual_seed(i)], **kwargs)[0]
+        alone = sample_text(tiny_model, ids, generator=[torch.Generator().manual_seed(i)], **kwargs)[0]
         assert torch.equal(done[i], alone)
