@@ -316,9 +316,15 @@ class TextGroup:
         """Each task's next step, its block's end (with a threshold, also once its live rows revealed the block),
         and there its rows whose answer holds EOS frozen (with a threshold, only if the block is revealed)."""
         block_length, threshold, run = self.key[0], self.key[4], self.run
-        checked = [(t, rows) for t, rows in self._spans() if threshold is not None or (t.step + 1) % t.per_block == 0]
+        spans = self._spans()
+        # what is read: with a threshold, every task on every step; else a task ending a block that is not its last
+        reading = [
+            threshold is not None or ((t.step + 1) % t.per_block == 0 and t.block < t.blocks - 1) for t, _ in spans
+        ]
         flags = []
-        for task, rows in checked:
+        for (task, rows), read in zip(spans, reading, strict=True):
+            if not read:
+                continue
             x, active = run.x[rows], run.active[rows]
             stopped = (x.gather(1, task.answer[:, : (task.block + 1) * block_length]) == run.eos).any(dim=1)
             if threshold is not None:
@@ -329,12 +335,12 @@ class TextGroup:
             flags.append(active.any()[None])
         values = iter(torch.cat(flags).tolist() if flags else [])  # the step's one host read, if any
         ended = []
-        for task, _ in self._spans():
+        for (task, _), read in zip(spans, reading, strict=True):
+            revealed = threshold is not None and next(values)
+            any_live = next(values) if read else True
             task.step += 1
-            if threshold is not None and next(values) and task.step % task.per_block:
+            if revealed and task.step % task.per_block:
                 task.step += task.per_block - task.step % task.per_block  # the block's later steps are not needed
-            if threshold is not None or task.step % task.per_block == 0:
-                any_live = next(values)
             if task.step % task.per_block == 0:
                 task.finished = task.block >= task.blocks or not any_live
                 ended.append(task)
