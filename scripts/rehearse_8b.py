@@ -11,12 +11,26 @@ tokenizer and the tiny fixture's VQ-VAE), then, each step in a fresh process so 
 3. ``check``: ``dimoo check --layers N --backends cpu-ref,cpu`` on that checkpoint (short seeded input);
 4. with ``--quantize w8a16`` / ``w8a8`` (repeatable): ``load-w8a16`` / ``load-w8a8``, step 1 quantizing while it
    loads (`load_model(quantize=...)`, embedding and head kept in bf16): the goal is a peak RSS of at most 9.5 GB.
+5. with ``--understand``: ``understand``, the public understanding settings (issue 25): 18 text ids around a
+   1024x1024 image (64 x 64 random codes: 4,180 prompt tokens), then a 1024-token answer in 4 blocks of 256 over 128
+   steps, greedy, no CFG (`DEFAULTS["understand"]`), on `load_model(max_layers=N)` made ready as `dimoo understand`
+   makes it (fused projections). Through the step `sample_text` runs (`_TextRun.step`, block 0) it times an exact
+   step, a dual cache-storing step (a block's first) and dual cached steps (the block against the kept K/V, the
+   head on the still-masked positions) at the block's middle steps (15-17: head widths 136, 128, 120; the median is
+   the mean width of a block's 31 cached steps). Forward hooks on the blocks split each step into per-layer seconds
+   and the rest (embedding, final norm, head, sampling); ``projected_seconds`` = the checkpoint's layers x per-layer
+   + rest, and the whole answer exact/dual = 128 x exact / (4 x store + 124 x cached). Medians of
+   `UNDERSTAND_REPEATS` runs per kind. Not in the default run: at 8B with 2 layers on 2 CPU cores it adds about
+   25-30 minutes (six full forwards over 5,206 positions). The small shape runs it on a 256x256 image and a
+   64-token answer (`UNDERSTAND_SETTINGS`), to stay quick in the test.
+   On a checkpoint kept with --keep, ``--step understand FOLDER N float32`` reruns this step alone (one JSON line).
 
 The shard files are evicted from the page cache (posix_fadvise) before each load, so reads come from disk.
 Weights are random: each chunk is a rotated, sign-scrambled slice of one pool of small random bf16 values, so
 writing costs little more than the disk. Prints one JSON object of figures; deletes the checkpoint unless --keep.
 
     python scripts/rehearse_8b.py [--out DIR] [--layers 2] [--keep] [--shape 8b|small] [--quantize w8a8 ...]
+                                  [--understand]
 
 ``--shape small`` runs the same steps on a tiny shape with the real vocabulary (tests/unit/test_rehearsal.py).
 Out of the default test suite: the 8B run writes 16 GB and needs ~18 GB of free memory for step 1.
@@ -30,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -50,6 +65,13 @@ SHAPES = {
 CHUNK = 16 << 20  # elements written per chunk
 WIDTH, HEIGHT = 1024, 1024
 PROMPT_TOKENS = 18  # text ids behind issue 12's figures: 18 + 64 rows x 65 + 4 = 4182 (1024x1024), 4678 (1536x768)
+UNDERSTAND_REPEATS = 3  # timed runs of each step kind of the ``understand`` step (the median is reported)
+# The ``understand`` step's settings by shape: the public ones (`DEFAULTS["understand"]`) on the 8B shape, few
+# positions on the small one (its real-vocabulary head over a block costs seconds per step).
+UNDERSTAND_SETTINGS = {
+    "8b": {"image_side": 1024, "gen_length": 1024, "block_length": 256, "steps": 128},
+    "small": {"image_side": 256, "gen_length": 64, "block_length": 16, "steps": 32},
+}
 
 logger = logging.getLogger("rehearse_8b")
 
@@ -262,7 +284,139 @@ def step_check(folder: Path, layers: int, dtype: str) -> dict:
     }
 
 
-STEPS = {"load": step_load, "forward": step_forward, "check": step_check}
+def understanding_input(config, side: int, gen_length: int) -> torch.Tensor:
+    """The understanding input: ``PROMPT_TOKENS`` random text ids around a side x side image of random codes (the
+    image before the last text id), then BOA + ``gen_length`` MASK + EOA."""
+    from dimoo_npu.tokens import sequences
+    from dimoo_npu.tokens.image_prep import PIXELS_PER_CELL
+
+    tokens = config.special_tokens
+    generator = torch.Generator().manual_seed(0)
+    question = torch.randint(0, tokens["eos"], (PROMPT_TOKENS,), generator=generator)
+    grid = (side // PIXELS_PER_CELL, side // PIXELS_PER_CELL)
+    codes = torch.randint(0, tokens["codebook_size"], grid, generator=generator)
+    return sequences.understanding(question, codes, gen_length, tokens)[0]
+
+
+class _BlockClock:
+    """Seconds of each block's forward (pre- and post-forward hooks; CPU ops run synchronously)."""
+
+    def __init__(self, model) -> None:
+        self.seconds: list[float] = []
+        for block in model.transformer.blocks.values():
+            block.register_forward_pre_hook(self._start)
+            block.register_forward_hook(self._stop)
+
+    def _start(self, module, args) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, module, args, output) -> None:
+        self.seconds.append(time.perf_counter() - self._started)
+
+    def measure(self, step, *args) -> tuple[float, list[float]]:
+        """``step(*args)``'s seconds and its blocks' seconds."""
+        self.seconds = []
+        started = time.perf_counter()
+        step(*args)
+        seconds = time.perf_counter() - started
+        blocks, self.seconds = self.seconds, []
+        return seconds, blocks
+
+
+def _block_run(model, ids: torch.Tensor, kv_cache: str, settings: dict):
+    """A `sample_text` run's state, made as `sample_text` makes it, and block 0's step arguments: positions (1, K),
+    then per step its reveal counts (1,), kind and head width."""
+    from dimoo_npu.sampling.schedule import transfer_tokens
+    from dimoo_npu.sampling.text import _TextRun, masked_bounds, step_kinds, text_call
+
+    call = text_call(model, ids[None], kv_cache=kv_cache, **settings)
+    run = _TextRun(
+        model, call.x, call.real, settings["cfg_scale"], settings["temperature"], call.generators, None, kv_cache, None
+    )
+    masked = call.masked[0][0]
+    counts = torch.tensor([transfer_tokens(masked, call.per_block)])  # (1, steps per block)
+    widths, kinds = masked_bounds([masked], call.per_block), step_kinds(kv_cache, call.per_block)
+    return run, call.answer[:, : settings["block_length"]], counts, widths, kinds
+
+
+def _step_figures(timings: list[tuple[float, list[float]]], layers: int, full_layers: int) -> dict:
+    """Median seconds of one step kind, split into per-layer seconds and the rest, projected to ``full_layers``."""
+    per_layer = statistics.median(sum(blocks) / layers for _, blocks in timings)
+    rest = statistics.median(total - sum(blocks) for total, blocks in timings)
+    return {
+        "seconds": [round(total, 3) for total, _ in timings],
+        "block_seconds": [[round(b, 3) for b in blocks] for _, blocks in timings],
+        "median_seconds": round(statistics.median(total for total, _ in timings), 3),
+        "per_layer_seconds": round(per_layer, 4),
+        "rest_seconds": round(rest, 4),
+        "projected_seconds": round(full_layers * per_layer + rest, 3),
+    }
+
+
+def answer_ratio(exact: float, store: float, cached: float, blocks: int, per_block: int) -> float:
+    """Whole-answer seconds exact / dual: every step exact, against one storing step and the rest cached per block."""
+    return blocks * per_block * exact / (blocks * store + blocks * (per_block - 1) * cached)
+
+
+def step_understand(folder: Path, layers: int, dtype: str, shape: str = "8b") -> dict:
+    from dimoo_npu.checkpoint import load_model
+    from dimoo_npu.sampling.graph import prepare_for_sampling
+    from dimoo_npu.sampling.record import sampling_context
+    from dimoo_npu.settings.generation_settings import DEFAULTS
+
+    public = DEFAULTS["understand"]
+    settings = {"temperature": public["temperature"], "cfg_scale": public["cfg_scale"], **UNDERSTAND_SETTINGS[shape]}
+    side = settings.pop("image_side")
+    blocks = settings["gen_length"] // settings["block_length"]
+    per_block = settings["steps"] // blocks
+    middle = range(
+        per_block // 2 - UNDERSTAND_REPEATS // 2, per_block // 2 - UNDERSTAND_REPEATS // 2 + UNDERSTAND_REPEATS
+    )
+    full_layers = json.loads((folder / "config.json").read_text())["n_layers"]
+    _evict(folder)
+    before = _start_measuring()
+    started = time.perf_counter()
+    model = prepare_for_sampling(load_model(folder, dtype=getattr(torch, dtype), max_layers=layers), compile=False)
+    load_seconds = time.perf_counter() - started
+    ids = understanding_input(model.config, side, settings["gen_length"])
+    clock = _BlockClock(model)
+    timings: dict[str, list] = {"exact": [], "store": [], "cached": []}
+    with sampling_context(False):
+        for mode, kind in (("none", "exact"), ("dual", "store")):  # a block's first step, from the same tokens
+            run, positions, counts, widths, kinds = _block_run(model, ids, mode, settings)
+            start = run.x.clone()
+            for _ in range(UNDERSTAND_REPEATS):
+                run.x.copy_(start)
+                timings[kind].append(clock.measure(run.step, positions, counts[:, 0], kinds[0], widths[0]))
+        # the dual run's steps 1 .. middle - 1 as one cached step (as many tokens revealed), then the middle steps
+        run.step(positions, counts[:, 1 : middle[0]].sum(1), kinds[1], widths[1])
+        for step in middle:
+            timings["cached"].append(clock.measure(run.step, positions, counts[:, step], kinds[step], widths[step]))
+    figures = {kind: _step_figures(times, layers, full_layers) for kind, times in timings.items()}
+    figures["cached"]["steps"] = list(middle)
+    figures["cached"]["head_widths"] = [widths[step] for step in middle]
+    return {
+        "layers": layers,
+        "projected_layers": full_layers,
+        "dtype": dtype,
+        "image_side": side,
+        "settings": settings,
+        "tokens": ids.numel(),
+        "prompt_tokens": ids.numel() - settings["gen_length"] - 2,
+        "load_seconds": round(load_seconds, 1),
+        **figures,
+        "exact_over_dual_measured": round(
+            answer_ratio(*(figures[k]["median_seconds"] for k in timings), blocks, per_block), 3
+        ),
+        "exact_over_dual_projected": round(
+            answer_ratio(*(figures[k]["projected_seconds"] for k in timings), blocks, per_block), 3
+        ),
+        "peak_rss_growth_bytes": (_status_kib("VmHWM") - before) * 1024,
+    }
+
+
+STEPS = {"load": step_load, "forward": step_forward, "check": step_check, "understand": step_understand}
+STEPS["understand-small"] = functools.partial(step_understand, shape="small")
 STEPS.update({f"load-{scheme}": functools.partial(step_load, quantize=scheme) for scheme in ("w8a16", "w8a8")})
 
 
@@ -292,6 +446,7 @@ def rehearse(
     dtype: str = "float32",
     fresh_processes: bool = True,
     quantize: tuple[str, ...] = (),
+    understand: bool = False,
 ) -> dict:
     """Every step on a fresh checkpoint under ``out``; the figures as one dict.
 
@@ -322,6 +477,9 @@ def rehearse(
         figures["check"] = run_step("check", folder, layers, dtype, fresh_processes)
         for scheme in quantize:
             figures[f"load-{scheme}"] = run_step(f"load-{scheme}", folder, layers, dtype, fresh_processes)
+        if understand:
+            name = "understand" if shape == "8b" else f"understand-{shape}"
+            figures["understand"] = run_step(name, folder, layers, dtype, fresh_processes)
         return figures
     finally:
         if not keep:
@@ -338,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quantize", action="append", default=[], choices=("w8a16", "w8a8"), help="also load quantizing (repeatable)"
     )
+    parser.add_argument(
+        "--understand", action="store_true", help="also time understanding steps exact vs dual (8B: ~25-30 min)"
+    )
     parser.add_argument("--step", nargs=4, metavar=("NAME", "FOLDER", "LAYERS", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -345,7 +506,15 @@ def main(argv: list[str] | None = None) -> int:
         name, folder, layers, dtype = args.step
         sys.stdout.write(json.dumps(STEPS[name](Path(folder), int(layers), dtype)) + "\n")
         return 0
-    figures = rehearse(args.out, args.shape, args.layers, args.keep, args.dtype, quantize=tuple(args.quantize))
+    figures = rehearse(
+        args.out,
+        args.shape,
+        args.layers,
+        args.keep,
+        args.dtype,
+        quantize=tuple(args.quantize),
+        understand=args.understand,
+    )
     sys.stdout.write(json.dumps(figures, indent=2) + "\n")
     return 0 if all("error" not in figures[step] for step in STEPS if step in figures) else 1
 

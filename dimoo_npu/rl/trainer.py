@@ -45,7 +45,7 @@ from dimoo_npu.rl.reward import (
 )
 from dimoo_npu.sampling import sample_image, sample_text
 from dimoo_npu.sampling.record import Rollout
-from dimoo_npu.settings.generation_settings import check_image_settings, check_text_settings
+from dimoo_npu.settings.generation_settings import check_cache_settings, check_image_settings, check_text_settings
 from dimoo_npu.settings.requests import PIXELS_PER_CELL
 from dimoo_npu.shapes import world
 from dimoo_npu.tasks import PromptEncoder, edit, text_to_image, understand
@@ -56,7 +56,7 @@ from dimoo_npu.train.config import TrainConfig
 from dimoo_npu.train.masking import sample_generator
 from dimoo_npu.train.schedule import learning_rate
 from dimoo_npu.train.trainer import DistEnv, Trainer
-from dimoo_npu.utils.errors import ConfigError
+from dimoo_npu.utils.errors import ConfigError, InputError
 
 
 def check_rl_layout(config: TrainConfig, world_size: int) -> None:
@@ -144,6 +144,10 @@ class GRPOTrainer(Trainer):
         self.answer_steps = rl.answer_steps or self.answer_length
         check_image_settings(self.timesteps, rl.temperature, rl.cfg_scale, 0.0, 0.9, 0.3, 5)
         check_text_settings(self.answer_length, self.answer_length, self.answer_steps, 0.0, 0.0)
+        try:
+            check_cache_settings(rl.answer_kv_cache, rl.answer_parallel_threshold)
+        except InputError as err:
+            raise ConfigError(f"rl.answer_kv_cache / rl.answer_parallel_threshold: {err}") from None
 
     def _rollout_tasks(self) -> list[str]:
         """``rl.tasks`` checked: known names, the shapes world for anything but text-to-image, unguided edits."""
@@ -190,7 +194,8 @@ class GRPOTrainer(Trainer):
         return text_to_image.prepare(self.encoder, prompt, self.width, self.height)
 
     def _answer(self, model, images, questions) -> list[str]:
-        """Greedy answers (evaluation stays greedy) of ``model`` to one question per image."""
+        """Greedy answers (evaluation stays greedy) of ``model`` to one question per image, decoded with
+        ``rl.answer_kv_cache`` / ``rl.answer_parallel_threshold`` (exact by default)."""
         prompts = [
             understand.prepare(self.encoder, image, q, self.answer_length, None)
             for image, q in zip(images, questions, strict=True)
@@ -202,6 +207,8 @@ class GRPOTrainer(Trainer):
             block_length=self.answer_length,
             steps=self.answer_steps,
             temperature=0.0,
+            kv_cache=self.config.rl.answer_kv_cache,
+            parallel_threshold=self.config.rl.answer_parallel_threshold,
         )
         return [understand.decode_answer(self.encoder, p, o) for p, o in zip(prompts, outputs, strict=True)]
 

@@ -170,6 +170,8 @@ class RLArgs:
     cfg_scale: float = 0.0  # text guidance of the rollouts (the likelihood scores the conditional branch)
     answer_length: int | None = None  # answer tokens of the self-reward; null: generation_defaults, else 32
     answer_steps: int | None = None  # answer sampling steps; null: answer_length
+    answer_kv_cache: str = "none"  # the self-reward's answers: none (exact) | prefix | dual (`sample_text`'s caches)
+    answer_parallel_threshold: float | None = None  # reveal every answer token this confident at once (null: exact)
     understanding: bool = False  # also num_generations sampled answers per prompt about its true picture (shapes)
     tasks: list | None = None  # shapes world: rollout tasks, one per prompt group in turn (repeat one to weight
     # it): t2i, edit-<kind> (recolour, move, turn, resize, add), caption; null: [t2i]

@@ -169,6 +169,8 @@ def test_bad_reward_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
         (["rl.temperature=0"], "every advantage 0"),
         (["global_batch_size=3", "micro_batch_size=1"], "multiple of rl.num_generations"),
         (["rl.reward_function=tests.unit.rl_rewards:missing"], "has no function missing"),
+        (["rl.answer_kv_cache=full"], "rl.answer_kv_cache.*'full' is not a cache mode"),
+        (["rl.answer_parallel_threshold=1.5"], "parallel_threshold=1.5 must be within"),
     ],
 )
 def test_refused_before_any_rollout(tmp_path, overrides, message):
@@ -295,3 +297,23 @@ def test_unknown_or_unguidable_tasks_are_refused_before_any_rollout(tmp_path, ov
     with pytest.raises(ConfigError, match=message):
         GRPOTrainer(tiny_grpo_config(tmp_path, *overrides))
     assert not (tmp_path / "run").exists(), "nothing was started"
+
+
+def test_self_reward_answers_with_the_configured_decoding(tmp_path, monkeypatch):
+    """The judge's answers use rl.answer_kv_cache / rl.answer_parallel_threshold; the rollouts' own answers do not."""
+    from dimoo_npu.rl import trainer as grpo_trainer
+
+    seen = []
+    sample = grpo_trainer.sample_text
+
+    def remember(*args, **kwargs):
+        seen.append((kwargs.get("temperature"), kwargs.get("kv_cache", "none"), kwargs.get("parallel_threshold")))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_trainer, "sample_text", remember)
+    fast = ("rl.answer_kv_cache=dual", "rl.answer_parallel_threshold=0.95", "rl.understanding=true")
+    run_grpo(tiny_grpo_config(tmp_path, "train_iters=1", *fast))
+    judged = [s for s in seen if s[0] == 0.0]
+    sampled = [s for s in seen if s[0] != 0.0]
+    assert judged and all(s[1:] == ("dual", 0.95) for s in judged)
+    assert sampled and all(s[1:] == ("none", None) for s in sampled)
