@@ -324,19 +324,15 @@ class _BlockClock:
 
 
 def _block_run(model, ids: torch.Tensor, kv_cache: str, settings: dict):
-    """A `sample_text` run's state, made as `sample_text` makes it, and block 0's step arguments: positions (1, K),
-    then per step its reveal counts (1,), kind and head width."""
-    from dimoo_npu.sampling.schedule import transfer_tokens
-    from dimoo_npu.sampling.text import _TextRun, masked_bounds, step_kinds, text_call
+    """A `sample_text` run's state, laid out as `text_task` lays it out, and block 0's step arguments: positions
+    (1, K), then per step its reveal counts (1,), kind and head width."""
+    from dimoo_npu.sampling.text import _TextRun, text_task
 
-    call = text_call(model, ids[None], kv_cache=kv_cache, **settings)
+    task = text_task(model, ids[None], kv_cache=kv_cache, **settings)
     run = _TextRun(
-        model, call.x, call.real, settings["cfg_scale"], settings["temperature"], call.generators, None, kv_cache, None
+        model, task.x, task.real, settings["cfg_scale"], settings["temperature"], task.generators, task.prompt, kv_cache
     )
-    masked = call.masked[0][0]
-    counts = torch.tensor([transfer_tokens(masked, call.per_block)])  # (1, steps per block)
-    widths, kinds = masked_bounds([masked], call.per_block), step_kinds(kv_cache, call.per_block)
-    return run, call.answer[:, : settings["block_length"]], counts, widths, kinds
+    return run, task.answer[:, : settings["block_length"]], task.counts[0], task.widths[0], task.kinds
 
 
 def _step_figures(timings: list[tuple[float, list[float]]], layers: int, full_layers: int) -> dict:

@@ -51,7 +51,7 @@ def masked_bounds(masked: list[int], per_block: int) -> list[int]:
 
 
 class _TextRun:
-    """Token state and one step of a `sample_text` call."""
+    """Token state of a `TextGroup`'s batch and one step over it."""
 
     def __init__(
         self,
@@ -76,8 +76,8 @@ class _TextRun:
         self.cache = MLCache() if kv_cache != "none" else None
         self.static = static_shapes(model)  # graph mode: the head sees the whole block on every cached step
         self.first_block_start = 0  # the rows' lowest current block start (host): sizes a "prefix" cached step
-        self.reveal_step: torch.Tensor | None = None  # (B, L) when recording a rollout (`sample_text(record=True)`)
-        self.step_index = 0
+        self.reveal_step: torch.Tensor | None = None  # (B, L) when recording a rollout (`text_task(record=True)`)
+        self.step_index: torch.Tensor | None = None  # (B, 1) each row's step, when recording
 
     def logits(self, positions: torch.Tensor, slots: torch.Tensor | None = None, kind: str = "plain") -> torch.Tensor:
         """Guided full-vocabulary logits (B, K, V) at block positions (B, K), or at ``slots`` (B, k) of them.
@@ -142,20 +142,6 @@ class _TextRun:
         if self.reveal_step is not None:
             mark_revealed(self.reveal_step, positions, chosen, self.step_index)
 
-    def stop_finished(self, answer_so_far: torch.Tensor) -> bool:
-        """Freeze rows whose answer (B, K) positions hold EOS; True when every row is frozen."""
-        self.active &= ~(self.x.gather(1, answer_so_far) == self.eos).any(dim=1)
-        return not bool(self.active.any())
-
-    def settle(self, positions: torch.Tensor, answer_so_far: torch.Tensor) -> tuple[bool, bool]:
-        """With a threshold, after each step: (the block is revealed in every live row, every row is frozen), in
-        one host read; when the block is done, rows whose answer holds EOS are frozen as at a block's end."""
-        done = ~((self.x.gather(1, positions) == self.mask) & self.active[:, None]).any()
-        stopped = (self.x.gather(1, answer_so_far) == self.eos).any(dim=1)
-        self.active &= ~(stopped & done)
-        flags = torch.stack([done, ~self.active.any()]).tolist()
-        return flags[0], flags[1]
-
 
 def _prepare(model, rows: list[torch.Tensor], code_start: int | None, gen_length: int, block_length: int):
     """Padded ids and real mask (B, L) of checked rows, their answer positions (B, G), MASKs per block [row][block]
@@ -177,24 +163,50 @@ def _prepare(model, rows: list[torch.Tensor], code_start: int | None, gen_length
     return x, real, answer, masked, starts
 
 
-@dataclass
-class TextCall:
-    """The settings of an understanding sampling call, checked, and its rows laid out (nothing sampled yet)."""
+# ---- the one step loop: `sample_text` runs a group of one task; `dimoo serve` joins requests at step boundaries ----
 
-    rows: list[torch.Tensor]
-    was_tensor: bool
-    x: torch.Tensor  # (B, L) padded ids
-    real: torch.Tensor  # (B, L) True at real tokens
-    answer: torch.Tensor  # (B, G) answer positions
-    masked: list[list[int]]  # MASK positions per block at the start, [row][block]
-    starts: list[int]  # where each answer starts (host)
+
+@dataclass(eq=False)
+class TextTask:
+    """Prompt rows of one understanding call, sampled step by step inside a `TextGroup` with their own step index.
+
+    The rows of a task move through their blocks together: with a threshold, to the next block once every live row
+    of the task has revealed the current one. At a block's end a row whose answer holds EOS is frozen (its later
+    blocks stay MASK); the task is finished when all its rows are frozen or its last block ended.
+    """
+
+    rows: list[torch.Tensor]  # the prompt rows as given (checked): their lengths and devices
+    was_tensor: bool  # they came as one (B, L) tensor
+    x: torch.Tensor  # (b, L) current ids, refreshed from the group at each block end and when the group is rebuilt
+    real: torch.Tensor  # (b, L) True at real tokens
+    prompt: torch.Tensor  # (b, L) what the uncond copy hides: the non-MASK tokens at the start
+    answer: torch.Tensor  # (b, G) answer positions
     generators: list
-    steps: int
-    per_block: int
-    key: tuple  # block length, temperature, cfg_scale, kv_cache, threshold: what one batch's forwards share
+    counts: torch.Tensor  # (blocks, b, per_block) positions each row reveals per step: on the device, one copy
+    widths: list[list[int]]  # [block][step] most MASK positions a row can hold (the head's width on a cached step)
+    kinds: list[str]  # what each step of a block runs (`step_kinds`)
+    start: int  # where the earliest answer starts (host)
+    key: tuple  # block length, temperature, cfg_scale, kv_cache, threshold, record: what a group's forwards share
+    active: torch.Tensor  # (b,) rows not frozen, refreshed like ``x``
+    reveal_step: torch.Tensor | None = None  # (b, L) when recording (see `text_task`), refreshed like ``x``
+    step: int = 0
+    finished: bool = False
+    cancelled: bool = False
+
+    @property
+    def per_block(self) -> int:
+        return len(self.kinds)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.widths)
+
+    @property
+    def block(self) -> int:
+        return self.step // self.per_block
 
 
-def text_call(
+def text_task(
     model,
     prompt_ids: RowsLike,
     *,
@@ -207,113 +219,57 @@ def text_call(
     kv_cache: str = "none",
     parallel_threshold: float | None = None,
     generator=None,
-) -> TextCall:
-    """The keywords of `sample_text` and `text_task`, checked, with the rows laid out.
+    record: bool = False,
+) -> TextTask:
+    """The settings of an understanding sampling call, checked and laid out as a task for `TextGroup` (nothing
+    sampled yet).
 
     The answer is ``gen_length`` positions from ``code_start`` (None: 1 + the index of each row's last BOA).
     ``kv_cache``: "none" (exact), "prefix" or "dual" (see `step_kinds`); ``parallel_threshold`` t in (0, 1]: each
     step also reveals every masked block position of confidence >= t, and a block ends once revealed.
-    ``generator``: None, one torch.Generator (drawn in row order), or one per prompt.
+    ``generator``: None, one torch.Generator (drawn in row order), or one per prompt. ``record``: keep the step
+    that revealed each answer position, for a policy log-likelihood: sampled outside inference mode on the unfused
+    model (`dimoo_npu.sampling.record`), in a group of recording tasks only.
     """
     blocks = check_text_settings(gen_length, block_length, steps, temperature, cfg_scale, kv_cache, parallel_threshold)
-    rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
-    x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
-    generators = row_generators(generator, len(rows))
-    key = (block_length, temperature, cfg_scale, kv_cache, parallel_threshold)
-    return TextCall(rows, was_tensor, x, real, answer, masked, starts, generators, steps, steps // blocks, key)
-
-
-def sample_text(
-    model, prompt_ids: RowsLike, *, progress: bool = False, record: bool = False, **settings
-) -> torch.Tensor | list[torch.Tensor] | Rollout:
-    """Fill the answer's MASK positions; returns the whole sequences in the form given (tensor or list).
-
-    ``settings``: `text_call`'s keywords (answer length and place, blocks, steps, guidance, K/V cache, threshold,
-    generator), where they are documented. ``progress`` shows a tqdm bar over the blocks. ``record``: return a
-    `Rollout` (answer ids, their positions and the step that revealed each) for a policy log-likelihood, sampled
-    outside inference mode on the unfused model (`dimoo_npu.sampling.record`).
-    """
     if record:
         check_recordable(model)
+    per_block = steps // blocks
     with sampling_context(record):
-        call = text_call(model, prompt_ids, **settings)
-        x, answer, per_block, starts, masked = call.x, call.answer, call.per_block, call.starts, call.masked
-        block_length, temperature, cfg_scale, kv_cache, parallel_threshold = call.key
-        run = _TextRun(model, x, call.real, cfg_scale, temperature, call.generators, None, kv_cache, parallel_threshold)
-        if record:
-            run.reveal_step = torch.full_like(x, NOT_SAMPLED)
-        kinds = step_kinds(kv_cache, per_block)
-        for block in tqdm(range(len(masked[0])), desc="answer blocks", disable=not progress):
-            positions = answer[:, block * block_length : (block + 1) * block_length]  # (B, block_length)
-            so_far = answer[:, : (block + 1) * block_length]
-            counts = torch.tensor([transfer_tokens(m[block], per_block) for m in masked], device=x.device)  # (B, S)
-            widths = masked_bounds([m[block] for m in masked], per_block)
-            run.first_block_start = min(starts) + block * block_length
-            for step in range(per_block):
-                run.step_index = block * per_block + step
-                run.step(positions, counts[:, step], kinds[step], widths[step])
-                if parallel_threshold is not None:
-                    done, stopped = run.settle(positions, so_far)
-                    if done:
-                        break
-            if stopped if parallel_threshold is not None else run.stop_finished(so_far):
-                break
-        if record:
-            return Rollout(x.gather(1, answer), answer, x, call.real, run.reveal_step.gather(1, answer), call.steps)
-        if call.was_tensor:
-            return x.to(call.rows[0].device)
-        return [x[index, : row.numel()].to(row.device) for index, row in enumerate(call.rows)]
-
-
-# ---- step-level sampling: requests join and leave a running batch at step boundaries (`dimoo serve`) ----
-
-
-@dataclass(eq=False)
-class TextTask:
-    """One prompt of `sample_text`, sampled step by step inside a `TextGroup` with its own step index."""
-
-    row: torch.Tensor  # (L,) current ids, refreshed from the group at each block end and when the group is rebuilt
-    prompt: torch.Tensor  # (L,) bool: what the uncond copy hides
-    answer: torch.Tensor  # (G,) answer positions
-    generator: torch.Generator | None
-    masked: list[int]  # MASK positions per block at the start
-    per_block: int
-    key: tuple  # block length, temperature, cfg_scale, kv_cache, threshold: what the group's forwards share
-    start: int  # where the answer starts (host)
-    step: int = 0
-    finished: bool = False
-    cancelled: bool = False
-
-    @property
-    def block(self) -> int:
-        return self.step // self.per_block
-
-
-@torch.inference_mode()
-def text_task(model, prompt_ids: torch.Tensor, **settings) -> TextTask:
-    """One prompt row and `text_call`'s keywords, checked and laid out for `TextGroup` (nothing sampled yet)."""
-    call = text_call(model, [prompt_ids], **settings)
-    prompt = call.real[0] & (call.x[0] != model.config.special_tokens["mask"])
+        rows, was_tensor = as_rows(prompt_ids, "prompt_ids")
+        x, real, answer, masked, starts = _prepare(model, rows, code_start, gen_length, block_length)
+        schedules = [[transfer_tokens(m[block], per_block) for m in masked] for block in range(blocks)]
+        counts = torch.tensor(schedules, device=x.device)
+        prompt = real & (x != model.config.special_tokens["mask"])
+        active = torch.ones(len(rows), dtype=torch.bool, device=x.device)
+        reveal_step = torch.full_like(x, NOT_SAMPLED) if record else None
+    widths = [masked_bounds([m[block] for m in masked], per_block) for block in range(blocks)]
+    key = (block_length, temperature, cfg_scale, kv_cache, parallel_threshold, record)
+    generators = row_generators(generator, len(rows))
+    kinds = step_kinds(kv_cache, per_block)
     return TextTask(
-        call.x[0], prompt, call.answer[0], call.generators[0], call.masked[0], call.per_block, call.key, call.starts[0]
-    )
+        rows, was_tensor, x, real, prompt, answer, generators, counts, widths, kinds, min(starts), key, active,
+        reveal_step,
+    )  # fmt: skip
 
 
 class TextGroup:
     """Understanding tasks with one `TextTask.key`, advanced together: one forward per `step`.
 
-    Each row reveals its own block by its own schedule; the uncond copy of each row hides what was not MASK at
+    Each task reveals its own block by its own schedule; the uncond copy of each row hides what was not MASK at
     its start. Tasks join and leave at any step boundary: the batch is rebuilt then. With a K/V cache, a step is a
     full one that refreshes the cache for every row when the batch was rebuilt or a task starts a block, else a
     cached one; so a task that joins mid-way forces a refresh (its tokens then may differ from its run alone).
-    With a threshold, a task whose block is revealed moves to its next block (one host read per step).
+    The host is read once on a step where a task ends a block (its EOS check), and with a threshold once on every
+    step (has each task revealed its block?); ``buckets`` pads the rows to fixed sizes with inert copies.
     """
 
     def __init__(self, model, key: tuple, buckets: tuple[int, ...] = ()):
         self.model, self.key, self.buckets = model, key, buckets
-        self.tasks: list[TextTask] = []
+        self.tasks: list[TextTask] = []  # in batch order
         self.joining: list[TextTask] = []
         self.run: _TextRun | None = None
+        self.padding = 0
         self.rebuilt = False  # the next step must refresh a K/V cache
 
     @property
@@ -321,7 +277,8 @@ class TextGroup:
         return [t for t in [*self.tasks, *self.joining] if not (t.finished or t.cancelled)]
 
     def rows(self) -> int:
-        return len(self.live)
+        """Prompt rows of the live tasks (what a server's batch limit counts)."""
+        return sum(len(t.rows) for t in self.live)
 
     def accepts(self, task: TextTask) -> bool:
         return task.key == self.key
@@ -329,57 +286,144 @@ class TextGroup:
     def join(self, task: TextTask) -> None:
         self.joining.append(task)
 
-    @torch.inference_mode()
     def step(self) -> list[TextTask]:
         """One forward for every live task; returns the tasks whose block ended on it (``finished`` when done)."""
+        with sampling_context(self.key[-1]):
+            return self._step()
+
+    def _step(self) -> list[TextTask]:
         if self.run is None or self.joining or len(self.live) != len(self.tasks):
             self._rebuild()
         if not self.tasks:
             return []
-        block_length, kv_cache, threshold = self.key[0], self.key[3], self.key[4]
-        positions = torch.stack([t.answer[t.block * block_length : (t.block + 1) * block_length] for t in self.tasks])
-        counts = [transfer_tokens(t.masked[t.block], t.per_block)[t.step % t.per_block] for t in self.tasks]
-        kind = "plain" if kv_cache == "none" else "cached"
-        if kind == "cached" and (self.rebuilt or any(t.step % t.per_block == 0 for t in self.tasks)):
-            kind = "store"
+        block_length = self.key[0]
+        positions = self._per_row(
+            lambda t: t.answer[:, t.block * block_length : (t.block + 1) * block_length],
+            lambda first: first[:1].expand(self.padding, -1),  # inert filler: reveals nothing
+        )  # (B, block_length)
+        counts = self._per_row(lambda t: t.counts[t.block, :, t.step % t.per_block])
+        kinds = {t.kinds[t.step % t.per_block] for t in self.tasks}
+        kind = "plain" if kinds == {"plain"} else "store" if self.rebuilt or "store" in kinds else "cached"
         self.rebuilt = False
-        width = max(masked_bounds([t.masked[t.block]], t.per_block)[t.step % t.per_block] for t in self.tasks)
+        width = max(t.widths[t.block][t.step % t.per_block] for t in self.tasks)
         self.run.first_block_start = min(t.start + t.block * block_length for t in self.tasks)
-        filler = self.run.x.shape[0] - len(self.tasks)
-        positions = torch.cat([positions, positions[:1].expand(filler, -1)])
-        self.run.step(positions, torch.tensor(counts + [0] * filler, device=positions.device), kind, width)
-        revealed = [False] * len(self.tasks)
-        if threshold is not None:  # whose block is revealed: one read
-            revealed = (~(self.run.x.gather(1, positions) == self.run.mask).any(dim=1)).tolist()
+        if self.run.reveal_step is not None:
+            self.run.step_index = self._per_row(lambda t: t.answer.new_full((len(t.rows),), t.step))[:, None]
+        self.run.step(positions, counts, kind, width)
+        return self._advance(positions)
+
+    def _advance(self, positions: torch.Tensor) -> list[TextTask]:
+        """Each task's next step, its block's end (with a threshold, also once its live rows revealed the block),
+        and there its rows whose answer holds EOS frozen (with a threshold, only if the block is revealed)."""
+        block_length, threshold, run = self.key[0], self.key[4], self.run
+        spans = self._spans()
+        # what is read: with a threshold, every task on every step; else a task ending a block that is not its last
+        reading = [
+            threshold is not None or ((t.step + 1) % t.per_block == 0 and t.block < t.blocks - 1) for t, _ in spans
+        ]
+        flags = []
+        for (task, rows), read in zip(spans, reading, strict=True):
+            if not read:
+                continue
+            x, active = run.x[rows], run.active[rows]
+            stopped = (x.gather(1, task.answer[:, : (task.block + 1) * block_length]) == run.eos).any(dim=1)
+            if threshold is not None:
+                done = ~((x.gather(1, positions[rows]) == run.mask) & active[:, None]).any()
+                stopped &= done
+                flags.append(done[None])
+            active &= ~stopped
+            flags.append(active.any()[None])
+        values = iter(torch.cat(flags).tolist() if flags else [])  # the step's one host read, if any
         ended = []
-        for index, task in enumerate(self.tasks):
+        for (task, _), read in zip(spans, reading, strict=True):
+            revealed = threshold is not None and next(values)
+            any_live = next(values) if read else True
             task.step += 1
-            if revealed[index] and task.step % task.per_block:
+            if revealed and task.step % task.per_block:
                 task.step += task.per_block - task.step % task.per_block  # the block's later steps are not needed
             if task.step % task.per_block == 0:
+                task.finished = task.block >= task.blocks or not any_live
                 ended.append(task)
-                task.row = self.run.x[index, : task.row.numel()].clone()
-                so_far = task.answer[: task.block * block_length]
-                blocks_left = task.block < len(task.masked)
-                task.finished = not blocks_left or bool((task.row[so_far] == self.run.eos).any())
+        self._save(ended)
         return ended
 
+    def _spans(self) -> list[tuple[TextTask, slice]]:
+        """Each task and its rows in the batch."""
+        spans, start = [], 0
+        for task in self.tasks:
+            spans.append((task, slice(start, start + len(task.rows))))
+            start += len(task.rows)
+        return spans
+
+    def _per_row(self, values, padding=None) -> torch.Tensor:
+        """``values(task)`` of every task in batch order, then the filler's rows: ``padding(first task's)``, or
+        zeros; on the device, so no step waits on a copy from the host."""
+        parts = [values(t) for t in self.tasks]
+        if self.padding:
+            first = parts[0]
+            parts.append(padding(first) if padding else first.new_zeros((self.padding, *first.shape[1:])))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _save(self, tasks: list[TextTask]) -> None:
+        """Copy the batch's state of ``tasks`` into them."""
+        for task, rows in self._spans():
+            if task in tasks:
+                width = task.x.shape[1]
+                task.x = self.run.x[rows, :width].clone()
+                task.active = self.run.active[rows].clone()
+                if task.reveal_step is not None:
+                    task.reveal_step = self.run.reveal_step[rows, :width].clone()
+
     def _rebuild(self) -> None:
+        """A new batch of the live tasks (a full forward follows when cached: no cached state carries over)."""
         if self.run is not None:
-            for index, task in enumerate(self.tasks):
-                task.row = self.run.x[index, : task.row.numel()].clone()
+            self._save(self.tasks)
         self.tasks, self.joining, self.run = self.live, [], None
         if not self.tasks:
             return
-        size = next((b for b in self.buckets if b >= len(self.tasks)), len(self.tasks))
-        members = self.tasks + [self.tasks[0]] * (size - len(self.tasks))  # inert filler: reveals nothing
-        device = next(self.model.parameters()).device
-        x, real = pad_rows([t.row for t in members], device)
-        prompt, _ = pad_rows([t.prompt for t in members], device, pad_id=False)
-        generators = [t.generator for t in self.tasks] + [None] * (size - len(self.tasks))
-        block_length, temperature, cfg_scale, kv_cache, threshold = self.key
-        self.run = _TextRun(
-            self.model, x, real, cfg_scale, temperature, generators, prompt.bool() & real, kv_cache, threshold
-        )
-        self.run.active[len(self.tasks) :] = False  # filler rows reveal nothing, threshold or not
+        rows = sum(len(t.rows) for t in self.tasks)
+        self.padding = next((size for size in self.buckets if size >= rows), rows) - rows
+        _, temperature, cfg_scale, kv_cache, threshold, record = self.key
+        if len(self.tasks) == 1 and not self.padding:  # one task, unpadded: its own laid-out rows
+            task = self.tasks[0]
+            x, real, prompt, reveal_step = task.x, task.real, task.prompt, task.reveal_step
+        else:
+            members = [(t, i) for t in self.tasks for i in range(len(t.rows))] + [(self.tasks[0], 0)] * self.padding
+            device = next(self.model.parameters()).device
+            x, real = pad_rows([t.x[i, : t.rows[i].numel()] for t, i in members], device)
+            prompt = pad_rows([t.prompt[i, : t.rows[i].numel()] for t, i in members], device, pad_id=False)[0] & real
+            reveal_step = None
+            if record:
+                own = [t.reveal_step[i, : t.rows[i].numel()] for t, i in members]
+                reveal_step = pad_rows(own, device, pad_id=NOT_SAMPLED)[0]
+        generators = [g for t in self.tasks for g in t.generators] + [None] * self.padding
+        self.run = _TextRun(self.model, x, real, cfg_scale, temperature, generators, prompt, kv_cache, threshold)
+        self.run.active = self._per_row(lambda t: t.active)  # the filler's rows: False, they reveal nothing
+        self.run.reveal_step = reveal_step
         self.rebuilt = True
+
+
+def sample_text(
+    model, prompt_ids: RowsLike, *, progress: bool = False, **settings
+) -> torch.Tensor | list[torch.Tensor] | Rollout:
+    """Fill the answer's MASK positions; returns the whole sequences in the form given (tensor or list).
+
+    ``settings``: `text_task`'s keywords (answer length and place, blocks, steps, guidance, K/V cache, threshold,
+    generator, record), where they are documented; the call is one such task run to its end in a `TextGroup` of its
+    own. ``progress`` shows a tqdm bar over the blocks. With ``record=True`` it returns a `Rollout` (answer ids,
+    their positions and the step that revealed each) for a policy log-likelihood.
+    """
+    task = text_task(model, prompt_ids, **settings)
+    group = TextGroup(model, task.key)
+    group.join(task)
+    with tqdm(total=task.blocks, desc="answer blocks", disable=not progress) as bar:
+        while not task.finished:
+            if group.step():
+                bar.update()
+    x, answer = task.x, task.answer
+    if task.reveal_step is not None:
+        steps = task.blocks * task.per_block
+        return Rollout(x.gather(1, answer), answer, x, task.real, task.reveal_step.gather(1, answer), steps)
+    if task.was_tensor:
+        return x.to(task.rows[0].device)
+    return [x[index, : row.numel()].to(row.device) for index, row in enumerate(task.rows)]

@@ -656,11 +656,13 @@ def _text_job(pipe, ids, request: requests.UnderstandRequest) -> dict[str, Any]:
     eoa = pipe.tokens["eoa"]
 
     def make():
-        return text_task(pipe.model, ids.to(pipe.device), generator=pipe._generator(seed), **settings.sampler_kwargs())
+        return text_task(
+            pipe.model, [ids.to(pipe.device)], generator=pipe._generator(seed), **settings.sampler_kwargs()
+        )
 
     def answer(task) -> str:
-        row = task.row.clone()
-        row[task.answer[task.block * settings.block_length :]] = eoa  # blocks not fixed yet end the answer
+        row = task.x[0].clone()
+        row[task.answer[0, task.block * settings.block_length :]] = eoa  # blocks not fixed yet end the answer
         return understand.decode_answer(pipe.encoder, ids, row.cpu())
 
     tokens = int(ids.shape[-1]) * (2 if settings.cfg_scale > 0 else 1)  # the answer's MASKs are in ids

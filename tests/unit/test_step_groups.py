@@ -97,10 +97,10 @@ def test_text_tasks_joining_equal_each_alone(tiny_model, tok, temperature, cfg_s
     prompts = [mmu_prompt(tok, n, i) for i, (n, _) in enumerate(LENGTHS)]
     settings = [dict(gen_length=12, block_length=4, steps=6), dict(gen_length=8, block_length=4, steps=4)] * 2
     made = [
-        dict(prompt_ids=p, temperature=temperature, cfg_scale=cfg_scale, **settings[i]) for i, p in enumerate(prompts)
+        dict(prompt_ids=[p], temperature=temperature, cfg_scale=cfg_scale, **settings[i]) for i, p in enumerate(prompts)
     ]
     tasks = {}
-    group = TextGroup(tiny_model, (4, temperature, cfg_scale, "none", None))
+    group = TextGroup(tiny_model, (4, temperature, cfg_scale, "none", None, False))
     step, done = 0, {}
     while len(done) < len(made):
         if step < len(made):  # one joins at each step
@@ -108,10 +108,56 @@ def test_text_tasks_joining_equal_each_alone(tiny_model, tok, temperature, cfg_s
             group.join(tasks[step])
         for task in group.step():
             if task.finished:
-                done[next(i for i, t in tasks.items() if t is task)] = task.row
+                done[next(i for i, t in tasks.items() if t is task)] = task.x[0]
         step += 1
         assert step < 100
     for i, kwargs in enumerate(made):
         ids = kwargs.pop("prompt_ids")
-        alone = sample_text(tiny_model, [ids], generator=[torch.Generator().manual_seed(i)], **kwargs)[0]
+        alone = sample_text(tiny_model, ids, generator=[torch.Generator().manual_seed(i)], **kwargs)[0]
         assert torch.equal(done[i], alone)
+
+
+def stopped_at_eos(tok, n: int, seed: int) -> torch.Tensor:
+    """An understanding prompt whose first answer block is given and holds EOS: the row stops after it."""
+    row = mmu_prompt(tok, n, seed)
+    answer = row.numel() - 13
+    row[answer : answer + 4] = torch.tensor([11, tok["eos"], 12, 13])
+    return row
+
+
+@pytest.mark.parametrize("record", [False, True])
+@pytest.mark.parametrize("threshold", [None, 0.02])
+def test_text_task_of_several_rows_in_a_group_equals_its_call_alone(tiny_model, tok, threshold, record):
+    """A task of padded rows, one frozen at EOS after its first block, keeps its rows in step while tasks join and
+    leave around it (the batch rebuilt with its frozen row inert): the same tokens (and reveal steps) as
+    `sample_text` on its rows alone."""
+    kwargs = dict(block_length=4, temperature=0.7, parallel_threshold=threshold, record=record)
+    calls = [
+        dict(prompt_ids=[stopped_at_eos(tok, 5, 0), mmu_prompt(tok, 9, 1)], gen_length=12, steps=6, seeds=[1, 2]),
+        dict(prompt_ids=[mmu_prompt(tok, 21, 2)], gen_length=8, steps=4, seeds=[3]),
+        dict(prompt_ids=[mmu_prompt(tok, 34, 3), mmu_prompt(tok, 5, 4)], gen_length=12, steps=12, seeds=[4, 5]),
+    ]
+
+    def made(call):
+        seeds = [torch.Generator().manual_seed(s) for s in call["seeds"]]
+        return {**kwargs, **{k: v for k, v in call.items() if k != "seeds"}, "generator": seeds}
+
+    tasks, step = [], 0
+    group = None
+    while len(tasks) < len(calls) or not all(t.finished for t in tasks):
+        if step in (0, 2, 5) and len(tasks) < len(calls):  # the last joins after the first task froze its row 0
+            tasks.append(text_task(tiny_model, **made(calls[len(tasks)])))
+            group = group or TextGroup(tiny_model, tasks[0].key)
+            group.join(tasks[-1])
+        group.step()
+        step += 1
+        assert step < 100
+    for task, call in zip(tasks, calls, strict=True):
+        alone = sample_text(tiny_model, **made(call))
+        if record:
+            assert torch.equal(task.x, alone.sequence)
+            assert torch.equal(task.reveal_step.gather(1, task.answer), alone.reveal_step)
+        else:
+            assert all(torch.equal(task.x[i, : row.numel()], row) for i, row in enumerate(alone))
+    end = calls[0]["prompt_ids"][0].numel() - 1  # row 0's EOA
+    assert (tasks[0].x[0, end - 8 : end] == tok["mask"]).all(), "the frozen row's later blocks stay MASK"

@@ -150,7 +150,7 @@ def test_group_tasks_started_together_equal_each_alone(tiny_model, tok, kv_cache
     """`dimoo serve`'s step-level group with a cache: tasks starting together keep their blocks in step."""
     prompts = [mmu_prompt(tok, 5, 0), mmu_prompt(tok, 9, 1)]
     kwargs = dict(gen_length=12, block_length=4, steps=6, cfg_scale=1.5, kv_cache=kv_cache)
-    tasks = [text_task(tiny_model, prompt, **kwargs) for prompt in prompts]
+    tasks = [text_task(tiny_model, [prompt], **kwargs) for prompt in prompts]
     group = TextGroup(tiny_model, tasks[0].key)
     for task in tasks:
         group.join(task)
@@ -158,7 +158,7 @@ def test_group_tasks_started_together_equal_each_alone(tiny_model, tok, kv_cache
         group.step()
     assert all(task.finished for task in tasks)
     for task, prompt in zip(tasks, prompts, strict=True):
-        assert torch.equal(task.row, sample_text(tiny_model, [prompt], **kwargs)[0])
+        assert torch.equal(task.x[0], sample_text(tiny_model, [prompt], **kwargs)[0])
 
 
 def test_group_task_joining_mid_block_forces_a_refresh(tiny_model, tok, monkeypatch):
@@ -167,7 +167,7 @@ def test_group_task_joining_mid_block_forces_a_refresh(tiny_model, tok, monkeypa
     step = text_sampling._TextRun.step
     monkeypatch.setattr(text_sampling._TextRun, "step", lambda self, *a: kinds.append(a[2]) or step(self, *a))
     kwargs = dict(gen_length=12, block_length=4, steps=12, kv_cache="dual", parallel_threshold=0.5)
-    tasks = [text_task(tiny_model, mmu_prompt(tok, 5 + 4 * i, i), **kwargs) for i in range(2)]
+    tasks = [text_task(tiny_model, [mmu_prompt(tok, 5 + 4 * i, i)], **kwargs) for i in range(2)]
     group = TextGroup(tiny_model, tasks[0].key)
     group.join(tasks[0])
     group.step()
@@ -177,7 +177,7 @@ def test_group_task_joining_mid_block_forces_a_refresh(tiny_model, tok, monkeypa
         group.step()
     assert kinds[:3] == ["store", "cached", "store"], kinds
     assert all(task.finished for task in tasks)
-    assert not any((task.row == tok["mask"]).any() for task in tasks)
+    assert not any((task.x == tok["mask"]).any() for task in tasks)
 
 
 @pytest.mark.parametrize(
