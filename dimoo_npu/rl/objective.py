@@ -22,10 +22,18 @@ ADVANTAGE_EPS = 1e-4
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) rewards, consecutive groups of ``group_size`` -> (B,) group-normalised advantages."""
+    """(B,) rewards, consecutive groups of ``group_size`` -> (B,) group-normalised advantages; exactly 0 in a group
+    whose rewards are all equal (its mean can round off them, and the tiny std would blow that up to ~1e-4)."""
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPS)).reshape(-1)
+    advantages = centred / (grouped.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
+    return torch.where(uniform_groups(rewards, group_size)[:, None], 0.0, advantages).reshape(-1)
+
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) rewards -> (B / group_size,) bool: the groups whose completions all scored the same (no signal)."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
 
 
 @dataclass

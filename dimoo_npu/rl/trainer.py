@@ -29,7 +29,7 @@ from PIL import Image
 from dimoo_npu.rl.augment import augmented
 from dimoo_npu.rl.heldout import check_heldout_tasks, score_heldout
 from dimoo_npu.rl.likelihood import TokenScores, sampled_timestep_mask, sampled_timestep_scores, trajectory_scores
-from dimoo_npu.rl.objective import group_advantages, grpo_loss
+from dimoo_npu.rl.objective import group_advantages, grpo_loss, uniform_groups
 from dimoo_npu.rl.reward import (
     SHAPES_SPEC,
     SHAPES_TASKS,
@@ -319,20 +319,23 @@ class GRPOTrainer(Trainer):
         return torch.cat(parts)
 
     def _reward_metrics(self, by_task: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-        """``reward_mean`` / ``reward_std`` over the step's task rollouts on every rank, and ``reward_<task>`` per
-        task when there are several (ranks hold different tasks: sums are reduced, not gathered)."""
+        """``reward_mean`` / ``reward_std`` over the step's task rollouts on every rank, ``reward_<task>`` per task
+        when there are several (ranks hold different tasks: sums are reduced, not gathered), and ``uniform_groups``:
+        the share of groups whose completions all scored the same (advantage 0: nothing to learn from them)."""
         names = list(dict.fromkeys(self.tasks))
-        sums = torch.zeros(len(names), 3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(names), 5, dtype=torch.float64, device=self.device)
         for index, name in enumerate(names):
             for values in by_task.get(name, []):
                 values = values.double()
-                sums[index] += torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel())])
+                uniform = values.amax() == values.amin()
+                sums[index] += torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel()),
+                                            uniform.double(), values.new_tensor(1.0)])  # fmt: skip
         if self.dims.dp > 1:
             dist.all_reduce(sums)
-        total, squares, count = sums.sum(dim=0).tolist()
+        total, squares, count, uniform, groups = sums.sum(dim=0).tolist()
         mean = total / count
         variance = max(squares - count * mean**2, 0.0) / max(count - 1, 1)  # Bessel's correction, as torch.std
-        metrics = {"reward_mean": mean, "reward_std": variance**0.5}
+        metrics = {"reward_mean": mean, "reward_std": variance**0.5, "uniform_groups": uniform / groups}
         if len(names) > 1:
             metrics.update({f"reward_{n}": float(s[0] / s[2]) for n, s in zip(names, sums, strict=True) if s[2] > 0})
         return metrics
@@ -358,14 +361,28 @@ class GRPOTrainer(Trainer):
         dtype = self.options.param_dtype
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
+    def _updated_parts(self, parts: list[_Part]) -> list[_Part]:
+        """Each part cut to the rows its update runs: the updated ones first, then (zero-weight) padding up to the
+        most any rank updates, so that every rank runs the same forwards (FSDP's collectives pair them up)."""
+        counts = torch.tensor([int(p.updated.sum()) for p in parts], device=self.device)
+        if self.dims.dp > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        cut = []
+        for part, count in zip(parts, counts.tolist(), strict=True):
+            order = torch.argsort((~part.updated).to(torch.int8), stable=True)[:count]
+            cut.append(part.select(order))
+        return cut
+
     def _update(self, parts: list[_Part], lr: float) -> dict[str, float]:
         """``num_iterations`` optimizer steps of the GRPO loss on this rank's rollouts (every part: images, and
-        answers with ``rl.understanding``); this rank's metric sums."""
+        answers with ``rl.understanding``); this rank's metric sums (kl, clip fraction and entropy over the updated
+        completions)."""
         rl, g = self.config.rl, self.config.gpt_args
         rows = sum(p.rollout.tokens.shape[0] for p in parts)  # this rank's completions
         every = rows * self.dims.dp  # the step's, over every rank
+        updated = max(sum(int(p.updated.sum()) for p in parts), 1)
         chunked = []
-        for part in parts:
+        for part in self._updated_parts(parts):
             batch = part.rollout.tokens.shape[0]
             chunks = [(i, min(i + g.micro_batch_size, batch)) for i in range(0, batch, g.micro_batch_size)]
             chunked.append((part, chunks, self._frozen_logps(part, chunks)))
@@ -378,15 +395,16 @@ class GRPOTrainer(Trainer):
                     with self._autocast():
                         scores = self._scores(self.model, part, lo, hi)
                     old = scores.logp.detach() if old is None else old
-                    advantages = part.advantages[lo:hi]
-                    loss = grpo_loss(scores.logp, old, ref, advantages, scores.scored, rl.epsilon, rl.beta)
+                    real = part.updated[lo:hi]
+                    scored = scores.scored & real[:, None]  # a padding row scores nothing
+                    loss = grpo_loss(scores.logp, old, ref, part.advantages[lo:hi], scored, rl.epsilon, rl.beta)
                     # FSDP averages gradients over the dp ranks: each rank's share of the global mean, times dp
                     (loss.per_sequence.sum() * self.dims.dp / every).backward()
-                    share = (hi - lo) / rows / rl.num_iterations
+                    share = int(real.sum()) / updated / rl.num_iterations
                     sums["loss"] += float(loss.per_sequence.detach().sum()) / rows / rl.num_iterations
                     sums["kl"] += float(loss.kl) * share
                     sums["clip_fraction"] += float(loss.clip_fraction) * share
-                    counted = scores.scored.float()
+                    counted = scored.float()
                     sums["entropy"] += float((scores.entropy * counted).sum() / counted.sum().clamp_min(1)) * share
             norm = self.step_runner.clip_grad_norm(g.clip_grad if g.clip_grad > 0 else float("inf"))
             sums["grad_norm"] += float(norm) / rl.num_iterations
@@ -396,10 +414,13 @@ class GRPOTrainer(Trainer):
 
     def _part(self, rollout: Rollout, rewards: torch.Tensor, vocab_range, rows: list[int], hidden_kind: int) -> _Part:
         """A rollout with its group advantages and, for the sampled-timestep estimate, its hidden tokens."""
-        hidden = None
-        if self.config.rl.likelihood == "sampled_timestep":
+        rl, hidden = self.config.rl, None
+        if rl.likelihood == "sampled_timestep":
             hidden = sampled_timestep_mask(rollout, self._generators(hidden_kind, rows))
-        return _Part(rollout, hidden, group_advantages(rewards, self.config.rl.num_generations), vocab_range)
+        updated = torch.ones_like(rewards, dtype=torch.bool)
+        if rl.skip_uniform_groups:
+            updated = ~uniform_groups(rewards, rl.num_generations).repeat_interleave(rl.num_generations)
+        return _Part(rollout, hidden, group_advantages(rewards, rl.num_generations), vocab_range, updated)
 
     def train_step(self) -> dict[str, Any]:
         """One rollout batch and its ``num_iterations`` updates; returns the step's metrics line."""
@@ -504,6 +525,12 @@ class _Part:
     hidden: torch.Tensor | None  # the sampled-timestep estimate's hidden tokens; None: the trajectory estimate
     advantages: torch.Tensor
     vocab_range: tuple[int, int] | None  # what the sampler drew from: the image codes, or every id
+    updated: torch.Tensor  # (B,) bool: the rows the update learns from (rl.skip_uniform_groups leaves some out)
+
+    def select(self, pick: torch.Tensor) -> _Part:
+        """The rows ``pick`` indexes, in its order."""
+        hidden = None if self.hidden is None else self.hidden[pick]
+        return _Part(self.rollout.select(pick), hidden, self.advantages[pick], self.vocab_range, self.updated[pick])
 
 
 # Draws of a row, each from its own generator stream: image sampling, its hidden tokens, answers, theirs.

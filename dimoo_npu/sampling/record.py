@@ -1,6 +1,6 @@
 """What a sampler records for reinforcement learning (``record=True``): the trajectory a policy log-likelihood needs.
 
-A rollout is scored later with gradients (`dimoo_npu.train.grpo.likelihood`), so recording runs under
+A rollout is scored later with gradients (`dimoo_npu.rl.likelihood`), so recording runs under
 ``torch.no_grad`` instead of ``torch.inference_mode`` (inference tensors cannot be saved for backward) and on the
 training (unfused) layout: the fused projections are sampling-only views that the optimizer never sees. The record
 is one int per sampled position, the step that revealed it, written on the device with no host read; the
@@ -38,7 +38,10 @@ class Rollout:
 
     def rows(self, start: int, stop: int) -> Rollout:
         """Rows ``start:stop`` (a micro-batch)."""
-        pick = slice(start, stop)
+        return self.select(slice(start, stop))
+
+    def select(self, pick: slice | torch.Tensor) -> Rollout:
+        """The rows a slice or an index tensor picks, in its order."""
         return Rollout(
             self.tokens[pick], self.positions[pick], self.sequence[pick], self.real[pick], self.reveal_step[pick],
             self.steps,

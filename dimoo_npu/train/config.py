@@ -159,6 +159,8 @@ class RLArgs:
     temperature: float = 1.0  # rollout sampling temperature (greedy rollouts would make every advantage 0)
     num_iterations: int = 1  # optimizer updates per rollout batch
     likelihood: str = "sampled_timestep"  # sampled_timestep (d1 / UniGRPO) | trajectory (per-step log-probs)
+    skip_uniform_groups: bool = False  # leave groups whose rewards all agree out of the update (their advantage is
+    # 0: with beta 0 the same update, only cheaper; with beta > 0 their KL term is dropped, as DAPO drops them)
     prompts: str = "shapes"  # "shapes" (the shapes world) or a JSONL of {prompt, questions: [{question, answer}]}
     attributes: list | None = None  # shapes world: attributes asked about; null: colour, shape, position, size
     reward_function: str | None = None  # module:function (PIL images, prompts -> [0, 1] floats) replaces self-reward

@@ -1,4 +1,5 @@
-"""Self-GRPO on 2 FSDP2 data-parallel gloo ranks: the same rewards and losses as one process, and exact resume."""
+"""Self-GRPO on 2 FSDP2 data-parallel gloo ranks: the same rewards and losses as one process, exact resume, and
+uniform groups left out of the update on one rank only."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def test_two_ranks_reproduce_the_single_process_run(dp2_runs, tmp_path):
     # the same rows with the same generators: the same images; only the batch's padding and summation order differ
     assert dp2_runs[0]["rewards"] == pytest.approx(rewards, rel=1e-5)
     assert dp2_runs[0]["full"] == pytest.approx(losses, rel=1e-4, abs=1e-6)
+
+
+def test_a_rank_with_nothing_to_learn_keeps_in_step_and_the_update_is_unchanged(dp2_runs):
+    (start, end), (skipped_start, skipped_end) = dp2_runs[0]["lopsided"].values()
+    assert start == skipped_start and end != start, "both runs start alike and rank 1's groups move the policy"
+    assert skipped_end == pytest.approx(end, rel=1e-6, abs=1e-6)
+    assert dp2_runs[1]["lopsided"] == dp2_runs[0]["lopsided"], "the ranks hold the same weights"

@@ -20,3 +20,13 @@ def not_a_number(images, prompts):
 
 def too_large(images, prompts):
     return [1.5] * len(images)
+
+
+def first_prompt_constant(images, prompts):
+    """0.5 for every image of the call's first prompt (a group with no signal), redness for the others."""
+    values = redness(images, prompts)
+    return [0.5 if prompt == prompts[0] else value for prompt, value in zip(prompts, values, strict=True)]
+
+
+def constant(images, prompts):
+    return [0.5] * len(images)

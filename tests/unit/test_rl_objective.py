@@ -15,7 +15,7 @@ from dimoo_npu.rl.likelihood import (
     sampled_timestep_scores,
     trajectory_scores,
 )
-from dimoo_npu.rl.objective import group_advantages, grpo_loss
+from dimoo_npu.rl.objective import group_advantages, grpo_loss, uniform_groups
 from tests.unit.rl_support import image_rollout, tiny_policy
 from tests.unit.train_support import tiny_special_tokens
 
@@ -141,6 +141,14 @@ def test_group_advantages_are_normalised_within_each_group():
     first, third = 0.5 / (std + 1e-4), 0.25 / (0.5 * std + 1e-4)
     expected = [first, -first, 0.0, 0.0, -third, third]
     torch.testing.assert_close(advantages, torch.tensor(expected))
+
+
+def test_a_group_that_scored_alike_has_exactly_zero_advantage():
+    rewards = torch.tensor([0.9, 0.9, 0.9, 1.0, 0.0, 1.0])
+    assert rewards[:3].mean() != rewards[0], "the mean rounds off the rewards (~6e-4 advantages): the case guarded"
+    advantages = group_advantages(rewards, 3)
+    assert advantages[:3].tolist() == [0.0, 0.0, 0.0] and advantages[3:].abs().min() > 0.5
+    assert uniform_groups(rewards, 3).tolist() == [True, False]
 
 
 def test_kl_is_zero_against_itself_and_positive_otherwise():

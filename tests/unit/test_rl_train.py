@@ -104,6 +104,60 @@ def test_killed_mid_run_and_relaunched_gives_the_same_rewards_and_losses(referen
     ], "every metric but the timings repeats"
 
 
+def _scored_rows(monkeypatch) -> list[int]:
+    """Rows of every likelihood the update scores (the policy's, and the reference's with beta > 0)."""
+    rows: list[int] = []
+    scores = GRPOTrainer._scores
+
+    def counted(self, model, part, lo, hi):
+        rows.append(hi - lo)
+        return scores(self, model, part, lo, hi)
+
+    monkeypatch.setattr(GRPOTrainer, "_scores", counted)
+    return rows
+
+
+def _trained(config) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """The run's losses, its final weights and its frozen reference's (the starting weights; None with beta 0)."""
+    trainer = GRPOTrainer(config)
+    try:
+        losses = trainer.train()
+        weights = [{n: v.detach().clone() for n, v in m.state_dict().items()} if m is not None else None
+                   for m in (trainer.model, trainer.reference)]  # fmt: skip
+        return losses, *weights
+    finally:
+        trainer.close()
+
+
+def test_groups_that_all_scored_alike_are_left_out_of_the_update_at_no_cost_to_it(tmp_path, monkeypatch):
+    rows = _scored_rows(monkeypatch)
+    reward = "rl.reward_function=tests.unit.rl_rewards:first_prompt_constant"  # 1 of each step's 2 groups: no signal
+    runs = {}
+    for skip in (False, True):
+        rows.clear()
+        config = tiny_grpo_config(tmp_path / str(skip), reward, "rl.beta=0", f"rl.skip_uniform_groups={skip}",
+                                  "train_iters=2")  # fmt: skip
+        losses, weights, _ = _trained(config)
+        runs[skip] = (losses, weights, sum(rows), _records(tmp_path / str(skip)))
+    (losses, weights, every, records), (skipped_losses, skipped_weights, fewer, skipped_records) = runs.values()
+    assert [r["uniform_groups"] for r in records + skipped_records] == [0.5] * 4
+    assert all(r["grad_norm"] > 0 for r in skipped_records), "the other group still moved the policy"
+    assert fewer * 2 == every == 2 * 4, "half the completions went through the update"
+    assert skipped_losses == pytest.approx(losses, abs=1e-7)
+    for name, value in weights.items():
+        torch.testing.assert_close(skipped_weights[name], value, msg=name)
+
+
+def test_a_step_with_no_signal_and_the_skip_on_leaves_the_weights_alone(tmp_path, monkeypatch):
+    rows = _scored_rows(monkeypatch)
+    reward = "rl.reward_function=tests.unit.rl_rewards:constant"
+    _, after, start = _trained(tiny_grpo_config(tmp_path, reward, "rl.skip_uniform_groups=true", "train_iters=1"))
+    (record,) = _records(tmp_path)
+    assert rows == [] and record["uniform_groups"] == 1.0 and record["grad_norm"] == 0
+    for name, value in start.items():
+        assert torch.equal(after[name], value), name
+
+
 @pytest.mark.parametrize("answers", ["policy", "reference"])
 def test_self_reward_asks_the_chosen_model_about_each_image(tmp_path, monkeypatch, answers):
     from dimoo_npu.rl import trainer as grpo_trainer
