@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -78,6 +79,36 @@ def check_rl_layout(config: TrainConfig, world_size: int) -> None:
             f"{groups} prompt group(s) per step (global_batch_size / num_generations) do not split over {world_size} "
             f"data-parallel ranks: make global_batch_size a multiple of num_generations * {world_size}"
         )
+    if world_size > 1:
+        _check_ranks_run_alike(config, groups // world_size, world_size)
+
+
+def _check_ranks_run_alike(config: TrainConfig, per_rank: int, world_size: int) -> None:
+    """FSDP pairs every rank's forwards up, so each step every rank must run as many: the same number of caption
+    groups (a caption rollout and a picture rollout run different forwards), and a judge whose answers take a fixed
+    number of steps (threshold decoding ends an answer when the model is sure: a step count that depends on it)."""
+    rl = config.rl
+    if rl.answer_parallel_threshold is not None:
+        raise ConfigError(
+            f"rl.answer_parallel_threshold {rl.answer_parallel_threshold} ends the judge's answers after as many steps "
+            "as the model needs, which differs between data-parallel ranks and would stall them: set "
+            "rl.answer_parallel_threshold=null under torchrun (rl.answer_kv_cache still speeds the answers up)"
+        )
+    tasks = list(rl.tasks) if rl.tasks is not None else ["t2i"]
+    steps = len(tasks) // math.gcd(len(tasks), per_rank * world_size)  # the pattern of groups repeats after these
+    for step in range(steps):
+        first = step * per_rank * world_size
+        captions = [
+            sum(tasks[k % len(tasks)] == "caption" for k in range(first + r * per_rank, first + (r + 1) * per_rank))
+            for r in range(world_size)
+        ]
+        if len(set(captions)) > 1:
+            raise ConfigError(
+                f"rl.tasks {tasks} give the {world_size} data-parallel ranks different mixes at step {step + 1} "
+                f"(caption groups per rank: {captions}; each rank takes {per_rank} consecutive group(s)), and ranks "
+                "that roll out different tasks run different forwards and stall: order rl.tasks so that every run of "
+                f"{per_rank} consecutive groups holds as many captions, or change global_batch_size"
+            )
 
 
 def step_items(

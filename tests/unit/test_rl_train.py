@@ -280,8 +280,11 @@ def test_jsonl_spec_drives_the_self_reward(tmp_path):
 
 
 def test_layouts_other_than_data_parallel_fsdp_are_refused():
-    config = load_config(CONFIG, ["global_batch_size=8", "rl.num_generations=2"])  # 4 groups
-    check_rl_layout(config, world_size=4)
+    config = load_config(CONFIG, ["global_batch_size=8", "rl.num_generations=2", "rl.answer_parallel_threshold=null",
+                                  "rl.tasks=[edit-recolour, caption, edit-move, caption]"])  # 4 groups  # fmt: skip
+    check_rl_layout(config, world_size=2)  # each rank: a picture group and a caption group
+    with pytest.raises(ConfigError, match=r"different mixes at step 1 \(caption groups per rank: \[0, 1, 0, 1\]"):
+        check_rl_layout(config, world_size=4)
     with pytest.raises(ConfigError, match="do not split over 8"):
         check_rl_layout(config, world_size=8)
     config.gpt_args.use_distributed_optimizer = False
@@ -289,6 +292,35 @@ def test_layouts_other_than_data_parallel_fsdp_are_refused():
         check_rl_layout(config, world_size=2)
     config.gpt_args.tensor_model_parallel_size = 2
     with pytest.raises(ConfigError, match="tp 2"):
+        check_rl_layout(config, world_size=2)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "groups", "world_size", "refused_at"),
+    [
+        ("[t2i, caption]", 4, 2, None),  # each rank: t2i then caption
+        ("[t2i, caption]", 2, 2, 1),
+        ("[caption, t2i, t2i, caption]", 4, 2, None),
+        ("[t2i, caption, caption, t2i, t2i, t2i]", 4, 2, 2),  # groups 4-7 of the run: t2i t2i | t2i caption
+        ("[edit-recolour, edit-move, edit-add]", 3, 3, None),  # pictures everywhere
+    ],
+)
+def test_data_parallel_ranks_must_roll_out_the_same_mix_every_step(tasks, groups, world_size, refused_at):
+    config = load_config(CONFIG, [f"global_batch_size={2 * groups}", "rl.num_generations=2", f"rl.tasks={tasks}",
+                                  "rl.answer_parallel_threshold=null"])  # fmt: skip
+    if refused_at is None:
+        check_rl_layout(config, world_size)
+    else:
+        with pytest.raises(ConfigError, match=f"different mixes at step {refused_at} "):
+            check_rl_layout(config, world_size)
+    check_rl_layout(config, world_size=1)
+
+
+def test_a_judge_with_threshold_decoding_is_refused_under_data_parallel():
+    config = load_config(CONFIG, ["global_batch_size=16", "rl.num_generations=8", "rl.tasks=[t2i]"])
+    assert config.rl.answer_parallel_threshold == 0.95, "the shipped config's: it runs on one process"
+    check_rl_layout(config, world_size=1)
+    with pytest.raises(ConfigError, match="answer_parallel_threshold=null under torchrun"):
         check_rl_layout(config, world_size=2)
 
 
