@@ -358,7 +358,7 @@ class GRPOTrainer(Trainer):
         for index, name in enumerate(names):
             for values in by_task.get(name, []):
                 values = values.double()
-                uniform = values.amax() == values.amin()
+                uniform = uniform_groups(values, values.numel())[0]
                 sums[index] += torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel()),
                                             uniform.double(), values.new_tensor(1.0)])  # fmt: skip
         if self.dims.dp > 1:
