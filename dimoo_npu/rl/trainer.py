@@ -83,6 +83,11 @@ def check_rl_layout(config: TrainConfig, world_size: int) -> None:
         _check_ranks_run_alike(config, groups // world_size, world_size)
 
 
+def _configured_tasks(config: TrainConfig) -> list[str]:
+    """The rollout tasks, one per prompt group in turn: ``rl.tasks``, or text-to-image alone when unset."""
+    return list(config.rl.tasks) if config.rl.tasks is not None else ["t2i"]
+
+
 def _check_ranks_run_alike(config: TrainConfig, per_rank: int, world_size: int) -> None:
     """FSDP pairs every rank's forwards up, so each step every rank must run as many: the same number of caption
     groups (a caption rollout and a picture rollout run different forwards), and a judge whose answers take a fixed
@@ -94,7 +99,7 @@ def _check_ranks_run_alike(config: TrainConfig, per_rank: int, world_size: int) 
             "as the model needs, which differs between data-parallel ranks and would stall them: set "
             "rl.answer_parallel_threshold=null under torchrun (rl.answer_kv_cache still speeds the answers up)"
         )
-    tasks = list(rl.tasks) if rl.tasks is not None else ["t2i"]
+    tasks = _configured_tasks(config)
     steps = len(tasks) // math.gcd(len(tasks), per_rank * world_size)  # the pattern of groups repeats after these
     for step in range(steps):
         first = step * per_rank * world_size
@@ -183,7 +188,7 @@ class GRPOTrainer(Trainer):
     def _rollout_tasks(self) -> list[str]:
         """``rl.tasks`` checked: known names, the shapes world for anything but text-to-image, unguided edits."""
         rl = self.config.rl
-        tasks = list(rl.tasks) if rl.tasks is not None else ["t2i"]
+        tasks = _configured_tasks(self.config)
         if not tasks:
             raise ConfigError(f"rl.tasks is empty: name at least one of {', '.join(SHAPES_TASKS)}")
         for task in tasks:

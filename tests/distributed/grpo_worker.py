@@ -22,7 +22,6 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dimoo_npu.rl import trainer as grpo_trainer  # noqa: E402
 from dimoo_npu.rl.trainer import GRPOTrainer  # noqa: E402
 from tests.unit.rl_support import tiny_grpo_config  # noqa: E402
 
@@ -66,12 +65,12 @@ def main() -> None:
     run("self", "train_iters=1")
     rewards = GRPOTrainer._rewards
     if os.environ["RANK"] == "0":
-        grpo_trainer.GRPOTrainer._rewards = lambda self, rollout, items: rewards(self, rollout, items).fill_(0.5)
+        GRPOTrainer._rewards = lambda self, rollout, items: rewards(self, rollout, items).fill_(0.5)
     result["lopsided"] = {}
     for mode in ("all", "skip"):
         digests = result["lopsided"][mode] = []
         run(f"lopsided-{mode}", REWARD, "rl.beta=0", f"rl.skip_uniform_groups={mode == 'skip'}", digests=digests)
-    grpo_trainer.GRPOTrainer._rewards = rewards
+    GRPOTrainer._rewards = rewards
     if os.environ["RANK"] == "0":
         lines = (out / "full" / "run" / "metrics.jsonl").read_text().splitlines()
         result["rewards"] = [json.loads(line)["reward_mean"] for line in lines]
