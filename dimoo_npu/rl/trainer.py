@@ -102,10 +102,9 @@ def _check_ranks_run_alike(config: TrainConfig, per_rank: int, world_size: int) 
     tasks = _configured_tasks(config)
     steps = len(tasks) // math.gcd(len(tasks), per_rank * world_size)  # the pattern of groups repeats after these
     for step in range(steps):
-        first = step * per_rank * world_size
         captions = [
-            sum(tasks[k % len(tasks)] == "caption" for k in range(first + r * per_rank, first + (r + 1) * per_rank))
-            for r in range(world_size)
+            sum(tasks[k % len(tasks)] == "caption" for k in rank_groups(step, rank, per_rank, world_size))
+            for rank in range(world_size)
         ]
         if len(set(captions)) > 1:
             raise ConfigError(
@@ -114,6 +113,13 @@ def _check_ranks_run_alike(config: TrainConfig, per_rank: int, world_size: int) 
                 "that roll out different tasks run different forwards and stall: order rl.tasks so that every run of "
                 f"{per_rank} consecutive groups holds as many captions, or change global_batch_size"
             )
+
+
+def rank_groups(step: int, rank: int, per_rank: int, world_size: int) -> range:
+    """The run's prompt groups that data-parallel ``rank`` rolls out at ``step`` (from 0): ``per_rank`` consecutive
+    ones, rank after rank, so the layout check and the step read the same assignment."""
+    first = (step * world_size + rank) * per_rank
+    return range(first, first + per_rank)
 
 
 def step_items(
@@ -463,9 +469,8 @@ class GRPOTrainer(Trainer):
         rl, g = self.config.rl, self.config.gpt_args
         start = time.perf_counter()
         count = g.global_batch_size // rl.num_generations // self.dims.dp  # this rank's prompt groups
-        first = (self.step * self.dims.dp + self.dp_rank) * count
-        groups = list(range(first, first + count))
-        items = step_items(self.tasks, self.task_items, first, count, g.seed)
+        groups = list(rank_groups(self.step, self.dp_rank, count, self.dims.dp))
+        items = step_items(self.tasks, self.task_items, groups[0], count, g.seed)
         pictures = [(k, item) for k, item in zip(groups, items, strict=True) if item.task != "caption"]
         captions = [(k, item) for k, item in zip(groups, items, strict=True) if item.task == "caption"]
         parts, by_task, completions = [], {}, 0
