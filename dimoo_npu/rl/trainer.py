@@ -261,17 +261,35 @@ class GRPOTrainer(Trainer):
         with the generators of the groups' rows."""
         rl = self.config.rl
         prepared = [self._picture_prompt(group, item) for group, item in zip(groups, items, strict=True)]
-        repeated = [p for p in prepared for _ in range(rl.num_generations)]
-        return sample_image(
-            self.model,
-            [p.prompt.to(self.device) for p in repeated],
-            uncond_ids=[p.uncond.to(self.device) for p in repeated] if rl.cfg_scale > 0 else None,
-            timesteps=self.timesteps,
-            temperature=rl.temperature,
-            cfg_scale=rl.cfg_scale,
-            generator=self._generators(IMAGE_SAMPLING, self._rows(groups)),
-            record=True,
-        )
+
+        def draw(rows: list, temperature: float, generators) -> Rollout:
+            return sample_image(
+                self.model,
+                [p.prompt.to(self.device) for p in rows],
+                uncond_ids=[p.uncond.to(self.device) for p in rows] if rl.cfg_scale > 0 else None,
+                timesteps=self.timesteps,
+                temperature=temperature,
+                cfg_scale=rl.cfg_scale,
+                generator=generators,
+                record=True,
+            )
+
+        return self._group_rollout(draw, prepared, groups, IMAGE_SAMPLING)
+
+    def _group_rollout(self, draw, prompts: list, groups: list[int], kind: int) -> Rollout:
+        """``num_generations`` completions of each group's prompt, drawn by ``draw(prompts, temperature,
+        generators)``: sampled at ``rl.temperature`` from the groups' row generators, and with
+        ``rl.greedy_completion`` the last of each group decoded greedily instead (evaluation's path, which the
+        sampled ones rarely take: a group then scores the decode that is evaluated beside its samples)."""
+        rl = self.config.rl
+        sampled = rl.num_generations - int(rl.greedy_completion)
+        rows = [group * rl.num_generations + j for group in groups for j in range(sampled)]
+        rollout = draw([p for p in prompts for _ in range(sampled)], rl.temperature, self._generators(kind, rows))
+        if not rl.greedy_completion:
+            return rollout
+        both = Rollout.stacked([rollout, draw(prompts, 0.0, None)])
+        order = [i for g in range(len(groups)) for i in (*range(g * sampled, (g + 1) * sampled), len(rows) + g)]
+        return both.select(torch.tensor(order, device=both.tokens.device))
 
     def _picture_prompt(self, group: int, item: RewardItem):
         if item.source is None:
@@ -303,22 +321,25 @@ class GRPOTrainer(Trainer):
             understand.prepare(self.encoder, self._shown(world.render(item.scene), group), question,
                                self.answer_length, None)
             for group, item, (question, _) in zip(groups, items, asked, strict=True)
-            for _ in range(rl.num_generations)
         ]  # fmt: skip
-        rollout = sample_text(
-            self.model,
-            [p.to(self.device) for p in prompts],
-            gen_length=self.answer_length,
-            block_length=self.answer_length,
-            steps=self.answer_steps,
-            temperature=rl.temperature,
-            generator=self._generators(ANSWER_SAMPLING, self._rows(groups)),
-            record=True,
-        )
-        wanted = [pair for pair in asked for _ in range(rl.num_generations)]
+
+        def draw(rows: list, temperature: float, generators) -> Rollout:
+            return sample_text(
+                self.model,
+                [p.to(self.device) for p in rows],
+                gen_length=self.answer_length,
+                block_length=self.answer_length,
+                steps=self.answer_steps,
+                temperature=temperature,
+                generator=generators,
+                record=True,
+            )
+
+        rollout = self._group_rollout(draw, prompts, groups, ANSWER_SAMPLING)
+        per_row = [(p, pair) for p, pair in zip(prompts, asked, strict=True) for _ in range(rl.num_generations)]
         rewards = [
             answer_credit(question, want, understand.decode_answer(self.encoder, p, row[: p.numel()]))
-            for p, row, (question, want) in zip(prompts, rollout.sequence, wanted, strict=True)
+            for (p, (question, want)), row in zip(per_row, rollout.sequence, strict=True)
         ]
         return rollout, torch.tensor(rewards, device=self.device)
 
@@ -363,21 +384,24 @@ class GRPOTrainer(Trainer):
     def _reward_metrics(self, by_task: dict[str, list[torch.Tensor]]) -> dict[str, float]:
         """``reward_mean`` / ``reward_std`` over the step's task rollouts on every rank, ``reward_<task>`` per task
         when there are several (ranks hold different tasks: sums are reduced, not gathered), and ``uniform_groups``:
-        the share of groups whose completions all scored the same (advantage 0: nothing to learn from them)."""
+        the share of groups whose completions all scored the same (advantage 0: nothing to learn from them); with
+        ``rl.greedy_completion``, ``reward_greedy``: the mean of the groups' greedy decodes."""
         names = list(dict.fromkeys(self.tasks))
-        sums = torch.zeros(len(names), 5, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(names), 6, dtype=torch.float64, device=self.device)
         for index, name in enumerate(names):
             for values in by_task.get(name, []):
                 values = values.double()
                 uniform = uniform_groups(values, values.numel())[0]
                 sums[index] += torch.stack([values.sum(), values.square().sum(), values.new_tensor(values.numel()),
-                                            uniform.double(), values.new_tensor(1.0)])  # fmt: skip
+                                            uniform.double(), values.new_tensor(1.0), values[-1]])  # fmt: skip
         if self.dims.dp > 1:
             dist.all_reduce(sums)
-        total, squares, count, uniform, groups = sums.sum(dim=0).tolist()
+        total, squares, count, uniform, groups, last = sums.sum(dim=0).tolist()
         mean = total / count
         variance = max(squares - count * mean**2, 0.0) / max(count - 1, 1)  # Bessel's correction, as torch.std
         metrics = {"reward_mean": mean, "reward_std": variance**0.5, "uniform_groups": uniform / groups}
+        if self.config.rl.greedy_completion:
+            metrics["reward_greedy"] = last / groups
         if len(names) > 1:
             metrics.update({f"reward_{n}": float(s[0] / s[2]) for n, s in zip(names, sums, strict=True) if s[2] > 0})
         return metrics

@@ -47,6 +47,15 @@ class Rollout:
             self.steps,
         )  # fmt: skip
 
+    @staticmethod
+    def stacked(parts: list[Rollout]) -> Rollout:
+        """The rows of ``parts`` one after another: rollouts of the same prompts (equal widths and step counts)."""
+        shapes = {(p.tokens.shape[1], p.sequence.shape[1], p.steps) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"rollouts stack only at equal widths and steps, got (cells, length, steps) {shapes}")
+        fields = ("tokens", "positions", "sequence", "real", "reveal_step")
+        return Rollout(*(torch.cat([getattr(p, f) for p in parts]) for f in fields), parts[0].steps)
+
 
 def sampling_context(record: bool) -> contextlib.AbstractContextManager:
     """``torch.inference_mode`` for ordinary sampling; ``torch.no_grad`` when recording (see the module doc)."""

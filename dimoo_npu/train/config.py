@@ -157,6 +157,8 @@ class RLArgs:
     beta: float = 0.04  # KL coefficient to the frozen reference; 0 drops the reference model
     epsilon: float = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon]
     temperature: float = 1.0  # rollout sampling temperature (greedy rollouts would make every advantage 0)
+    greedy_completion: bool = False  # the last completion of each group is the greedy decode (the path evaluation
+    # takes; the others are sampled at temperature), scored and updated like the rest
     num_iterations: int = 1  # optimizer updates per rollout batch
     likelihood: str = "sampled_timestep"  # sampled_timestep (d1 / UniGRPO) | trajectory (per-step log-probs)
     skip_uniform_groups: bool = False  # leave groups whose rewards all agree out of the update (their advantage is

@@ -246,13 +246,19 @@ def test_understanding_rollouts_are_rewarded_by_answer_correctness(tmp_path, mon
         pictures.append(image.size)
         return prepare(encoder, image, question, *args)
 
+    def circle(*_):
+        answers.append("circle")
+        return "circle"
+
+    answers = []
     monkeypatch.setattr(grpo_trainer.understand, "prepare", remember)
-    monkeypatch.setattr(grpo_trainer.understand, "decode_answer", lambda *_: "circle")
+    monkeypatch.setattr(grpo_trainer.understand, "decode_answer", circle)
     reward = "rl.reward_function=tests.unit.rl_rewards:redness"
     config = tiny_grpo_config(tmp_path, reward, "train_iters=1", "rl.understanding=true", "rl.attributes=[shape]")
     run_grpo(config)
     (record,) = _records(tmp_path)
-    assert pictures == [(128, 128)] * 4, "one answer per completion slot: 2 prompts x 2 generations"
+    assert pictures == [(128, 128)] * 2, "one question per prompt, asked of its true picture"
+    assert len(answers) == 4, "one answer per completion slot: 2 prompts x 2 generations"
     items = step_items(["t2i"], {"t2i": shapes_spec(["shape"], config.gpt_args.seed)}, 0, 2, config.gpt_args.seed)
     assert record["answer_reward_mean"] == sum(item.scene.objects[0].shape == "circle" for item in items) / 2
 
