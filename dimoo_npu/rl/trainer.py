@@ -283,7 +283,7 @@ class GRPOTrainer(Trainer):
         sampled ones rarely take: a group then scores the decode that is evaluated beside its samples)."""
         rl = self.config.rl
         sampled = rl.num_generations - int(rl.greedy_completion)
-        rows = [group * rl.num_generations + j for group in groups for j in range(sampled)]
+        rows = self._rows(groups, sampled)
         rollout = draw([p for p in prompts for _ in range(sampled)], rl.temperature, self._generators(kind, rows))
         if not rl.greedy_completion:
             return rollout
@@ -303,10 +303,10 @@ class GRPOTrainer(Trainer):
             return picture
         return augmented(picture, self.config.gpt_args.seed * 1_000_003 + group)
 
-    def _rows(self, groups: list[int]) -> list[int]:
-        """The run's completion rows of prompt groups ``groups``."""
+    def _rows(self, groups: list[int], per_group: int | None = None) -> list[int]:
+        """The run's completion rows of prompt groups ``groups``: each group's first ``per_group`` (null: all)."""
         n = self.config.rl.num_generations
-        return [group * n + j for group in groups for j in range(n)]
+        return [group * n + j for group in groups for j in range(per_group or n)]
 
     def _generators(self, kind: int, rows: list[int]) -> list[torch.Generator]:
         """One generator per run row in ``rows``, for one kind of draw."""
